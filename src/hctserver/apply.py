@@ -1,0 +1,268 @@
+"""Applying journal entries on a follower.
+
+Entries may be added in any order and more than once. :meth:`Applier.apply`
+applies the contiguous run above the snapshot, strictly in cid order, many
+entries per SQLite transaction (group commit): their patchsets are merged
+into one by SQLite's changegroup and applied in one call, so per-entry work
+in Python is a hash and a row for the journal. An entry that changes the
+schema is applied in a transaction of its own.
+
+Entries above a hole wait in memory up to ``window_bytes``; beyond that they
+are stored as journal rows with ``vhash`` NULL (received, not applied) and
+read back once the hole fills. ``Database.rollback`` discards such rows.
+
+Each transaction moves the snapshot from one consistent position to the
+next: a crash at any point leaves the database at the last committed batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import apsw
+
+from .errors import ApplyError, DivergenceError, ModeError
+from .journal import _INSERT_ENTRY, Database, Mode, fetchone, merge_patchsets
+from .patchset import CHANGESET, PATCHSET
+from .position import Entry, entry_hash, fold
+
+log = logging.getLogger("hctserver")
+
+_NOSAVEPOINT = apsw.SQLITE_CHANGESETAPPLY_NOSAVEPOINT
+_ABORT = apsw.SQLITE_CHANGESET_ABORT
+_CONFLICT_NAMES = {
+    apsw.SQLITE_CHANGESET_DATA: "the row differs from what the entry expects",
+    apsw.SQLITE_CHANGESET_NOTFOUND: "the row to change does not exist",
+    apsw.SQLITE_CHANGESET_CONFLICT: "a row with that key already exists",
+    apsw.SQLITE_CHANGESET_CONSTRAINT: "a constraint failed",
+    apsw.SQLITE_CHANGESET_FOREIGN_KEY: "a foreign key check failed",
+}
+
+
+def check_encoding(e: Entry) -> None:
+    if e.data and e.data[0] not in (PATCHSET, CHANGESET):
+        raise ApplyError(
+            f"cid {e.cid}: unknown data encoding 0x{e.data[0]:02x}"
+            " (this version reads session patchsets/changesets); upgrade hctserver"
+        )
+
+
+class Applier:
+    """Applies entries to a FOLLOWER database. Not thread-safe: one owner thread.
+
+    ``batch_entries``/``batch_bytes`` bound one group commit; ``window_bytes``
+    bounds entries held in memory above a hole.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        batch_entries: int = 20_000,
+        batch_bytes: int = 32 << 20,
+        window_bytes: int = 64 << 20,
+    ) -> None:
+        if db.mode is Mode.LEADER:
+            raise ModeError(
+                f"{db.path} is in LEADER mode: applying journal entries is refused"
+                " (a leader makes its own history)"
+            )
+        self.db = db
+        self.batch_entries = max(1, batch_entries)
+        self.batch_bytes = max(1, batch_bytes)
+        self.window_bytes = max(0, window_bytes)
+        self._conn = db.open_connection(apply=True)
+        pos = db.position()
+        self._snapshot = pos.cid
+        self._vhash = pos.hash
+        self._baseline = db.baseline()[0]
+        self._pending: dict[int, Entry] = {}
+        self._pending_bytes = 0
+        self._spilled: set[int] = {
+            r[0]
+            for r in self._conn.execute(
+                "SELECT cid FROM hct_journal WHERE cid>?", (self._snapshot,)
+            )
+        }
+        self._conflict: str | None = None
+        self.applied = 0  # entries applied by this object
+        self.duplicates = 0
+
+    @property
+    def snapshot(self) -> int:
+        return self._snapshot
+
+    @property
+    def pending(self) -> int:
+        """Entries received above the snapshot, not yet applied."""
+        return len(self._pending) + len(self._spilled)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # --- receiving -------------------------------------------------------------
+
+    def add(self, e: Entry) -> bool:
+        """Accept an entry. Returns False for a duplicate (same cid, same hash);
+        raises DivergenceError for same cid with a different hash, before
+        anything of it is applied."""
+        cid = e.cid
+        if cid <= 0:
+            raise ApplyError(f"invalid cid {cid}: cids start at 1")
+        if cid <= self._snapshot or cid in self._pending or cid in self._spilled:
+            self._check_duplicate(e)
+            self.duplicates += 1
+            return False
+        check_encoding(e)
+        self._pending[cid] = e
+        self._pending_bytes += len(e.data) + len(e.schema)
+        return True
+
+    def add_many(self, entries: Iterable[Entry]) -> None:
+        for e in entries:
+            self.add(e)
+
+    def _check_duplicate(self, e: Entry) -> None:
+        have = self._pending.get(e.cid)
+        if have is not None:
+            if have.hash() == e.hash():
+                return
+            raise DivergenceError(
+                f"cid {e.cid} arrived twice with different contents: the sources disagree"
+            )
+        if e.cid <= self._baseline:
+            return  # truncated here: already folded into the baseline
+        row = self._conn.execute("SELECT hash FROM hct_journal WHERE cid=?", (e.cid,)).fetchone()
+        if row is not None and bytes(row[0]) == e.hash():
+            return
+        if row is None and e.cid > self._snapshot:
+            return
+        raise DivergenceError(
+            f"cid {e.cid} is already in {self.db.path} with a different hash: this database"
+            " and the leader have diverged; nothing was applied (re-seed the follower)"
+        )
+
+    # --- applying --------------------------------------------------------------
+
+    def apply(self) -> int:
+        """Apply every entry that is now contiguous; return the new snapshot."""
+        while True:
+            batch = self._take_batch()
+            if not batch:
+                break
+            self._apply_batch(batch)
+        if self._pending_bytes > self.window_bytes:
+            self._spill()
+        return self._snapshot
+
+    def _take_batch(self) -> list[Entry]:
+        batch: list[Entry] = []
+        size = 0
+        cid = self._snapshot + 1
+        while len(batch) < self.batch_entries and size < self.batch_bytes:
+            e = self._pending.pop(cid, None)
+            if e is None:
+                if cid not in self._spilled:
+                    break
+                e = self._load(cid)
+            else:
+                self._pending_bytes -= len(e.data) + len(e.schema)
+            if e.schema and batch:
+                self._pending[cid] = e  # schema entries go alone; keep it for next time
+                self._pending_bytes += len(e.data) + len(e.schema)
+                break
+            batch.append(e)
+            size += len(e.data)
+            cid += 1
+            if e.schema:
+                break
+        return batch
+
+    def _load(self, cid: int) -> Entry:
+        cid_, schemacid, schema, data = fetchone(
+            self._conn, "SELECT cid, schemacid, schema, data FROM hct_journal WHERE cid=?", (cid,)
+        )
+        return Entry(cid_, schemacid, schema, bytes(data))
+
+    def _on_conflict(self, reason: int, change: Any) -> int:
+        try:
+            key = change.old if change.old is not None else change.new
+            what = f"table {change.name}, {change.op} of key {_key(key, change.pk_columns)}"
+        except Exception:  # the change object can be out of scope
+            what = "unknown row"
+        self._conflict = f"{what}: {_CONFLICT_NAMES.get(reason, f'conflict {reason}')}"
+        return _ABORT
+
+    def _apply_batch(self, batch: list[Entry]) -> None:
+        c = self._conn
+        first, last = batch[0].cid, batch[-1].cid
+        rows = []
+        vh = self._vhash
+        for e in batch:
+            h = entry_hash(e.cid, e.schema, e.data, e.schemacid)
+            vh = fold(vh, h)
+            rows.append((e.cid, e.schema, e.data, e.schemacid, h, vh))
+        self._conflict = None
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            if batch[0].schema:
+                for _ in c.execute(batch[0].schema):
+                    pass
+            data = merge_patchsets([e.data for e in batch])
+            if data:
+                apsw.Changeset.apply(data, c, flags=_NOSAVEPOINT, conflict=self._on_conflict)
+            if self._spilled:
+                c.executemany("DELETE FROM hct_journal WHERE cid=?", [(r[0],) for r in rows])
+            c.executemany(_INSERT_ENTRY, rows)
+            c.execute("COMMIT")
+        except BaseException as exc:
+            if not c.get_autocommit():
+                c.execute("ROLLBACK")
+            for e in batch:  # keep them: a caller may fix the cause and retry
+                if e.cid not in self._spilled:
+                    self._pending[e.cid] = e
+                    self._pending_bytes += len(e.data) + len(e.schema)
+            if isinstance(exc, (apsw.Error, ValueError)):
+                where = f"cid {first}" if first == last else f"cids {first}..{last}"
+                detail = self._conflict or str(exc)
+                raise ApplyError(
+                    f"cannot apply {where} to {self.db.path}: {detail}; nothing of it was"
+                    " applied (the follower is not at the state these entries build on)"
+                ) from exc
+            raise
+        for e in batch:
+            self._spilled.discard(e.cid)
+        self._snapshot = last
+        self._vhash = vh
+        self.applied += len(batch)
+        self.db.notify_snapshot(last)
+
+    def _spill(self) -> None:
+        """Store the entries waiting above a hole as unapplied journal rows."""
+        c = self._conn
+        ents = sorted(self._pending.values())
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.executemany(
+                "INSERT INTO hct_journal(cid, schema, data, schemacid, hash, vhash)"
+                " VALUES(?,?,?,?,?,NULL)",
+                [(e.cid, e.schema, e.data, e.schemacid, e.hash()) for e in ents],
+            )
+            c.execute("COMMIT")
+        except BaseException:
+            if not c.get_autocommit():
+                c.execute("ROLLBACK")
+            raise
+        self._spilled.update(e.cid for e in ents)
+        self._pending.clear()
+        self._pending_bytes = 0
+        log.debug("spilled %d entries above the hole at cid %d", len(ents), self._snapshot + 1)
+
+
+def _key(row: Any, pk_columns: Any) -> str:
+    try:
+        return repr(tuple(row[i] for i in sorted(pk_columns)))
+    except Exception:
+        return "?"

@@ -1,0 +1,220 @@
+"""The session extension's patchset format, in pure Python.
+
+SQLite builds and applies patchsets in C; Python only needs this for the
+rare paths the C API does not cover: adopting an existing database (every
+row becomes an INSERT) and re-expressing a transaction's earlier changes
+after an ALTER/DROP TABLE in the same transaction.
+
+Layout (sqlite3session.c): per table ``'P' varint(nCol) pk[nCol] name NUL``
+then changes ``op indirect record...``. Values are ``0`` undefined,
+``1`` int64 BE, ``2`` float64 BE, ``3`` text, ``4`` blob (varint length),
+``5`` NULL. In a patchset an INSERT carries every column, a DELETE only the
+primary key, an UPDATE the primary key then every column with undefined
+for the ones it leaves alone.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ApplyError
+
+INSERT = 18
+DELETE = 9
+UPDATE = 23
+PATCHSET = 0x50  # 'P'
+CHANGESET = 0x54  # 'T'
+
+
+class _Undefined:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNDEFINED"
+
+
+UNDEFINED: Any = _Undefined()
+
+_i64 = struct.Struct(">q")
+_f64 = struct.Struct(">d")
+
+
+def put_varint(v: int) -> bytes:
+    """SQLite's big-endian varint (1 to 9 bytes)."""
+    if v < 0:
+        raise ValueError("varint must be non-negative")
+    if v <= 0x7F:
+        return bytes((v,))
+    if v > 0x00FFFFFFFFFFFFFF:
+        out = bytearray(9)
+        out[8] = v & 0xFF
+        v >>= 8
+        for i in range(7, -1, -1):
+            out[i] = (v & 0x7F) | 0x80
+            v >>= 7
+        return bytes(out)
+    parts = []
+    while v:
+        parts.append((v & 0x7F) | 0x80)
+        v >>= 7
+    parts[0] &= 0x7F
+    return bytes(reversed(parts))
+
+
+def get_varint(buf: bytes, off: int) -> tuple[int, int]:
+    v = 0
+    for i in range(8):
+        b = buf[off + i]
+        v = (v << 7) | (b & 0x7F)
+        if not b & 0x80:
+            return v, off + i + 1
+    return (v << 8) | buf[off + 8], off + 9
+
+
+def encode_value(v: object) -> bytes:
+    if v is UNDEFINED:
+        return b"\x00"
+    if v is None:
+        return b"\x05"
+    if isinstance(v, bool):
+        v = int(v)
+    if isinstance(v, int):
+        return b"\x01" + _i64.pack(v)
+    if isinstance(v, float):
+        return b"\x02" + _f64.pack(v)
+    if isinstance(v, str):
+        b = v.encode("utf-8", "surrogatepass")
+        return b"\x03" + put_varint(len(b)) + b
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        b = bytes(v)
+        return b"\x04" + put_varint(len(b)) + b
+    raise TypeError(f"cannot encode {type(v).__name__} in a patchset")
+
+
+def _decode_value(buf: bytes, off: int) -> tuple[object, int]:
+    t = buf[off]
+    off += 1
+    if t == 0:
+        return UNDEFINED, off
+    if t == 5:
+        return None, off
+    if t == 1:
+        return _i64.unpack_from(buf, off)[0], off + 8
+    if t == 2:
+        return _f64.unpack_from(buf, off)[0], off + 8
+    if t in (3, 4):
+        n, off = get_varint(buf, off)
+        raw = buf[off : off + n]
+        if len(raw) != n:
+            raise IndexError("value runs past the end")
+        return (raw.decode("utf-8", "surrogatepass") if t == 3 else bytes(raw)), off + n
+    raise ValueError(f"unknown value type {t}")
+
+
+@dataclass
+class Table:
+    """One table's block of a patchset."""
+
+    name: str
+    pk: bytes  # per column: 0, or the column's 1-based position in the primary key
+    changes: list[tuple[int, bool, tuple[object, ...], tuple[object, ...]]] = field(
+        default_factory=list
+    )
+
+    @property
+    def pk_columns(self) -> list[int]:
+        """Indexes of the primary-key columns, in primary-key order."""
+        return sorted((i for i in range(len(self.pk)) if self.pk[i]), key=lambda i: self.pk[i])
+
+
+def encode_table(name: str, pk: Sequence[int]) -> bytes:
+    return bytes((PATCHSET,)) + put_varint(len(pk)) + bytes(pk) + name.encode("utf-8") + b"\x00"
+
+
+def encode_insert(values: Sequence[object], indirect: bool = False) -> bytes:
+    return bytes((INSERT, int(indirect))) + b"".join(encode_value(v) for v in values)
+
+
+def encode_delete(pk_values: Sequence[object], indirect: bool = False) -> bytes:
+    """pk_values: the primary-key columns' values, in column order."""
+    return bytes((DELETE, int(indirect))) + b"".join(encode_value(v) for v in pk_values)
+
+
+def encode_update(
+    pk_values: Sequence[object], new: Sequence[object], indirect: bool = False
+) -> bytes:
+    """new: every column, UNDEFINED for unchanged ones and for primary-key columns."""
+    return (
+        bytes((UPDATE, int(indirect)))
+        + b"".join(encode_value(v) for v in pk_values)
+        + b"".join(encode_value(v) for v in new)
+    )
+
+
+def decode(data: bytes) -> list[Table]:
+    """Decode a patchset (or changeset). Raises ApplyError if malformed.
+
+    For both formats ``old`` holds the values the record carries for the
+    old row (primary key only in a patchset) and ``new`` the new row.
+    """
+    try:
+        return list(_iter_tables(data))
+    except (IndexError, ValueError, struct.error, UnicodeDecodeError) as e:
+        raise ApplyError(f"malformed patchset: {e}") from None
+
+
+def _iter_tables(data: bytes) -> Iterator[Table]:
+    off = 0
+    n = len(data)
+    while off < n:
+        kind = data[off]
+        if kind not in (PATCHSET, CHANGESET):
+            raise ValueError(f"bad table marker 0x{kind:02x} at offset {off}")
+        patch = kind == PATCHSET
+        ncol, off = get_varint(data, off + 1)
+        pk = data[off : off + ncol]
+        off += ncol
+        end = data.index(b"\x00", off)
+        table = Table(data[off:end].decode("utf-8"), bytes(pk))
+        off = end + 1
+        pkcols = [i for i in range(ncol) if pk[i]]
+        while off < n and data[off] in (INSERT, DELETE, UPDATE):
+            op, indirect = data[off], bool(data[off + 1])
+            off += 2
+            old: tuple[object, ...] = ()
+            new: tuple[object, ...] = ()
+            if op == INSERT:
+                new, off = _record(data, off, ncol)
+            elif op == DELETE:
+                if patch:
+                    vals, off = _record(data, off, len(pkcols))
+                    old = _spread(vals, pkcols, ncol)
+                else:
+                    old, off = _record(data, off, ncol)
+            else:
+                if patch:
+                    vals, off = _record(data, off, len(pkcols))
+                    old = _spread(vals, pkcols, ncol)
+                else:
+                    old, off = _record(data, off, ncol)
+                new, off = _record(data, off, ncol)
+            table.changes.append((op, indirect, old, new))
+        yield table
+
+
+def _record(data: bytes, off: int, count: int) -> tuple[tuple[object, ...], int]:
+    out = []
+    for _ in range(count):
+        v, off = _decode_value(data, off)
+        out.append(v)
+    return tuple(out), off
+
+
+def _spread(vals: tuple[object, ...], cols: list[int], ncol: int) -> tuple[object, ...]:
+    row: list[object] = [UNDEFINED] * ncol
+    for i, c in enumerate(cols):
+        row[c] = vals[i]
+    return tuple(row)

@@ -1,0 +1,56 @@
+"""Journal entries, their hash, and a database's position (SPEC section 1).
+
+Pure functions over bytes: no SQLite, no sockets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import NamedTuple
+
+HASH_SIZE = 16
+ZERO_HASH = bytes(HASH_SIZE)
+
+_be64 = struct.Struct(">q").pack
+_md5 = hashlib.md5
+
+
+class Entry(NamedTuple):
+    """One committed write transaction, as journaled and as sent on the wire."""
+
+    cid: int
+    schemacid: int
+    schema: str
+    data: bytes
+
+    def hash(self) -> bytes:
+        return entry_hash(self.cid, self.schema, self.data, self.schemacid)
+
+
+class Position(NamedTuple):
+    """(cid, H): the newest contiguous cid and the version hash folded up to it."""
+
+    cid: int
+    hash: bytes
+
+    def __str__(self) -> str:
+        return f"{self.cid}:{self.hash.hex()}"
+
+
+def entry_hash(cid: int, schema: str | bytes, data: bytes, schemacid: int) -> bytes:
+    """MD5(be64(cid) || schema || data || be64(schemacid))."""
+    s = schema.encode() if isinstance(schema, str) else schema
+    return _md5(_be64(cid) + s + data + _be64(schemacid)).digest()
+
+
+def fold(h: bytes, entry_hash_: bytes) -> bytes:
+    """One step of the version hash: MD5(H || entry.hash)."""
+    return _md5(h + entry_hash_).digest()
+
+
+def fold_all(h: bytes, entry_hashes: list[bytes]) -> bytes:
+    """Fold many entry hashes, in order, into H."""
+    for e in entry_hashes:
+        h = _md5(h + e).digest()
+    return h
