@@ -14,7 +14,6 @@ from typing import Any
 import apsw
 import pytest
 
-import dbdump
 from hctserver import Database, Entry, Mode
 from hctserver.errors import (
     ApplyError,
@@ -24,6 +23,8 @@ from hctserver.errors import (
     NotReplicationDatabaseError,
     UnsupportedStatementError,
 )
+
+import dbdump
 from helpers import entries, file_bytes, leader, replay, wait_until
 
 

@@ -13,8 +13,9 @@ import apsw
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import dbdump
 from hctserver import Database, HctError
+
+import dbdump
 
 BASE = [
     "CREATE TABLE ipk(a INTEGER PRIMARY KEY, b, c)",

@@ -6,9 +6,10 @@ import hashlib
 import shutil
 import struct
 
-import dbdump
 from hctserver import Database, entry_hash, fold
 from hctserver.position import ZERO_HASH
+
+import dbdump
 from helpers import leader, replay
 
 

@@ -26,7 +26,7 @@ import apsw
 from .errors import ApplyError, DivergenceError, ModeError
 from .journal import _INSERT_ENTRY, Database, Mode, fetchone, merge_patchsets
 from .patchset import CHANGESET, PATCHSET
-from .position import Entry, entry_hash, fold
+from .position import Entry, Position, entry_hash, fold
 
 log = logging.getLogger("hctserver")
 
@@ -74,9 +74,8 @@ class Applier:
         self.batch_bytes = max(1, batch_bytes)
         self.window_bytes = max(0, window_bytes)
         self._conn = db.open_connection(apply=True)
-        pos = db.position()
-        self._snapshot = pos.cid
-        self._vhash = pos.hash
+        self._position = db.position()
+        self._snapshot = self._position.cid
         self._baseline = db.baseline()[0]
         self._pending: dict[int, Entry] = {}
         self._pending_bytes = 0
@@ -93,6 +92,11 @@ class Applier:
     @property
     def snapshot(self) -> int:
         return self._snapshot
+
+    @property
+    def position(self) -> Position:
+        """(snapshot, H); safe to read from other threads."""
+        return self._position
 
     @property
     def pending(self) -> int:
@@ -199,7 +203,7 @@ class Applier:
         c = self._conn
         first, last = batch[0].cid, batch[-1].cid
         rows = []
-        vh = self._vhash
+        vh = self._position.hash
         for e in batch:
             h = entry_hash(e.cid, e.schema, e.data, e.schemacid)
             vh = fold(vh, h)
@@ -234,8 +238,8 @@ class Applier:
             raise
         for e in batch:
             self._spilled.discard(e.cid)
+        self._position = Position(last, vh)
         self._snapshot = last
-        self._vhash = vh
         self.applied += len(batch)
         self.db.notify_snapshot(last)
 

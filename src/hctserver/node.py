@@ -1,0 +1,153 @@
+"""The original's Tcl object as a Python class.
+
+=====================================  ==========================================
+Tcl (``hct_testserver``)               Python (``hctserver.node.Node``)
+=====================================  ==========================================
+``hct_testserver srv DBFILE ?OPTS?``   ``srv = Node(DBFILE, **opts)``
+``srv configure -port 0 -seconds 5``   ``srv.configure(port=0, seconds=5)``
+``srv job {script}``                   ``srv.job(fn)``, ``srv.job("script.py")``,
+                                       ``srv.job("writer")``
+``srv run``                            ``srv.run()`` (or ``start()`` + ``wait()``)
+``srv delete``                         ``srv.close()``
+``hct_testserver_timeout`` (in a job)  ``timeout()`` (global of a job)
+``db eval {SQL}`` (in a job)           ``db.execute(SQL)`` (global of a job)
+=====================================  ==========================================
+
+Options: ``port`` (21212), ``host`` ("127.0.0.1"), ``seconds`` (0 = never),
+``follower`` (False), ``syncthreads`` (1, from 1 to 16), ``syncbytes`` (0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+from .errors import ConfigError
+from .follower import Follower
+from .jobs import Job, JobFunction
+from .journal import Database
+from .leader import Leader
+from .trace import Trace
+
+DEFAULTS: dict[str, Any] = {
+    "port": 21212,
+    "host": "127.0.0.1",
+    "seconds": 0,
+    "follower": False,
+    "syncthreads": 1,
+    "syncbytes": 0,
+}
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "port": (int,),
+    "host": (str,),
+    "seconds": (int, float),
+    "follower": (bool,),
+    "syncthreads": (int,),
+    "syncbytes": (int,),
+}
+
+
+class Node:
+    """A leader or follower node for one database file.
+
+    Creating it opens the database (FOLLOWER mode) and rolls back entries
+    above the first hole, as the original does.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], **options: Any) -> None:
+        self.options = dict(DEFAULTS)
+        self.configure(**options)
+        self.db = Database(path)
+        self.db.rollback()
+        self.jobs: list[Job] = []
+        self.extra: dict[str, Any] = {}
+        self._node: Leader | Follower | None = None
+
+    def configure(self, **options: Any) -> dict[str, Any]:
+        """Set options; returns the whole configuration."""
+        for name, value in options.items():
+            if name not in DEFAULTS:
+                raise ConfigError(
+                    f"unknown option {name!r}; options are {', '.join(sorted(DEFAULTS))}"
+                )
+            _check(name, value)
+        self.options.update(options)
+        return dict(self.options)
+
+    def job(self, target: JobFunction | str | os.PathLike[str]) -> int:
+        """Add a job; returns its number (0, 1, ...)."""
+        self.jobs.append(Job(target))
+        return len(self.jobs) - 1
+
+    @property
+    def port(self) -> int:
+        """The port listened on (a leader started with port 0 reports the real one)."""
+        if isinstance(self._node, Leader):
+            return self._node.port
+        return int(self.options["port"])
+
+    @property
+    def runner(self) -> Leader | Follower | None:
+        return self._node
+
+    def start(self) -> None:
+        o = self.options
+        trace = Trace()
+        if o["follower"]:
+            f = Follower(
+                self.db,
+                host=o["host"],
+                port=o["port"],
+                syncthreads=o["syncthreads"],
+                syncbytes=o["syncbytes"],
+                jobs=self.jobs,
+                seconds=o["seconds"],
+                trace=trace,
+                **self.extra,
+            )
+            self._node = f
+            f.start()
+        else:
+            leader = Leader(
+                self.db,
+                self.jobs,
+                host=o["host"],
+                port=o["port"],
+                seconds=o["seconds"],
+                trace=trace,
+                **self.extra,
+            )
+            self._node = leader
+            leader.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assert self._node is not None, "start() first"
+        return self._node.wait(timeout)
+
+    def run(self) -> None:
+        self.start()
+        self.wait()
+
+    def close(self) -> None:
+        if isinstance(self._node, Leader):
+            self._node.stop()
+        elif isinstance(self._node, Follower):
+            self._node.stop()
+            with contextlib.suppress(Exception):  # wait() already reported it
+                self._node.wait()
+        self.db.close()
+
+
+def _check(name: str, value: Any) -> None:
+    wrong_bool = isinstance(value, bool) and name != "follower"
+    if wrong_bool or not isinstance(value, _TYPES[name]):
+        raise ConfigError(f"option {name} takes {_TYPES[name][0].__name__}, not {value!r}")
+    num = value if isinstance(value, (int, float)) else 0
+    if name == "port" and not 0 <= num <= 65535:
+        raise ConfigError(f"port must be between 0 and 65535, not {value}")
+    if name == "syncthreads" and not 1 <= num <= 16:
+        raise ConfigError(f"syncthreads must be between 1 and 16, not {value}")
+    if name in ("seconds", "syncbytes") and num < 0:
+        raise ConfigError(f"{name} must be >= 0, not {value}")

@@ -1,0 +1,340 @@
+"""The wire protocol of SPEC section 2, as pure functions and decoders.
+
+No sockets and no threads here (in the spirit of h11): encoders return
+bytes, decoders take bytes in any split and return events. Integers are
+little-endian, as the original writes them on its platforms.
+
+Follower -> leader: ``SYNC`` (i32 1, i64 cid, 16-byte hash) or ``SUB``
+(i32 2, i32 job). Leader -> follower: ``ERROR`` (i32 3, i32 n, n bytes with
+NUL), ``SYNCREPLY`` (i32 4, i32 nJob, entries, i32 0), ``SUBREPLY`` (i32 5,
+entries for as long as the connection lives). Entry: i32 size, then i64 cid,
+i64 schemacid, schema bytes, NUL, data; size = 16 + len(schema) + 1 + len(data).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from .errors import (
+    EntryTooSmallError,
+    MissingNulError,
+    ProtocolError,
+    SizeLimitError,
+    TruncatedMessageError,
+    UnknownMessageTypeError,
+)
+from .position import HASH_SIZE, Entry
+
+SYNC = 1
+SUB = 2
+ERROR = 3
+SYNCREPLY = 4
+SUBREPLY = 5
+
+NAMES = {SYNC: "SYNC", SUB: "SUB", ERROR: "ERROR", SYNCREPLY: "SYNCREPLY", SUBREPLY: "SUBREPLY"}
+
+MIN_ENTRY = 17  # two i64 and the schema's NUL
+DEFAULT_MAX_SIZE = 1 << 30  # largest entry or error message accepted
+
+INCOMPATIBLE = "incompatible database version"
+
+_i32 = struct.Struct("<i")
+_ii = struct.Struct("<ii")
+_iq = struct.Struct("<iq")
+_iqq = struct.Struct("<iqq")
+_qq = struct.Struct("<qq")
+
+END_OF_ENTRIES = _i32.pack(0)
+
+
+# --- events ------------------------------------------------------------------
+
+
+class SyncRequest(NamedTuple):
+    cid: int
+    hash: bytes
+
+
+class SubRequest(NamedTuple):
+    job: int
+
+
+class ErrorReply(NamedTuple):
+    message: str
+
+
+class SyncReplyStart(NamedTuple):
+    njob: int
+
+
+class SyncReplyEnd(NamedTuple):
+    pass
+
+
+class SubReplyStart(NamedTuple):
+    pass
+
+
+Event = (
+    SyncRequest | SubRequest | ErrorReply | SyncReplyStart | SyncReplyEnd | SubReplyStart | Entry
+)
+
+
+# --- encoders ----------------------------------------------------------------
+
+
+def encode_sync(cid: int, hash_: bytes) -> bytes:
+    if len(hash_) != HASH_SIZE:
+        raise ValueError(f"a version hash is {HASH_SIZE} bytes, not {len(hash_)}")
+    return _iq.pack(SYNC, cid) + hash_
+
+
+def encode_sub(job: int) -> bytes:
+    return _ii.pack(SUB, job)
+
+
+def encode_error(message: str) -> bytes:
+    body = message.encode("utf-8") + b"\x00"
+    return _ii.pack(ERROR, len(body)) + body
+
+
+def encode_syncreply_start(njob: int) -> bytes:
+    return _ii.pack(SYNCREPLY, njob)
+
+
+def encode_subreply_start() -> bytes:
+    return _i32.pack(SUBREPLY)
+
+
+def encode_entry(cid: int, schemacid: int, schema: str | bytes, data: bytes) -> bytes:
+    s = schema.encode("utf-8") if isinstance(schema, str) else schema
+    if b"\x00" in s:
+        raise ValueError("a schema cannot contain a NUL byte on the wire")
+    return b"".join((_iqq.pack(16 + len(s) + 1 + len(data), cid, schemacid), s, b"\x00", data))
+
+
+def encode_syncreply(njob: int, entries: list[Entry]) -> bytes:
+    """A whole SYNCREPLY (for tests and small replies; the leader streams)."""
+    return b"".join(
+        [encode_syncreply_start(njob), *(encode_entry(*e) for e in entries), END_OF_ENTRIES]
+    )
+
+
+def decode_entry(body: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_SIZE) -> Entry:
+    """An entry from its ``size`` bytes (the i32 size field already removed)."""
+    n = len(body)
+    if n < MIN_ENTRY:
+        raise EntryTooSmallError(f"entry of {n} bytes; the minimum is {MIN_ENTRY}")
+    dec = ReplyDecoder(SUB, max_size)
+    dec.feed(_i32.pack(SUBREPLY) + _i32.pack(n) + bytes(body))
+    events = dec.next_events()
+    assert isinstance(events[-1], Entry)
+    return events[-1]
+
+
+# --- incremental decoders ----------------------------------------------------------
+
+_WANT_TYPE = 0
+_WANT_SYNC_BODY = 1
+_WANT_SUB_BODY = 2
+_WANT_ERROR_LEN = 3
+_WANT_ERROR_BODY = 4
+_WANT_NJOB = 5
+_WANT_SIZE = 6
+_WANT_ENTRY = 7
+_DONE = 8
+
+
+class _Decoder:
+    """Shared buffer handling: feed() bytes, next_events() parses what is whole."""
+
+    def __init__(self, max_size: int = DEFAULT_MAX_SIZE) -> None:
+        self.max_size = max_size
+        self._buf = bytearray()
+        self._pos = 0
+        self._state = _WANT_TYPE
+        self._need = 4
+        self.closed = False
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pos and self._pos >= len(self._buf) // 2:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    @property
+    def done(self) -> bool:
+        return self._state == _DONE
+
+    def _mid_message(self) -> bool:
+        return self.buffered > 0
+
+    def eof(self) -> None:
+        """The peer closed. Raises TruncatedMessageError if it did so mid-message."""
+        self.closed = True
+        if self._state != _DONE and self._mid_message():
+            raise TruncatedMessageError(
+                f"connection closed in the middle of a message ({self.buffered} of"
+                f" {self._need} bytes of the next field received)"
+            )
+
+
+class RequestDecoder(_Decoder):
+    """The leader's side: decodes the one request of a connection."""
+
+    def next_events(self) -> list[Event]:
+        out: list[Event] = []
+        buf = self._buf
+        while self._state != _DONE and len(buf) - self._pos >= self._need:
+            p = self._pos
+            if self._state == _WANT_TYPE:
+                (t,) = _i32.unpack_from(buf, p)
+                self._pos += 4
+                if t == SYNC:
+                    self._state, self._need = _WANT_SYNC_BODY, 8 + HASH_SIZE
+                elif t == SUB:
+                    self._state, self._need = _WANT_SUB_BODY, 4
+                else:
+                    self._state = _DONE
+                    raise UnknownMessageTypeError(
+                        f"unknown message type {t} (expected {SYNC} SYNC or {SUB} SUB)"
+                    )
+            elif self._state == _WANT_SYNC_BODY:
+                cid = struct.unpack_from("<q", buf, p)[0]
+                out.append(SyncRequest(cid, bytes(buf[p + 8 : p + 8 + HASH_SIZE])))
+                self._pos += 8 + HASH_SIZE
+                self._state = _DONE
+            else:
+                out.append(SubRequest(_i32.unpack_from(buf, p)[0]))
+                self._pos += 4
+                self._state = _DONE
+        return out
+
+    def _mid_message(self) -> bool:
+        return self._state != _WANT_TYPE or self.buffered > 0
+
+
+class ReplyDecoder(_Decoder):
+    """The follower's side: decodes the reply to a SYNC (``request=SYNC``) or a
+    SUB (``request=SUB``), including the stream of entries that follows."""
+
+    def __init__(self, request: int, max_size: int = DEFAULT_MAX_SIZE) -> None:
+        super().__init__(max_size)
+        if request not in (SYNC, SUB):
+            raise ValueError("request must be SYNC or SUB")
+        self.request = request
+        self.entry_bytes = 0  # bytes of entries decoded so far (size fields included)
+
+    def _mid_message(self) -> bool:
+        if self._state == _WANT_SIZE and self.request == SUB:
+            return self.buffered > 0  # a SUB stream may end between entries
+        return self._state != _DONE
+
+    def eof(self) -> None:
+        self.closed = True
+        if not self._mid_message():
+            return
+        if self._state == _WANT_TYPE and not self.buffered:
+            raise TruncatedMessageError("the leader closed the connection without replying")
+        if self._state == _WANT_SIZE and self.buffered < 4:
+            raise TruncatedMessageError(
+                "the leader closed the connection before the end of the SYNCREPLY"
+                if not self.buffered
+                else f"connection closed inside an entry's size field ({self.buffered} of 4 bytes)"
+            )
+        raise TruncatedMessageError(
+            f"connection closed in the middle of a message ({self.buffered} of {self._need}"
+            " bytes received)"
+        )
+
+    def next_events(self) -> list[Event]:
+        out: list[Event] = []
+        buf = self._buf
+        maxsize = self.max_size
+        while self._state != _DONE:
+            p = self._pos
+            avail = len(buf) - p
+            if self._state == _WANT_SIZE:
+                # the hot loop: whole entries straight out of the buffer
+                if avail < 4:
+                    break
+                (size,) = _i32.unpack_from(buf, p)
+                if size == 0 and self.request == SYNC:
+                    self._pos += 4
+                    self._state = _DONE
+                    out.append(SyncReplyEnd())
+                    break
+                if size < MIN_ENTRY:
+                    self._state = _DONE
+                    raise EntryTooSmallError(
+                        f"entry size {size} is below the minimum of {MIN_ENTRY}"
+                    )
+                if size > maxsize:
+                    self._state = _DONE
+                    raise SizeLimitError(
+                        f"entry of {size} bytes exceeds the limit of {maxsize} bytes"
+                    )
+                if avail < 4 + size:
+                    self._need = 4 + size
+                    break
+                cid, schemacid = _qq.unpack_from(buf, p + 4)
+                nul = buf.find(b"\x00", p + 20, p + 4 + size)
+                if nul < 0:
+                    self._state = _DONE
+                    raise MissingNulError(
+                        f"entry for cid {cid}: the schema text has no terminating NUL"
+                    )
+                try:
+                    schema = buf[p + 20 : nul].decode("utf-8") if nul > p + 20 else ""
+                except UnicodeDecodeError as e:
+                    self._state = _DONE
+                    raise ProtocolError(f"entry for cid {cid}: schema is not UTF-8 ({e})") from None
+                out.append(Entry(cid, schemacid, schema, bytes(buf[nul + 1 : p + 4 + size])))
+                self._pos = p + 4 + size
+                self.entry_bytes += 4 + size
+                continue
+            if avail < self._need:
+                break
+            if self._state == _WANT_TYPE:
+                (t,) = _i32.unpack_from(buf, p)
+                self._pos += 4
+                if t == ERROR:
+                    self._state, self._need = _WANT_ERROR_LEN, 4
+                elif t == SYNCREPLY and self.request == SYNC:
+                    self._state, self._need = _WANT_NJOB, 4
+                elif t == SUBREPLY and self.request == SUB:
+                    self._state, self._need = _WANT_SIZE, 4
+                    out.append(SubReplyStart())
+                else:
+                    self._state = _DONE
+                    want = SYNCREPLY if self.request == SYNC else SUBREPLY
+                    raise UnknownMessageTypeError(
+                        f"unexpected reply type to {NAMES[self.request]} - {t}"
+                        f" (expected {want} or {ERROR})"
+                    )
+            elif self._state == _WANT_NJOB:
+                (njob,) = _i32.unpack_from(buf, p)
+                self._pos += 4
+                if njob < 0:
+                    self._state = _DONE
+                    raise ProtocolError(f"SYNCREPLY announces {njob} jobs")
+                self._state, self._need = _WANT_SIZE, 4
+                out.append(SyncReplyStart(njob))
+            elif self._state == _WANT_ERROR_LEN:
+                (n,) = _i32.unpack_from(buf, p)
+                self._pos += 4
+                if n < 0 or n > maxsize:
+                    self._state = _DONE
+                    raise SizeLimitError(f"ERROR message length {n} is out of range")
+                self._state, self._need = _WANT_ERROR_BODY, n
+            elif self._state == _WANT_ERROR_BODY:
+                raw = bytes(buf[p : p + self._need])
+                self._pos += self._need
+                self._state = _DONE
+                out.append(ErrorReply(raw.split(b"\x00", 1)[0].decode("utf-8", "replace")))
+        return out

@@ -1,0 +1,115 @@
+"""Helpers to run real leaders and followers on 127.0.0.1 in tests."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import apsw
+
+from hctserver import Database
+from hctserver.jobs import WRITER_SQL, writer
+from hctserver.node import Node
+
+import dbdump
+
+
+def init_db(path: str, n: int = 0) -> None:
+    """A database holding t1 and ``n`` writer-loop commits."""
+    db = Database(path)
+    db.set_mode("leader")
+    c = db.connect()
+    c.execute("CREATE TABLE t1(a INTEGER PRIMARY KEY, b, c)")
+    for _ in range(n):
+        c.execute("BEGIN CONCURRENT")
+        c.execute(WRITER_SQL)
+        c.execute("COMMIT")
+    c.close()
+    db.close()
+
+
+def leader_node(path: str, jobs: list[Any], **extra: Any) -> Node:
+    node = Node(path, port=0)
+    for j in jobs:
+        node.job(j)
+    node.extra.update(extra)
+    node.start()
+    return node
+
+
+def follower_node(path: str, port: int, **options: Any) -> Node:
+    extra = options.pop("extra", {})
+    node = Node(path, follower=True, port=port, **options)
+    node.extra.update(extra)
+    node.start()
+    return node
+
+
+def gated_writer(gate: threading.Event) -> Callable[[Any, Any], None]:
+    """The original's writer loop, once ``gate`` opens, until the timeout."""
+
+    def job(db: Any, timeout: Any) -> None:
+        while not gate.wait(0.05):
+            if timeout():
+                return
+        writer(db, timeout)
+
+    return job
+
+
+def controlled_job(commands: queue.Queue[str]) -> Callable[[Any, Any], None]:
+    """Runs the SQL put in ``commands`` until the timeout."""
+
+    def job(db: Any, timeout: Any) -> None:
+        while not timeout():
+            try:
+                sql = commands.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            db.execute(sql)
+
+    return job
+
+
+def idle_job(db: Any, timeout: Any) -> None:
+    while not timeout.wait(0.05):
+        pass
+
+
+def settled_bytes(path: str) -> bytes:
+    """The database file's bytes after a full checkpoint (no WAL content left)."""
+    c = apsw.Connection(path)
+    c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    c.close()
+    with open(path, "rb") as f:
+        data = f.read()
+    wal = path + "-wal"
+    if os.path.exists(wal):
+        assert os.path.getsize(wal) == 0
+    return data
+
+
+def snapshot_of(path: str) -> int:
+    """The snapshot as another process sees it (plain apsw, read only)."""
+    try:
+        c = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+    except apsw.CantOpenError:
+        return -1
+    try:
+        rows = c.execute("SELECT max(cid) FROM hct_journal WHERE vhash IS NOT NULL").fetchall()
+        return int(rows[0][0] or 0)
+    except apsw.SQLError:
+        return -1
+    finally:
+        c.close()
+
+
+def assert_identical(leader: str, *followers: str) -> None:
+    want = dbdump.everything(leader)
+    lp = Database(leader, init=False).position()
+    for f in followers:
+        assert dbdump.everything(f) == want, f
+        assert Database(f, init=False).position() == lp

@@ -1,0 +1,112 @@
+"""The Tcl-like Node API: options, jobs, errors, debug lines."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import socket
+from typing import Any
+
+import pytest
+
+from hctserver.errors import AddressInUseError, ConfigError, ConnectError, JobError
+from hctserver.node import Node
+
+from helpers import wait_until
+from nodes import assert_identical, controlled_job, follower_node, init_db, leader_node
+
+
+def test_configure_validates_every_option(tmp_path) -> None:
+    n = Node(str(tmp_path / "x.db"))
+    assert n.configure() == {
+        "port": 21212,
+        "host": "127.0.0.1",
+        "seconds": 0,
+        "follower": False,
+        "syncthreads": 1,
+        "syncbytes": 0,
+    }
+    for bad, match in [
+        ({"colour": 1}, "unknown option 'colour'"),
+        ({"port": "80"}, "option port takes int"),
+        ({"port": 70000}, "port must be between 0 and 65535"),
+        ({"syncthreads": 0}, "syncthreads must be between 1 and 16"),
+        ({"syncthreads": 17}, "syncthreads must be between 1 and 16"),
+        ({"follower": 1}, "option follower takes bool"),
+        ({"seconds": -1}, "seconds must be >= 0"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            n.configure(**bad)
+    assert n.configure(host="0.0.0.0", seconds=2.5)["host"] == "0.0.0.0"
+    with pytest.raises(ConfigError, match="neither a Python script nor a bundled job"):
+        n.job("no-such-job")
+
+
+def test_a_script_job_runs_with_db_and_timeout(tmp_path) -> None:
+    lp = str(tmp_path / "l.db")
+    init_db(lp)
+    script = tmp_path / "job.py"
+    script.write_text(
+        "assert callable(timeout) and not timeout()\n"
+        "for i in range(5):\n"
+        "    db.execute('INSERT INTO t1 VALUES(?, ?, ?)', (i, __name__, 'x'))\n"
+    )
+    leader = leader_node(lp, [str(script)])
+    leader.wait()
+    rows = leader.db.connect().execute("SELECT b FROM t1").fetchall()
+    assert rows == [("__hctjob__",)] * 5 and leader.db.max_cid() == 6
+
+
+def test_a_failing_job_is_reported(tmp_path) -> None:
+    def boom(db: Any, timeout: Any) -> None:
+        raise ValueError("nope")
+
+    leader = leader_node(str(tmp_path / "l.db"), [boom])
+    with pytest.raises(JobError, match=r"job 0 \(boom\): ValueError: nope"):
+        leader.wait()
+
+
+def test_listen_and_connect_errors_are_clear(tmp_path) -> None:
+    busy = socket.create_server(("127.0.0.1", 0))
+    port = busy.getsockname()[1]
+    n = Node(str(tmp_path / "l.db"), port=port)
+    with pytest.raises(AddressInUseError, match="address already in use"):
+        n.start()
+    busy.close()
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    f = follower_node(str(tmp_path / "f.db"), port)
+    with pytest.raises(ConnectError, match="connection refused"):
+        f.wait(30)
+
+
+def test_follower_jobs_read_the_snapshot_and_debug_lines_are_emitted(tmp_path, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="hctserver.trace")
+    lp, fp = str(tmp_path / "l.db"), str(tmp_path / "f.db")
+    init_db(lp, 5)
+    commands: queue.Queue[str] = queue.Queue()
+    leader = leader_node(lp, [controlled_job(commands)])
+    seen: list[int] = []
+
+    def reader(db: Any, timeout: Any) -> None:
+        while not timeout.wait(0.01):
+            seen.append(db.snapshot())
+        seen.append(db.execute("SELECT count(*) FROM t1").fetchone()[0])
+
+    f = Node(fp, follower=True, port=leader.port)
+    f.job(reader)
+    f.start()
+    wait_until(lambda: f.runner is not None and f.runner.stats.phase == "stream")
+    commands.put("INSERT OR REPLACE INTO t1 VALUES(1000, 'x', 'y')")
+    wait_until(lambda: leader.db.max_cid() == 7)
+    assert f.db.wait_for(7, timeout=30)
+    leader.runner.timeout.expire()
+    leader.wait()
+    f.wait(30)
+    assert_identical(lp, fp)
+    assert seen[:-1] == sorted(seen[:-1]) and 7 in seen[:-1]
+    lines = [r.getMessage() for r in caplog.records if r.name == "hctserver.trace"]
+    assert any(re.fullmatch(r"hct_testserver: tm=\d+ms SYNC: first CID = 1", x) for x in lines)
+    assert any("syncreply" in x for x in lines)

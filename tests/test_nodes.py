@@ -1,0 +1,302 @@
+"""Leaders and followers over real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import pytest
+
+from hctserver import Database
+from hctserver.errors import IncompatibleError, PeerError
+
+import dbdump
+from helpers import replay, wait_until
+from nodes import (
+    assert_identical,
+    follower_node,
+    gated_writer,
+    idle_job,
+    init_db,
+    leader_node,
+    settled_bytes,
+    snapshot_of,
+)
+
+
+def test_six_writers_a_monitor_and_two_followers_end_identical(tmp_path, capsys) -> None:
+    lp, ap, bp = (str(tmp_path / n) for n in ("l.db", "a.db", "b.db"))
+    init_db(lp)
+    gate = threading.Event()
+    leader = leader_node(lp, [gated_writer(gate)] * 6 + ["monitor"])
+    a = follower_node(ap, leader.port)  # before the jobs write anything
+    wait_until(lambda: a.runner.stats.phase == "stream", what="follower A streaming")
+    gate.set()
+    wait_until(lambda: leader.db.max_cid() > 3000, what="3000 commits")
+    b = follower_node(bp, leader.port, syncthreads=4, syncbytes=20_000)
+    wait_until(lambda: b.runner.stats.phase == "stream", what="follower B streaming")
+    joined_at = leader.db.max_cid()
+    wait_until(lambda: leader.db.max_cid() > joined_at + 1000, what="commits after B joined")
+    leader.runner.timeout.expire()
+    leader.wait()
+    a.wait(60)
+    b.wait(60)
+    assert_identical(lp, ap, bp)
+    assert b.runner.stats.sync_entries >= 3000  # B caught up from a non-empty journal
+    assert a.runner.stats.sub_entries > 0 and b.runner.stats.sub_entries > 0
+    assert "max cid:" in capsys.readouterr().out
+
+
+def test_a_stopped_follower_restarts_and_converges(tmp_path) -> None:
+    lp, fp = str(tmp_path / "l.db"), str(tmp_path / "f.db")
+    init_db(lp, 200)
+    gate = threading.Event()
+    gate.set()
+    leader = leader_node(lp, [gated_writer(gate)] * 2)
+    f = follower_node(fp, leader.port)
+    wait_until(lambda: f.runner.stats.phase == "stream" and f.runner.stats.sub_entries > 200)
+    f.runner.stop()
+    f.wait(30)
+    f.close()
+    snap = Database(fp, init=False).position()
+    ref = replay(Database(lp, init=False), str(tmp_path / "ref.db"), upto=snap.cid)
+    assert dbdump.tables(fp) == dbdump.tables(ref.path)  # nothing half-applied
+    g = follower_node(fp, leader.port, syncthreads=2)
+    wait_until(lambda: g.runner.stats.phase == "stream")
+    leader.runner.timeout.expire()
+    leader.wait()
+    g.wait(60)
+    assert_identical(lp, fp)
+
+
+CHILD = (
+    "import sys\n"
+    "from hctserver.node import Node\n"
+    "Node(sys.argv[1], follower=True, port=int(sys.argv[2]), syncthreads=2).run()\n"
+)
+
+
+def test_a_follower_killed_during_catch_up_restarts_and_converges(tmp_path) -> None:
+    lp, fp = str(tmp_path / "l.db"), str(tmp_path / "f.db")
+    init_db(lp, 60_000)
+    total = Database(lp, init=False).max_cid()
+    gate = threading.Event()
+    leader = leader_node(lp, [gated_writer(gate)])
+    child = subprocess.Popen([sys.executable, "-c", CHILD, fp, str(leader.port)])
+    try:
+        wait_until(lambda: snapshot_of(fp) > 0, what="the child applying its first batch")
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(30)
+    killed_at = Database(fp).position()
+    assert 0 < killed_at.cid < total  # it really was in the middle of catching up
+    ref = replay(Database(lp, init=False), str(tmp_path / "ref.db"), upto=killed_at.cid)
+    assert dbdump.tables(fp) == dbdump.tables(ref.path)
+    gate.set()  # the leader writes on while the follower comes back
+    g = follower_node(fp, leader.port)
+    wait_until(lambda: g.runner.stats.phase == "stream")
+    leader.runner.timeout.expire()
+    leader.wait()
+    g.wait(60)
+    assert_identical(lp, fp)
+
+
+def _diverge(src: str, dst: str, upto_cid: int, extra: int) -> None:
+    """dst: src's history up to ``upto_cid``, then ``extra`` commits of its own."""
+    replay(Database(src, init=False), dst, upto=upto_cid).close()
+    d = Database(dst)
+    d.set_mode("leader")
+    c = d.connect()
+    for i in range(extra):
+        c.execute("INSERT OR REPLACE INTO t1 VALUES(?, 'other', 'history')", (i,))
+    c.close()
+    d.close()
+
+
+def test_diverged_and_ahead_followers_are_refused_and_left_untouched(tmp_path) -> None:
+    lp = str(tmp_path / "l.db")
+    init_db(lp, 100)
+    diverged, ahead = str(tmp_path / "div.db"), str(tmp_path / "ahead.db")
+    _diverge(lp, diverged, 50, 20)  # cid 70 exists on both, with different content
+    shutil.copy(lp, ahead)
+    _diverge(lp, ahead, 101, 5)  # cid 106 > the leader's 101
+    before = {p: settled_bytes(p) for p in (diverged, ahead)}
+    leader = leader_node(lp, [idle_job])
+    for p in (diverged, ahead):
+        f = follower_node(p, leader.port)
+        with pytest.raises(IncompatibleError, match="incompatible database version"):
+            f.wait(30)
+        f.close()
+        assert settled_bytes(p) == before[p]
+    good = follower_node(str(tmp_path / "good.db"), leader.port)
+    wait_until(lambda: good.runner.stats.phase == "stream")
+    leader.runner.timeout.expire()
+    leader.wait()
+    good.wait(30)
+    assert_identical(lp, str(tmp_path / "good.db"))
+
+
+def _exchange(port: int, data: bytes, *, shut: bool = True, timeout: float = 10) -> bytes:
+    """Send raw bytes to the leader and read until it closes (bounded)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        if data:
+            s.sendall(data)
+        if shut:
+            s.shutdown(socket.SHUT_WR)
+        out = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return out
+            out += chunk
+
+
+def _error_text(reply: bytes) -> str:
+    t, n = struct.unpack_from("<ii", reply)
+    assert t == 3, reply[:16]
+    assert len(reply) == 8 + n and reply[-1] == 0
+    return reply[8:-1].decode()
+
+
+def test_malformed_requests_get_an_error_and_the_leader_carries_on(tmp_path) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    lp = str(tmp_path / "l.db")
+    init_db(lp, 50)
+    gate = threading.Event()
+    gate.set()
+    leader = leader_node(lp, [gated_writer(gate)] * 2, request_timeout=0.5, max_subscribers=1)
+    port = leader.port
+    assert "unknown message type 7" in _error_text(_exchange(port, struct.pack("<i", 7)))
+    assert "no such job: 2" in _error_text(_exchange(port, struct.pack("<ii", 2, 2)))
+    assert "no such job: -1" in _error_text(_exchange(port, struct.pack("<ii", 2, -1)))
+    truncated = _exchange(port, struct.pack("<iq", 1, 0)[:10])
+    assert "middle of a message" in _error_text(truncated)
+    silent = _exchange(port, struct.pack("<iq", 1, 0)[:10], shut=False)
+    assert "no complete request within 0.5 s" in _error_text(silent)
+    assert "no complete request" in _error_text(_exchange(port, b"", shut=False))
+    assert _exchange(port, b"") == b""  # connect and close: nothing to answer
+    bad_hash = struct.pack("<iq", 1, 10) + b"\x01" * 16
+    assert _error_text(_exchange(port, bad_hash)) == "incompatible database version"
+    with socket.create_connection(("127.0.0.1", port)) as first:
+        first.sendall(struct.pack("<ii", 2, 0))
+        assert first.recv(4) == struct.pack("<i", 5)
+        too_many = _exchange(port, struct.pack("<ii", 2, 0))
+        assert "too many subscribers for job 0 (the limit is 1)" in _error_text(too_many)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.binary(max_size=64))
+    def random_bytes(data: bytes) -> None:
+        reply = _exchange(port, data, timeout=5)
+        if reply:
+            t = struct.unpack_from("<i", reply)[0]
+            assert t in (3, 4, 5)
+
+    random_bytes()
+    f = follower_node(str(tmp_path / "f.db"), port)
+    wait_until(lambda: f.runner.stats.phase == "stream")
+    leader.runner.timeout.expire()
+    leader.wait()
+    f.wait(30)
+    assert_identical(lp, str(tmp_path / "f.db"))
+
+
+def test_a_subscriber_that_never_reads_is_dropped(tmp_path) -> None:
+    lp, fp = str(tmp_path / "l.db"), str(tmp_path / "f.db")
+    init_db(lp)
+    gate = threading.Event()
+    leader = leader_node(lp, [gated_writer(gate)] * 2, sub_buffer_bytes=200_000)
+    lazy = socket.socket()
+    lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    lazy.connect(("127.0.0.1", leader.port))
+    lazy.sendall(struct.pack("<ii", 2, 0))
+    assert lazy.recv(4) == struct.pack("<i", 5)
+    f = follower_node(fp, leader.port)
+    wait_until(lambda: f.runner.stats.phase == "stream")
+    gate.set()
+    wait_until(lambda: leader.runner.dropped >= 1, what="the lazy subscriber dropped")
+    dropped_at = leader.db.max_cid()
+    wait_until(lambda: leader.db.max_cid() > dropped_at + 2000, what="jobs running on")
+    leader.runner.timeout.expire()
+    leader.wait()
+    f.wait(60)
+    lazy.close()
+    assert_identical(lp, fp)
+
+
+# --- a follower facing a misbehaving leader ---------------------------------------------
+
+
+class FakeLeader:
+    """Answers every request with the same canned bytes, then closes."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(64)
+                conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _entries_bytes(src: str, upto: int) -> bytes:
+    from hctserver import wire
+
+    return b"".join(
+        wire.encode_entry(*e) for e in Database(src, init=False).iter_entries(upto=upto)
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        ("garbage", "unexpected reply type to SYNC - 1819043176"),
+        ("truncated", "in the middle of a message"),
+        ("vanished", "before the end of the SYNCREPLY"),
+        ("error", "error from leader: go away"),
+        ("huge", "exceeds the limit"),
+    ],
+)
+def test_a_follower_stops_cleanly_on_a_misbehaving_leader(tmp_path, name: str, match: str) -> None:
+    lp = str(tmp_path / "l.db")
+    init_db(lp, 10)
+    good = _entries_bytes(lp, 3)
+    header = struct.pack("<ii", 4, 1)
+    reply: dict[str, Any] = {
+        "garbage": b"hello world, this is not the protocol",
+        "truncated": header + good + struct.pack("<iqq", 100, 4, 1) + b"only part",
+        "vanished": header + good,
+        "error": struct.pack("<ii", 3, 8) + b"go away\x00",
+        "huge": header + struct.pack("<i", 2**31 - 1),
+    }
+    fake = FakeLeader(reply[name])
+    fp = str(tmp_path / "f.db")
+    f = follower_node(fp, fake.port, extra={"max_size": 1 << 20})
+    with pytest.raises(PeerError, match=match):
+        f.wait(30)
+    f.close()
+    fake.close()
+    snap = Database(fp).position()
+    assert snap.cid in (0, 3)  # whole entries only
+    ref = replay(Database(lp, init=False), str(tmp_path / "ref.db"), upto=snap.cid)
+    assert dbdump.tables(fp) == dbdump.tables(ref.path)
