@@ -1,0 +1,366 @@
+"""The ``hctserver`` command line. It only calls the public API.
+
+Errors print one line on stderr and exit with the code of their class
+(docs/CLI.md): 1 verify found a difference / unexpected error, 2 usage or
+configuration, 3 database or journal, 4 divergence or incompatible
+history, 5 protocol, 6 network (unreachable leader, port in use), 7 a job
+failed, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import apsw
+
+from . import __version__
+from .errors import ConfigError, HctError
+from .journal import Database
+from .node import Node
+
+DEBUG_ENV = "HCTSERVER_DEBUG"
+
+
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {s}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hctserver",
+        description="Leader/follower replication for SQLite (the hctree hct_testserver).",
+    )
+    p.add_argument("--version", action="version", version=f"hctserver {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("init", help="create or adopt a replication-enabled database")
+    s.add_argument("db", metavar="DB")
+    s.add_argument(
+        "--sql",
+        action="append",
+        default=[],
+        metavar="SQL",
+        help="run SQL as one journaled transaction (repeatable)",
+    )
+
+    def node_opts(s: argparse.ArgumentParser, leader: bool) -> None:
+        s.add_argument("db", metavar="DB")
+        s.add_argument(
+            "--host",
+            default="127.0.0.1",
+            help="interface to listen on" if leader else "the leader's address",
+        )
+        s.add_argument(
+            "--port",
+            type=int,
+            default=21212,
+            help="port to listen on (0: any free port)" if leader else "the leader's port",
+        )
+        s.add_argument(
+            "--seconds",
+            type=_positive_float,
+            default=0,
+            help="after this many seconds the jobs' timeout() turns true (0: never)",
+        )
+        s.add_argument(
+            "--job",
+            action="append",
+            default=[],
+            metavar="JOB",
+            help="a Python script (globals db, timeout) or a bundled job:"
+            " writer, monitor, snapshot (repeatable)",
+        )
+        s.add_argument("--verbose", action="store_true", help="print hct_testserver debug lines")
+        s.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+    s = sub.add_parser("leader", help="run a leader until its jobs end")
+    node_opts(s, True)
+    s = sub.add_parser("follower", help="follow a leader until it ends")
+    node_opts(s, False)
+    s.add_argument(
+        "--syncthreads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="threads processing sync replies, 1 to 16",
+    )
+    s.add_argument(
+        "--syncbytes",
+        type=int,
+        default=0,
+        metavar="B",
+        help="repeat SYNC while replies shrink and stay above B bytes",
+    )
+
+    s = sub.add_parser("status", help="show a database's replication state")
+    s.add_argument("db", metavar="DB")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+    s = sub.add_parser("verify", help="check that two databases are identical")
+    s.add_argument("db1", metavar="DB1")
+    s.add_argument("db2", metavar="DB2")
+
+    s = sub.add_parser("rollback", help="discard journal entries above the first hole")
+    s.add_argument("db", metavar="DB")
+
+    s = sub.add_parser("truncate", help="drop journal entries below a cid into the baseline")
+    s.add_argument("db", metavar="DB")
+    s.add_argument(
+        "--min-cid", type=int, required=True, metavar="C", help="keep entries with cid >= C"
+    )
+
+    s = sub.add_parser("demo", help="a leader, six writers and followers, live")
+    s.add_argument("--seconds", type=_positive_float, default=10.0)
+    s.add_argument("--followers", type=int, default=2, metavar="N")
+    s.add_argument("--plot", metavar="FILE.png", help="draw follower lag over time")
+
+    s = sub.add_parser("bench", help="measure commit rates, catch-up and lag")
+    s.add_argument("--quick", action="store_true", help="small sizes (under a minute)")
+    s.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    return p
+
+
+# --- commands ---------------------------------------------------------------------
+
+
+def cmd_init(a: argparse.Namespace) -> int:
+    db = Database(a.db)
+    db.set_mode("leader")
+    conn = db.connect()
+    try:
+        for sql in a.sql:
+            conn.execute("BEGIN")
+            try:
+                conn.execute(sql)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+    finally:
+        conn.close()
+    st = db.status()
+    print(
+        f"{a.db}: replication database at cid {st['snapshot']} ({st['journal_entries']}"
+        " journal entries)"
+    )
+    return 0
+
+
+def _logging(a: argparse.Namespace) -> None:
+    if a.verbose:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        trace = logging.getLogger("hctserver.trace")
+        trace.addHandler(h)
+        trace.setLevel(logging.DEBUG)
+        trace.propagate = False
+    if not a.quiet:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("hctserver: %(message)s"))
+        logging.getLogger("hctserver").addHandler(h)
+        logging.getLogger("hctserver").setLevel(logging.WARNING)
+
+
+def _node(a: argparse.Namespace, follower: bool) -> Node:
+    opts: dict[str, Any] = {
+        "port": a.port,
+        "host": a.host,
+        "seconds": a.seconds,
+        "follower": follower,
+    }
+    if follower:
+        opts.update(syncthreads=a.syncthreads, syncbytes=a.syncbytes)
+    node = Node(a.db, **opts)
+    for j in a.job:
+        node.job(j)
+    return node
+
+
+def _wait(node: Node) -> None:
+    """Wait for a node, turning Ctrl-C into a clean stop."""
+    try:
+        while not node.wait(0.2):
+            pass
+    except KeyboardInterrupt:
+        node.close()
+        raise
+
+
+def cmd_leader(a: argparse.Namespace) -> int:
+    _logging(a)
+    node = _node(a, False)
+    if not node.jobs:
+        node.job(_serve_only)
+    node.start()
+    if not a.quiet:
+        print(
+            f"hctserver: leader on {a.host}:{node.port} running {len(node.jobs)} jobs",
+            file=sys.stderr,
+            flush=True,
+        )
+    _wait(node)
+    if not a.quiet:
+        print(f"hctserver: leader done at cid {node.db.snapshot()}", file=sys.stderr)
+    return 0
+
+
+def _serve_only(db: Any, timeout: Any) -> None:
+    """The job of a leader given none: serve followers until the timeout."""
+    while not timeout.wait(1.0):
+        pass
+
+
+def cmd_follower(a: argparse.Namespace) -> int:
+    _logging(a)
+    node = _node(a, True)
+    node.start()
+    show = not a.quiet and sys.stderr.isatty()
+    if show:
+        _progress(node)
+    _wait(node)
+    if not a.quiet:
+        print(f"hctserver: follower done at cid {node.db.snapshot()}", file=sys.stderr)
+    return 0
+
+
+def _progress(node: Node) -> None:
+    """Show catch-up progress on the terminal until the follower streams."""
+    from rich.console import Console
+    from rich.live import Live
+
+    f = node.runner
+    assert f is not None
+    stats = f.stats  # type: ignore[union-attr]
+    console = Console(stderr=True, highlight=False)
+    t0 = time.monotonic()
+    with Live(console=console, transient=True, refresh_per_second=8) as live:
+        while stats.phase in ("starting", "sync") and not node.wait(0.125):
+            dt = max(time.monotonic() - t0, 1e-6)
+            live.update(
+                f"catching up: {stats.sync_entries:,} entries, {stats.sync_bytes / 1e6:,.1f} MB,"
+                f" {stats.sync_entries / dt:,.0f} entries/s, applied up to cid {stats.snapshot:,}"
+            )
+    if stats.phase not in ("starting", "sync"):
+        console.print(
+            f"caught up: {stats.sync_entries:,} entries in {time.monotonic() - t0:.1f} s; streaming"
+        )
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    db = Database(a.db, init=False)
+    st = db.status()
+    st.pop("mode")  # a property of a running node, not of the file
+    if a.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    width = max(len(k) for k in st)
+    for k, v in st.items():
+        print(f"{k.replace('_', ' '):<{width}}  {'-' if v is None else v}")
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from .verify import compare
+
+    diff = compare(a.db1, a.db2)
+    if diff is None:
+        print(f"identical: {a.db1} and {a.db2} (cid {Database(a.db1, init=False).snapshot()})")
+        return 0
+    print(f"different: {diff}")
+    return 1
+
+
+def cmd_rollback(a: argparse.Namespace) -> int:
+    n = Database(a.db, init=False).rollback()
+    print(f"{a.db}: discarded {n} journal entries above the first hole")
+    return 0
+
+
+def cmd_truncate(a: argparse.Namespace) -> int:
+    db = Database(a.db, init=False)
+    n = db.truncate(a.min_cid)
+    print(f"{a.db}: removed {n} journal entries; baseline at cid {db.baseline()[0]}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    if a.followers < 1:
+        raise ConfigError("--followers must be at least 1")
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "--plot needs matplotlib: pip install 'hctserver[plot]' (or matplotlib)"
+            ) from None
+    return run_demo(seconds=a.seconds, followers=a.followers, plot=a.plot)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(quick=a.quick, json_path=a.json)
+
+
+COMMANDS = {
+    "init": cmd_init,
+    "leader": cmd_leader,
+    "follower": cmd_follower,
+    "status": cmd_status,
+    "verify": cmd_verify,
+    "rollback": cmd_rollback,
+    "truncate": cmd_truncate,
+    "demo": cmd_demo,
+    "bench": cmd_bench,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except HctError as e:
+        print(f"hctserver: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except apsw.Error as e:
+        print(f"hctserver: error: SQLite: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("hctserver: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(
+            f"hctserver: internal error: {type(e).__name__}: {e} (set {DEBUG_ENV}=1 for a"
+            " traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        _quiet_exit()
+
+
+def _quiet_exit() -> None:
+    # daemon threads (streams, jobs) may still be winding down; nothing to wait for
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join(5)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
