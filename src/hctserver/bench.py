@@ -1,9 +1,459 @@
-"""``hctserver bench`` (see docs/PERFORMANCE.md)."""
+"""``hctserver bench``: the numbers people size a deployment by.
+
+Runs in one process (the leader) plus follower child processes started as
+``python -m hctserver.bench follower ...``. Every ratio is measured within
+one run, so the machine's load affects both sides alike. docs/PERFORMANCE.md
+explains each figure and holds the latest full run.
+"""
 
 from __future__ import annotations
 
-from .errors import ConfigError
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from bisect import bisect_left
+from typing import Any
+
+import apsw
+
+from . import __version__
+from .jobs import T1_SQL, WRITER_SQL, Job, Timeout, writer
+from .journal import Database
+from .leader import Leader
+
+SIZES: dict[str, dict[str, Any]] = {
+    "quick": {"n": 30_000, "seconds": 1.5, "lag_seconds": 3.0, "rounds": 2},
+    "full": {"n": 500_000, "seconds": 4.0, "lag_seconds": 10.0, "rounds": 3},
+}
+SYNCTHREADS = (1, 2, 8)
+PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- leader commit rates ----------------------------------------------------------
+
+
+def plain_rate(path: str, seconds: float) -> float:
+    """The writer loop on plain SQLite through apsw, same pragmas, no journal."""
+    c = apsw.Connection(path)
+    for p in PRAGMAS:
+        c.execute(p).fetchall()
+    c.execute("CREATE TABLE IF NOT EXISTS t1(a INTEGER PRIMARY KEY, b, c)")
+    n = 0
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    while True:
+        for _ in range(100):
+            c.execute("BEGIN")
+            c.execute(WRITER_SQL)
+            c.execute("COMMIT")
+        n += 100
+        t = time.perf_counter()
+        if t >= end:
+            break
+    c.close()
+    return n / (t - t0)
+
+
+def _leader_db(path: str) -> None:
+    if os.path.exists(path):
+        return
+    db = Database(path)
+    db.set_mode("leader")
+    db.connect().execute(T1_SQL)
+    db.close()
+
+
+class _Timed:
+    """A writer job that runs for ``seconds`` once ``gate`` opens and measures
+    its own commit rate."""
+
+    def __init__(self, gate: threading.Event, seconds: float) -> None:
+        self.gate = gate
+        self.seconds = seconds
+        self.rate = 0.0
+        self.commits = 0
+        self.stopped_at = 0.0
+
+    def __call__(self, db: Any, timeout: Timeout) -> None:
+        while not self.gate.wait(0.05):
+            if timeout():
+                return
+        own = Timeout(self.seconds)
+        first = db.db.max_cid()
+        t0 = time.perf_counter()
+        writer(db, lambda: own() or timeout())
+        self.stopped_at = time.monotonic()
+        dt = time.perf_counter() - t0
+        self.commits = db.db.max_cid() - first
+        self.rate = self.commits / dt if dt else 0.0
+
+
+def journaled_rate(path: str, seconds: float, followers: int = 0, tmp: str = "") -> float:
+    """The writer loop through one leader job, with ``followers`` live followers."""
+    _leader_db(path)
+    gate = threading.Event()
+    job = _Timed(gate, seconds)
+    db = Database(path)
+    leader = Leader(db, [Job(job, "writer")], port=0, seconds=0)
+    leader.start()
+    children = []
+    try:
+        for i in range(followers):
+            children.append(_spawn(os.path.join(tmp, f"rate-f{i}-{time.time_ns()}.db"),
+                                   leader.port, ready=True))
+        for ch in children:
+            _wait_ready(ch)
+        gate.set()
+        leader.wait()
+    finally:
+        leader.stop()
+        for ch in children:
+            ch.wait(120)
+        db.close()
+    return job.rate
+
+
+# --- follower child processes -----------------------------------------------------
+
+
+def _spawn(path: str, port: int, *, ready: bool = False, syncthreads: int = 1,
+           target: int = 0, record: str = "") -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "hctserver.bench", "follower", path, str(port),
+           "--syncthreads", str(syncthreads), "--target", str(target)]
+    if ready:
+        cmd.append("--ready")
+    if record:
+        cmd += ["--record", record]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+
+
+def _wait_ready(p: subprocess.Popen[str]) -> None:
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    if line.strip() != "ready":
+        raise RuntimeError(f"bench follower did not start: {line!r}")
+
+
+def _child(argv: list[str]) -> int:
+    from .follower import Follower
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("db")
+    ap.add_argument("port", type=int)
+    ap.add_argument("--syncthreads", type=int, default=1)
+    ap.add_argument("--target", type=int, default=0)
+    ap.add_argument("--ready", action="store_true")
+    ap.add_argument("--record", default="")
+    a = ap.parse_args(argv)
+    db = Database(a.db)
+    times: list[tuple[float, int]] = []
+    if a.record:
+        db.add_snapshot_listener(lambda cid: times.append((time.monotonic(), cid)))
+    f = Follower(db, port=a.port, syncthreads=a.syncthreads)
+    t0 = time.perf_counter()
+    f.start()
+    if a.target:
+        while f.stats.snapshot < a.target:
+            if f.wait(0.002):
+                break
+        dt = time.perf_counter() - t0
+        f.stop()
+        f.wait(120)
+        print(json.dumps({
+            "seconds": dt,
+            "entries": f.stats.sync_entries,
+            "bytes": f.stats.sync_bytes,
+            "snapshot": f.stats.snapshot,
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }), flush=True)
+        return 0
+    if a.ready:
+        while f.stats.phase != "stream" and not f.wait(0.005):
+            pass
+        print("ready", flush=True)
+    f.wait()
+    if a.record:
+        with open(a.record, "w") as out:
+            json.dump(times, out)
+    return 0
+
+
+# --- catch-up -----------------------------------------------------------------------
+
+
+def build_journal(path: str, n: int) -> float:
+    """A leader database holding ``n`` writer-loop entries; returns commits/s."""
+    db = Database(path)
+    db.set_mode("leader")
+    c = db.connect()
+    c.execute(T1_SQL)
+    t0 = time.perf_counter()
+    for _ in range(n - 1):
+        c.execute("BEGIN CONCURRENT")
+        c.execute(WRITER_SQL)
+        c.execute("COMMIT")
+    dt = time.perf_counter() - t0
+    c.close()
+    db.close()
+    return (n - 1) / dt
+
+
+def _serve(path: str) -> tuple[Leader, Database]:
+    db = Database(path)
+    leader = Leader(db, [Job(_idle, "idle")], port=0)
+    leader.start()
+    return leader, db
+
+
+def _idle(db: Any, timeout: Timeout) -> None:
+    while not timeout.wait(0.5):
+        pass
+
+
+def catchup(leader_path: str, tmp: str, syncthreads: int) -> dict[str, float]:
+    leader, db = _serve(leader_path)
+    try:
+        target = db.snapshot()
+        fp = os.path.join(tmp, f"catchup-{syncthreads}.db")
+        ch = _spawn(fp, leader.port, syncthreads=syncthreads, target=target)
+        out, _ = ch.communicate(timeout=3600)
+        res: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+        if res["snapshot"] < target:
+            raise RuntimeError(f"catch-up stopped at {res['snapshot']} of {target}")
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(fp + suffix):
+                os.remove(fp + suffix)
+        return res
+    finally:
+        leader.timeout.expire()
+        leader.wait()
+        db.close()
+
+
+def physical_limit(leader_path: str, tmp: str) -> float:
+    """Entries/s of the floor: the final rows with one executemany plus the
+    same journal rows, in one transaction."""
+    src = apsw.Connection(leader_path, flags=apsw.SQLITE_OPEN_READONLY)
+    rows = src.execute("SELECT * FROM t1").fetchall()
+    jrows = src.execute("SELECT cid, schema, data, schemacid, hash, vhash FROM hct_journal"
+                        ).fetchall()
+    src.close()
+    path = os.path.join(tmp, "limit.db")
+    c = apsw.Connection(path)
+    for p in PRAGMAS:
+        c.execute(p).fetchall()
+    c.execute(T1_SQL)
+    c.execute("CREATE TABLE hct_journal(cid INTEGER PRIMARY KEY, schema TEXT NOT NULL,"
+              " data BLOB NOT NULL, schemacid INTEGER NOT NULL, hash BLOB NOT NULL, vhash BLOB)")
+    t0 = time.perf_counter()
+    c.execute("BEGIN")
+    c.executemany("INSERT INTO t1 VALUES(?,?,?)", rows)
+    c.executemany("INSERT INTO hct_journal VALUES(?,?,?,?,?,?)", jrows)
+    c.execute("COMMIT")
+    dt = time.perf_counter() - t0
+    c.close()
+    return len(jrows) / dt
+
+
+# --- lag ---------------------------------------------------------------------------------
+
+
+def lag(path: str, tmp: str, seconds: float) -> dict[str, float]:
+    _leader_db(path)
+    gate = threading.Event()
+    jobs = [_Timed(gate, seconds), _Timed(gate, seconds)]
+    db = Database(path)
+    commits: dict[int, float] = {}
+    db.add_commit_hook(lambda cid, *_: commits.__setitem__(cid, time.monotonic()))
+    leader = Leader(db, [Job(j, "writer") for j in jobs], port=0)
+    leader.start()
+    records = [os.path.join(tmp, f"lag{i}.json") for i in range(2)]
+    children = [_spawn(os.path.join(tmp, f"lag-f{i}.db"), leader.port, ready=True,
+                       record=records[i]) for i in range(2)]
+    for ch in children:
+        _wait_ready(ch)
+    gate.set()
+    leader.wait()
+    t_stop = max(j.stopped_at for j in jobs)
+    for ch in children:
+        ch.wait(300)
+    db.close()
+    cids = sorted(commits)
+    last = cids[-1]
+    lags: list[float] = []
+    behind = 0
+    for rec in records:
+        with open(rec) as f:
+            times = [tuple(x) for x in json.load(f)]
+        snaps = [s for _, s in times]
+        for cid in cids:
+            i = bisect_left(snaps, cid)
+            if i < len(times):
+                lags.append((times[i][0] - commits[cid]) * 1000)
+        at_stop = [s for t, s in times if t <= t_stop]
+        behind = max(behind, last - (at_stop[-1] if at_stop else 0))
+    lags.sort()
+    return {
+        "lag_p50_ms": lags[len(lags) // 2],
+        "lag_p99_ms": lags[min(len(lags) - 1, int(len(lags) * 0.99))],
+        "lag_final_cids": behind,
+        "lag_leader_commits_per_s": sum(j.rate for j in jobs),
+    }
+
+
+# --- handshake ---------------------------------------------------------------------------
+
+
+def handshake_ms(path: str, tries: int = 7) -> float:
+    leader, db = _serve(path)
+    try:
+        out = []
+        for _ in range(tries):
+            with socket.create_connection(("127.0.0.1", leader.port)) as s:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                t0 = time.perf_counter()
+                s.sendall(struct.pack("<iq", 1, 0) + bytes(16))
+                s.recv(1)
+                out.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(out)
+    finally:
+        leader.timeout.expire()
+        leader.wait()
+        db.close()
+
+
+# --- the run -------------------------------------------------------------------------------
 
 
 def run_bench(quick: bool = False, json_path: str | None = None) -> int:
-    raise ConfigError("hctserver bench is not built yet")
+    cfg = SIZES["quick" if quick else "full"]
+    n, secs = cfg["n"], cfg["seconds"]
+    tmp = tempfile.mkdtemp(prefix="hctserver-bench-")
+    r: dict[str, Any] = {}
+    try:
+        _say(f"hctserver bench ({'quick' if quick else 'full'}): N={n:,}, {secs:g} s per rate")
+        plain, jour = [], []
+        for i in range(cfg["rounds"]):
+            plain.append(plain_rate(os.path.join(tmp, f"plain{i}.db"), secs))
+            jour.append(journaled_rate(os.path.join(tmp, f"jour{i}.db"), secs))
+        r["leader_plain_commits_per_s"] = statistics.median(plain)
+        r["leader_journaled_commits_per_s"] = statistics.median(jour)
+        r["leader_commit_ratio"] = r["leader_journaled_commits_per_s"] / r[
+            "leader_plain_commits_per_s"]
+        _say(f"  commit rates: plain {plain}, journaled {jour}")
+        alone, with2 = [], []
+        for i in range(cfg["rounds"]):
+            alone.append(journaled_rate(os.path.join(tmp, f"alone{i}.db"), secs))
+            with2.append(journaled_rate(os.path.join(tmp, f"with{i}.db"), secs, 2, tmp))
+        r["leader_alone_commits_per_s"] = statistics.median(alone)
+        r["leader_with_2_followers_commits_per_s"] = statistics.median(with2)
+        r["leader_followers_ratio"] = statistics.median(with2) / statistics.median(alone)
+        _say(f"  with followers: alone {alone}, with 2 {with2}")
+
+        big = os.path.join(tmp, "big.db")
+        r["build_journal_commits_per_s"] = build_journal(big, n)
+        r["catchup_n"] = n
+        best = 0.0
+        for st in SYNCTHREADS:
+            res = catchup(big, tmp, st)
+            rate = res["entries"] / res["seconds"]
+            r[f"catchup_entries_per_s_syncthreads_{st}"] = rate
+            r[f"catchup_mb_per_s_syncthreads_{st}"] = res["bytes"] / res["seconds"] / 1e6
+            r[f"catchup_peak_rss_mb_syncthreads_{st}"] = res["rss_mb"]
+            _say(f"  catch-up syncthreads={st}: {rate:,.0f} entries/s in {res['seconds']:.2f} s")
+            if rate > best:
+                best = rate
+                r["catchup_entries_per_s"] = rate
+                r["catchup_mb_per_s"] = res["bytes"] / res["seconds"] / 1e6
+                r["catchup_best_syncthreads"] = st
+        r["catchup_peak_rss_mb"] = max(r[f"catchup_peak_rss_mb_syncthreads_{s}"]
+                                       for s in SYNCTHREADS)
+        r["catchup_limit_entries_per_s"] = physical_limit(big, tmp)
+        r["catchup_limit_ratio"] = r["catchup_entries_per_s"] / r["catchup_limit_entries_per_s"]
+
+        small = os.path.join(tmp, "small.db")
+        build_journal(small, 1000)
+        r["handshake_small_ms"] = handshake_ms(small)
+        r["handshake_large_ms"] = handshake_ms(big)
+
+        r.update(lag(os.path.join(tmp, "lag.db"), tmp, cfg["lag_seconds"]))
+        r["machine"] = _machine()
+        r["quick"] = quick
+        r["version"] = __version__
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(table(r))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(r, f, indent=2, sort_keys=True)
+    return 0
+
+
+TARGETS = {
+    "leader_commit_ratio": (">=", 0.7),
+    "leader_followers_ratio": (">=", 0.75),
+    "catchup_limit_ratio": (">=", 0.75),
+    "catchup_entries_per_s": (">=", 200_000),
+    "catchup_peak_rss_mb": ("<=", 300),
+    "lag_final_cids": ("<=", 1000),
+    "lag_p99_ms": ("<=", 50),
+}
+
+
+def table(r: dict[str, Any]) -> str:
+    rows = [("metric", "value", "target")]
+    for k in sorted(r):
+        v = r[k]
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        t = TARGETS.get(k)
+        tgt = ""
+        if t:
+            ok = v >= t[1] if t[0] == ">=" else v <= t[1]
+            tgt = f"{t[0]} {t[1]:g}  {'met' if ok else 'NOT met'}"
+        if k == "handshake_large_ms":
+            lim = 2 * r["handshake_small_ms"] + 5
+            tgt = f"<= {lim:.1f}  {'met' if v <= lim else 'NOT met'}"
+        rows.append((k, f"{v:,.3f}" if isinstance(v, float) and v < 100 else f"{v:,.0f}", tgt))
+    w = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [" | ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
+    lines.insert(1, "-+-".join("-" * x for x in w))
+    return "\n".join(lines)
+
+
+def _machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")), "")
+    except OSError:
+        pass
+    return {
+        "python": platform.python_version(),
+        "sqlite": apsw.sqlite_lib_version(),
+        "apsw": apsw.apsw_version(),
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "platform": platform.platform(),
+    }
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "follower":
+        sys.exit(_child(sys.argv[2:]))
+    sys.exit(run_bench(quick="--quick" in sys.argv))

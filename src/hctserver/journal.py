@@ -173,6 +173,7 @@ class Database:
         self._mode = Mode.FOLLOWER
         self._mode_epoch = 0  # bumped on every mode change; connections compare it
         self._hooks: list[CommitHook] = []
+        self._listeners: list[Callable[[int], None]] = []
         self._lock = threading.Lock()  # guards self._conn
         self._cond = threading.Condition()  # signalled when the snapshot moves
         self._known_snapshot = 0
@@ -472,12 +473,19 @@ class Database:
     def remove_commit_hook(self, hook: CommitHook) -> None:
         self._hooks = [h for h in self._hooks if h is not hook]
 
+    def add_snapshot_listener(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(cid)`` whenever this process moves the snapshot
+        (a leader commit or a follower's applied batch), in that thread."""
+        self._listeners = [*self._listeners, listener]
+
     def notify_snapshot(self, cid: int) -> None:
         """Record that the snapshot reached ``cid`` and wake :meth:`wait_for`."""
         with self._cond:
             if cid > self._known_snapshot:
                 self._known_snapshot = cid
                 self._cond.notify_all()
+        for listener in self._listeners:
+            listener(cid)
 
     def wait_for(self, cid: int, timeout: float | None = None) -> bool:
         """Block until this process has seen the snapshot reach ``cid``
