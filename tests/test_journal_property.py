@@ -13,7 +13,7 @@ import apsw
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hctserver import Database, HctError
+from hctserver import Database, HctError, capture
 
 import dbdump
 
@@ -185,8 +185,14 @@ def positions(*paths: str) -> list[Any]:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(st.lists(tx, min_size=1, max_size=12), st.randoms(use_true_random=False))
-def test_replay_reproduces_leader(txs: list[Any], rnd: random.Random) -> None:
+@given(
+    st.lists(tx, min_size=1, max_size=12),
+    st.randoms(use_true_random=False),
+    st.sampled_from([2000, 2]),
+)
+def test_replay_reproduces_leader(txs: list[Any], rnd: random.Random, log_limit: int) -> None:
+    # log_limit 2: transactions past two rows switch to a session object
+    capture.LOG_LIMIT = log_limit
     with tempfile.TemporaryDirectory() as d:
         leader, inorder, shuffled = (os.path.join(d, n) for n in ("l.db", "a.db", "b.db"))
         run_leader(leader, txs)
@@ -198,3 +204,4 @@ def test_replay_reproduces_leader(txs: list[Any], rnd: random.Random) -> None:
         p = positions(leader, inorder, shuffled)
         assert p[0] == p[1] == p[2]
         assert p[0].cid == len(want["journal"])
+    capture.LOG_LIMIT = 2000

@@ -238,6 +238,10 @@ class Applier:
             raise
         for e in batch:
             self._spilled.discard(e.cid)
+        shared = self.db.writer_lock  # what a leader in this process cached is stale now
+        shared.tail = None
+        if batch[0].schema:
+            shared.schema_epoch += 1
         self._position = Position(last, vh)
         self._snapshot = last
         self.applied += len(batch)

@@ -114,8 +114,9 @@ def journaled_rate(path: str, seconds: float, followers: int = 0, tmp: str = "")
     children = []
     try:
         for i in range(followers):
-            children.append(_spawn(os.path.join(tmp, f"rate-f{i}-{time.time_ns()}.db"),
-                                   leader.port, ready=True))
+            children.append(
+                _spawn(os.path.join(tmp, f"rate-f{i}-{time.time_ns()}.db"), leader.port, ready=True)
+            )
         for ch in children:
             _wait_ready(ch)
         gate.set()
@@ -131,10 +132,27 @@ def journaled_rate(path: str, seconds: float, followers: int = 0, tmp: str = "")
 # --- follower child processes -----------------------------------------------------
 
 
-def _spawn(path: str, port: int, *, ready: bool = False, syncthreads: int = 1,
-           target: int = 0, record: str = "") -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "hctserver.bench", "follower", path, str(port),
-           "--syncthreads", str(syncthreads), "--target", str(target)]
+def _spawn(
+    path: str,
+    port: int,
+    *,
+    ready: bool = False,
+    syncthreads: int = 1,
+    target: int = 0,
+    record: str = "",
+) -> subprocess.Popen[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "hctserver.bench",
+        "follower",
+        path,
+        str(port),
+        "--syncthreads",
+        str(syncthreads),
+        "--target",
+        str(target),
+    ]
     if ready:
         cmd.append("--ready")
     if record:
@@ -174,13 +192,18 @@ def _child(argv: list[str]) -> int:
         dt = time.perf_counter() - t0
         f.stop()
         f.wait(120)
-        print(json.dumps({
-            "seconds": dt,
-            "entries": f.stats.sync_entries,
-            "bytes": f.stats.sync_bytes,
-            "snapshot": f.stats.snapshot,
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "seconds": dt,
+                    "entries": f.stats.sync_entries,
+                    "bytes": f.stats.sync_bytes,
+                    "snapshot": f.stats.snapshot,
+                    "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                }
+            ),
+            flush=True,
+        )
         return 0
     if a.ready:
         while f.stats.phase != "stream" and not f.wait(0.005):
@@ -250,16 +273,19 @@ def physical_limit(leader_path: str, tmp: str) -> float:
     same journal rows, in one transaction."""
     src = apsw.Connection(leader_path, flags=apsw.SQLITE_OPEN_READONLY)
     rows = src.execute("SELECT * FROM t1").fetchall()
-    jrows = src.execute("SELECT cid, schema, data, schemacid, hash, vhash FROM hct_journal"
-                        ).fetchall()
+    jrows = src.execute(
+        "SELECT cid, schema, data, schemacid, hash, vhash FROM hct_journal"
+    ).fetchall()
     src.close()
     path = os.path.join(tmp, "limit.db")
     c = apsw.Connection(path)
     for p in PRAGMAS:
         c.execute(p).fetchall()
     c.execute(T1_SQL)
-    c.execute("CREATE TABLE hct_journal(cid INTEGER PRIMARY KEY, schema TEXT NOT NULL,"
-              " data BLOB NOT NULL, schemacid INTEGER NOT NULL, hash BLOB NOT NULL, vhash BLOB)")
+    c.execute(
+        "CREATE TABLE hct_journal(cid INTEGER PRIMARY KEY, schema TEXT NOT NULL,"
+        " data BLOB NOT NULL, schemacid INTEGER NOT NULL, hash BLOB NOT NULL, vhash BLOB)"
+    )
     t0 = time.perf_counter()
     c.execute("BEGIN")
     c.executemany("INSERT INTO t1 VALUES(?,?,?)", rows)
@@ -283,8 +309,10 @@ def lag(path: str, tmp: str, seconds: float) -> dict[str, float]:
     leader = Leader(db, [Job(j, "writer") for j in jobs], port=0)
     leader.start()
     records = [os.path.join(tmp, f"lag{i}.json") for i in range(2)]
-    children = [_spawn(os.path.join(tmp, f"lag-f{i}.db"), leader.port, ready=True,
-                       record=records[i]) for i in range(2)]
+    children = [
+        _spawn(os.path.join(tmp, f"lag-f{i}.db"), leader.port, ready=True, record=records[i])
+        for i in range(2)
+    ]
     for ch in children:
         _wait_ready(ch)
     gate.set()
@@ -353,8 +381,9 @@ def run_bench(quick: bool = False, json_path: str | None = None) -> int:
             jour.append(journaled_rate(os.path.join(tmp, f"jour{i}.db"), secs))
         r["leader_plain_commits_per_s"] = statistics.median(plain)
         r["leader_journaled_commits_per_s"] = statistics.median(jour)
-        r["leader_commit_ratio"] = r["leader_journaled_commits_per_s"] / r[
-            "leader_plain_commits_per_s"]
+        r["leader_commit_ratio"] = (
+            r["leader_journaled_commits_per_s"] / r["leader_plain_commits_per_s"]
+        )
         _say(f"  commit rates: plain {plain}, journaled {jour}")
         alone, with2 = [], []
         for i in range(cfg["rounds"]):
@@ -381,8 +410,9 @@ def run_bench(quick: bool = False, json_path: str | None = None) -> int:
                 r["catchup_entries_per_s"] = rate
                 r["catchup_mb_per_s"] = res["bytes"] / res["seconds"] / 1e6
                 r["catchup_best_syncthreads"] = st
-        r["catchup_peak_rss_mb"] = max(r[f"catchup_peak_rss_mb_syncthreads_{s}"]
-                                       for s in SYNCTHREADS)
+        r["catchup_peak_rss_mb"] = max(
+            r[f"catchup_peak_rss_mb_syncthreads_{s}"] for s in SYNCTHREADS
+        )
         r["catchup_limit_entries_per_s"] = physical_limit(big, tmp)
         r["catchup_limit_ratio"] = r["catchup_entries_per_s"] / r["catchup_limit_entries_per_s"]
 

@@ -1,7 +1,7 @@
 """Connections for user code: every write transaction becomes a journal entry.
 
 In LEADER mode a write transaction runs under the process-wide writer lock
-with a fresh session object recording its row changes. At COMMIT the
+while :mod:`hctserver.capture` records its row changes. At COMMIT the
 connection turns them into a patchset, allocates the next cid, computes the
 hashes and inserts the journal row, all inside the same SQLite transaction,
 then commits and calls the commit hooks.
@@ -15,12 +15,14 @@ a single writing statement outside any transaction, which is wrapped in one.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apsw
 
 from . import patchset, sqltext
+from .capture import Capture
 from .errors import BusyError, ModeError, UnsupportedStatementError
 from .journal import (
     _INSERT_ENTRY,
@@ -41,13 +43,8 @@ from .sqltext import Kind, Statement
 
 log = logging.getLogger("hctserver")
 
-_ROWID = apsw.SQLITE_SESSION_OBJCONFIG_ROWID
 _WRITE_OPS = frozenset({apsw.SQLITE_INSERT, apsw.SQLITE_UPDATE, apsw.SQLITE_DELETE})
 _DDL_OPS = frozenset({apsw.SQLITE_DROP_TABLE, apsw.SQLITE_ALTER_TABLE})
-
-
-def _user_table(name: str) -> bool:
-    return name not in SYSTEM_TABLES
 
 
 def merge(a: bytes, b: bytes) -> bytes:
@@ -74,11 +71,15 @@ class Rows:
         return next(self._it, None)
 
 
+_NO_ROWS = Rows([])
+_parse = sqltext.parse
+
+
 class _Tx:
-    __slots__ = ("acc", "ddl", "implicit", "locked", "reshapes", "savepoints", "session")
+    __slots__ = ("acc", "ddl", "implicit", "locked", "reshapes", "savepoints", "writing")
 
     def __init__(self, implicit: bool = False) -> None:
-        self.session: apsw.Session | None = None
+        self.writing = False  # the writer lock is held and capture runs
         self.acc = b""  # changes before the last ALTER/DROP TABLE, in the current schema
         self.ddl: list[str] = []
         self.locked = False
@@ -102,6 +103,9 @@ class JournaledConnection:
         self._internal = False
         self._hooks: list[CommitHook] = []
         self._ctx: list[str | None] = []
+        self._cap = Capture(self._conn, db.writer_lock)
+        if not db.autocheckpoint:
+            self._conn.execute("PRAGMA wal_autocheckpoint=0")
         self._conn.set_authorizer(self._authorize)
 
     # --- public API ----------------------------------------------------------
@@ -111,7 +115,9 @@ class JournaledConnection:
         transaction, its rows already fetched)."""
         if self._epoch != self.db._mode_epoch:
             self._sync_mode()
-        stmts = sqltext.parse(sql)
+        stmts = _parse(sql)
+        if len(stmts) == 1:
+            return self._run(stmts[0], bindings)
         if not stmts:
             return self._conn.execute(sql, bindings)
         if len(stmts) > 1:
@@ -202,26 +208,33 @@ class JournaledConnection:
         if k is Kind.READ or k is Kind.OTHER:
             return self._conn.execute(st.text, bindings)
         if k is Kind.WRITE or k is Kind.DDL or k is Kind.DDL_RESHAPE:
-            self._check_writable()
-            if self._tx is None:
+            if self.db._mode is not Mode.LEADER:
+                self._check_writable()
+            tx = self._tx
+            if tx is None:
                 return self._autocommit(st, bindings)
-            self._start_writing()
-            return self._guard(lambda: self._write(st, bindings))
+            if not tx.writing:
+                self._start_writing()
+            try:
+                return self._write(st, bindings)
+            except BaseException:
+                self._failed()
+                raise
         if k is Kind.BEGIN:
             if self._tx is not None:  # let SQLite report the nesting error
                 return self._conn.execute(st.text)
             self._begin(eager=st.eager)
-            return Rows([])
+            return _NO_ROWS
         if k is Kind.COMMIT:
             if self._tx is None:
                 return self._conn.execute(st.text)
             self._commit(None)
-            return Rows([])
+            return _NO_ROWS
         if k is Kind.ROLLBACK:
             if self._tx is None:
                 return self._conn.execute(st.text)
             self._abort()
-            return Rows([])
+            return _NO_ROWS
         if k is Kind.SAVEPOINT:
             return self._savepoint(st)
         if k is Kind.RELEASE:
@@ -236,21 +249,31 @@ class JournaledConnection:
     def _write(self, st: Statement, bindings: Any) -> Any:
         tx = self._tx
         assert tx is not None
+        if self._cap.large and not tx.savepoints:
+            # not inside a savepoint: a ROLLBACK TO could not undo what was encoded
+            self._cap.switch_if_large()
         if st.kind is Kind.DDL_RESHAPE or st.create_as:
             return self._schema_change(st, bindings)
         cur = self._conn.execute(st.text, bindings)
         if st.kind is Kind.DDL:
             tx.ddl.append(st.text)
+            self._cap.invalidate()
         return cur
 
     def _guard(self, fn: Any) -> Any:
-        """Run fn; if SQLite ended the transaction on error, forget ours too."""
+        """Run fn; on error see :meth:`_failed`."""
         try:
             return fn()
         except BaseException:
-            if self._tx is not None and self._conn.get_autocommit():
-                self._end()
+            self._failed()
             raise
+
+    def _failed(self) -> None:
+        # SQLite undid the statement's row changes, which the hook does not see;
+        # and if it ended the whole transaction, forget ours too
+        self._cap.reread = True
+        if self._tx is not None and self._conn.get_autocommit():
+            self._end()
 
     def _autocommit(self, st: Statement, bindings: Any) -> Rows:
         self._begin(eager=True)
@@ -291,6 +314,8 @@ class JournaledConnection:
     # --- transactions --------------------------------------------------------
 
     def _lock(self) -> None:
+        if self.db._ckpt_wanted:
+            time.sleep(0)  # let the checkpointer take the lock first
         if not self.db.writer_lock.acquire(timeout=self.db.busy_timeout):
             raise BusyError(
                 f"database is locked: another writer in this process held {self.db.path}"
@@ -317,23 +342,23 @@ class JournaledConnection:
     def _start_writing(self) -> None:
         tx = self._tx
         assert tx is not None
+        if tx.writing:
+            return
         if not tx.locked:
             self._lock()
             tx.locked = True
-        if tx.session is None:
-            s = apsw.Session(self._conn, "main")
-            s.config(_ROWID, 1)
-            s.table_filter(_user_table)
-            s.attach()
-            tx.session = s
+        self._cap.begin()
+        tx.writing = True
 
     def _end(self) -> None:
         tx = self._tx
         self._tx = None
         if tx is None:
             return
-        if tx.session is not None:
-            tx.session.close()
+        if tx.writing:
+            self._cap.end()
+            if tx.ddl or tx.reshapes:  # committed or not, shapes may have changed
+                self._cap.invalidate()
         if tx.locked:
             self.db.writer_lock.release()
 
@@ -348,18 +373,25 @@ class JournaledConnection:
         tx = self._tx
         assert tx is not None
         entry: tuple[int, str, bytes, int] | None = None
+        lock = self.db.writer_lock
         try:
-            if tx.session is not None or tx.acc or tx.ddl:
-                data = tx.acc
-                if tx.session is not None:
-                    data = merge(data, tx.session.patchset())
+            if tx.writing:
+                data = self._cap.take()
+                if tx.acc:
+                    data = merge(tx.acc, data)
                 schema = ";".join(tx.ddl)
                 if data or schema:
                     entry = self._journal(schema, data)
             self._conn.execute(release or "COMMIT")
         except BaseException:
+            lock.tail = None
             self._abort()
             raise
+        if entry is not None:
+            cid, schema, data, schemacid = entry
+            lock.tail = (cid, cid if schema else schemacid, self._vhash)
+            if schema:
+                lock.schema_epoch += 1
         self._end()
         if entry is not None:
             self.db.notify_snapshot(entry[0])
@@ -370,15 +402,37 @@ class JournaledConnection:
                     log.exception("commit hook %r failed for cid %d", hook, entry[0])
 
     def _journal(self, schema: str, data: bytes) -> tuple[int, str, bytes, int]:
+        """Insert the journal row. The tail (cid, schemacid, H) of the last
+        commit in this process is cached on the writer lock; a row already
+        at the next cid means another process wrote: the transaction is
+        refused with BusyError, to be retried with fresh state."""
         c = self._conn
+        lock = self.db.writer_lock
         self._internal = True
         try:
-            prev, schemacid, prev_h = max(fetchall(c, TAIL), key=lambda r: r[0])
+            tail = lock.tail
+            if tail is None:
+                tail = max(fetchall(c, TAIL), key=lambda r: r[0])
+            prev, schemacid, prev_h = tail
             cid = prev + 1
             h = entry_hash(cid, schema, data, schemacid)
-            c.execute(_INSERT_ENTRY, (cid, schema, data, schemacid, h, fold(prev_h, h)))
+            vh = fold(prev_h, h)
+            try:
+                c.execute(_INSERT_ENTRY, (cid, schema, data, schemacid, h, vh))
+            except apsw.ConstraintError:
+                if lock.tail is None:
+                    raise
+                # another process committed since our last commit (and may have
+                # changed the schema our capture relied on): start over
+                lock.tail = None
+                lock.schema_epoch += 1
+                raise BusyError(
+                    f"another process committed to {self.db.path} during this transaction;"
+                    " it was rolled back: retry it"
+                ) from None
         finally:
             self._internal = False
+        self._vhash = vh
         return cid, schema, data, schemacid
 
     # --- savepoints --------------------------------------------------------
@@ -430,6 +484,7 @@ class JournaledConnection:
                 " the whole transaction was rolled back"
             )
         cur = self._guard(lambda: self._conn.execute(st.text))
+        self._cap.reread = True  # rows were restored behind the hook's back
         if i >= 0:
             nddl = tx.savepoints[i][1]
             del tx.ddl[nddl:]
@@ -445,15 +500,22 @@ class JournaledConnection:
         against the new shape of the tables (the follower runs the schema
         first, then the data), add the new table's rows, start a new session."""
         tx = self._tx
-        assert tx is not None and tx.session is not None
-        acc = tx.acc
-        if not tx.session.is_empty:
-            acc = merge(acc, tx.session.patchset())
-        roots = self._rootpages() if acc or st.create_as else {}
-        # If the statement fails nothing changed: the session stays valid.
-        cur = self._conn.execute(st.text, bindings)
-        tx.session.close()
-        tx.session = None
+        assert tx is not None and tx.writing
+        cap = self._cap
+        saved = cap.save()
+        before = cap.take()  # encoded while the tables still have their old shape
+        roots = self._rootpages()
+        try:
+            cur = self._conn.execute(st.text, bindings)
+            cap.invalidate()
+        except BaseException:
+            if saved is not None:  # nothing changed: carry on as if not taken
+                cap.restore(saved)
+            else:
+                tx.acc = merge(tx.acc, before)
+                tx.reshapes += 1
+            raise
+        acc = merge(tx.acc, before)
         tx.reshapes += 1
         try:
             if st.kind is Kind.DDL_RESHAPE:
@@ -478,7 +540,6 @@ class JournaledConnection:
         except BaseException:
             self._abort()
             raise
-        self._start_writing()
         return cur
 
     def _created_table(self, name: str, roots_before: dict[str, int]) -> str | None:
@@ -549,6 +610,6 @@ class JournaledConnection:
             if op == patchset.INSERT:
                 parts.append(patchset.encode_insert(row, indirect))
             else:
-                vals = [patchset.UNDEFINED if pk[i] else row[i] for i in range(len(cols))]
+                vals = [row[i] for i in range(len(cols)) if not pk[i]]
                 parts.append(patchset.encode_update(key_colorder, vals, indirect))
         return b"".join(parts) if len(parts) > 1 else b""

@@ -58,7 +58,7 @@ class Timeout:
 JobFunction = Callable[[Any, Timeout], Any]
 
 
-def writer(db: Any, timeout: Timeout) -> None:
+def writer(db: Any, timeout: Callable[[], bool]) -> None:
     """The original's example leader job: REPLACE random rows as fast as possible."""
     ensure_t1(db)
     while not timeout():

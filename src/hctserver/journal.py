@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from .connection import JournaledConnection
 
 log = logging.getLogger("hctserver")
+log_ = log
 
 JOURNAL = "hct_journal"
 BASELINE = "hct_baseline"
@@ -95,14 +96,19 @@ def _writer_lock(path: str) -> Any:
 
 
 class _WriterLock:
-    """A plain lock that can be weakly referenced."""
+    """The writer lock of one database file, and what this process shares
+    about the file: ``tail`` = (cid, schemacid for the next entry, H) after
+    its last journaled commit, or None when unknown; ``schema_epoch``
+    counts schema changes committed here (cached table shapes follow it)."""
 
-    __slots__ = ("__weakref__", "_lock", "acquire", "release")
+    __slots__ = ("__weakref__", "_lock", "acquire", "release", "schema_epoch", "tail")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.acquire = self._lock.acquire
         self.release = self._lock.release
+        self.tail: tuple[int, int, bytes] | None = None
+        self.schema_epoch = 0
 
 
 def fetchall(conn: apsw.Connection, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
@@ -177,6 +183,10 @@ class Database:
         self._lock = threading.Lock()  # guards self._conn
         self._cond = threading.Condition()  # signalled when the snapshot moves
         self._known_snapshot = 0
+        self._waiters = 0
+        self._checkpointer: threading.Thread | None = None
+        self._ckpt_stop = threading.Event()
+        self._ckpt_wanted = False
         self.writer_lock = _writer_lock(self.path)
         if not init and not os.path.exists(self.path):
             raise NotReplicationDatabaseError(
@@ -225,6 +235,7 @@ class Database:
         return Applier(self, **options)
 
     def close(self) -> None:
+        self.stop_checkpointer()
         with self._lock:
             self._conn.close()
 
@@ -463,6 +474,57 @@ class Database:
                 raise
         return n
 
+    # --- checkpoints -------------------------------------------------------------
+
+    def start_checkpointer(self, interval: float = 0.02, frames: int = 4000) -> None:
+        """Checkpoint the WAL from a thread of its own instead of in the
+        committing thread (SQLite's autocheckpoint): connections made from now
+        on do not checkpoint. Most of the copying overlaps with the writers;
+        the last frames are copied holding the writer lock, so that the WAL
+        can start over (a checkpoint racing with appends never completes)."""
+        if self._checkpointer is not None:
+            return
+        self._ckpt_stop.clear()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop,
+            args=(interval, frames),
+            name="hct-checkpoint",
+            daemon=True,
+        )
+        self._checkpointer.start()
+
+    def stop_checkpointer(self) -> None:
+        t = self._checkpointer
+        if t is None:
+            return
+        self._ckpt_stop.set()
+        t.join()
+        self._checkpointer = None
+
+    @property
+    def autocheckpoint(self) -> bool:
+        """False while a background checkpointer runs."""
+        return self._checkpointer is None
+
+    def _checkpoint_loop(self, interval: float, frames: int) -> None:
+        conn = self.open_connection()
+        try:
+            while not self._ckpt_stop.wait(interval):
+                _, in_wal, _copied = fetchone(conn, "PRAGMA wal_checkpoint(PASSIVE)")
+                if in_wal >= frames:
+                    self._ckpt_wanted = True  # writers let us have the lock
+                    if self.writer_lock.acquire(timeout=1.0):
+                        try:
+                            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                        finally:
+                            self._ckpt_wanted = False
+                            self.writer_lock.release()
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except apsw.Error:
+            log_.exception("background checkpoint failed; SQLite's own checkpoints continue")
+        finally:
+            conn.close()
+
     # --- hooks and waiting ------------------------------------------------
 
     def add_commit_hook(self, hook: CommitHook) -> None:
@@ -480,10 +542,11 @@ class Database:
 
     def notify_snapshot(self, cid: int) -> None:
         """Record that the snapshot reached ``cid`` and wake :meth:`wait_for`."""
-        with self._cond:
-            if cid > self._known_snapshot:
-                self._known_snapshot = cid
-                self._cond.notify_all()
+        if cid > self._known_snapshot:
+            self._known_snapshot = cid
+            if self._waiters:
+                with self._cond:
+                    self._cond.notify_all()
         for listener in self._listeners:
             listener(cid)
 
@@ -493,7 +556,11 @@ class Database:
         with self._cond:
             if self._known_snapshot < cid:
                 self._known_snapshot = max(self._known_snapshot, self.snapshot())
-            return self._cond.wait_for(lambda: self._known_snapshot >= cid, timeout)
+            self._waiters += 1
+            try:
+                return self._cond.wait_for(lambda: self._known_snapshot >= cid, timeout)
+            finally:
+                self._waiters -= 1
 
 
 def table_info(c: apsw.Connection, table: str) -> tuple[list[str], list[int], bool]:

@@ -237,6 +237,7 @@ class Leader:
         request_timeout: float = 10.0,
         send_timeout: float = 60.0,
         max_connections: int = 64,
+        background_checkpoint: bool = True,
         trace: Trace | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
@@ -250,6 +251,7 @@ class Leader:
         self.request_timeout = request_timeout
         self.send_timeout = send_timeout
         self.trace = trace or Trace()
+        self.background_checkpoint = background_checkpoint
         self._streamer = _Streamer(sub_buffer_bytes)
         self._subs: list[list[_Subscriber]] = [[] for _ in self.jobs]
         self._sub_lock = threading.Lock()
@@ -276,6 +278,8 @@ class Leader:
     def start(self) -> None:
         self.db.set_mode(Mode.LEADER)
         self._listener = self._listen()
+        if self.background_checkpoint:
+            self.db.start_checkpointer()
         self.port = self._listener.getsockname()[1]
         self.trace("listening on %s:%d with %d jobs", self.host, self.port, self.njob)
         self._streamer.start()
@@ -318,6 +322,7 @@ class Leader:
             self._acceptor.join()
         if self._streamer.is_alive():
             self._streamer.stop(flush_timeout)
+        self.db.stop_checkpointer()
         with self._handlers_lock:
             handlers = list(self._handlers)
         for h in handlers:

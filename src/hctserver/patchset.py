@@ -9,8 +9,8 @@ Layout (sqlite3session.c): per table ``'P' varint(nCol) pk[nCol] name NUL``
 then changes ``op indirect record...``. Values are ``0`` undefined,
 ``1`` int64 BE, ``2`` float64 BE, ``3`` text, ``4`` blob (varint length),
 ``5`` NULL. In a patchset an INSERT carries every column, a DELETE only the
-primary key, an UPDATE the primary key then every column with undefined
-for the ones it leaves alone.
+primary key, an UPDATE the primary key then every other column, undefined
+where it leaves the column alone.
 """
 
 from __future__ import annotations
@@ -74,24 +74,52 @@ def get_varint(buf: bytes, off: int) -> tuple[int, int]:
     return (v << 8) | buf[off + 8], off + 9
 
 
+def _enc_int(v: int) -> bytes:
+    return b"\x01" + _i64.pack(v)
+
+
+def _enc_float(v: float) -> bytes:
+    return b"\x02" + _f64.pack(v)
+
+
+def _enc_text(v: str) -> bytes:
+    b = v.encode("utf-8", "surrogatepass")
+    n = len(b)
+    return (b"\x03" + bytes((n,)) if n < 128 else b"\x03" + put_varint(n)) + b
+
+
+def _enc_blob(v: bytes) -> bytes:
+    n = len(v)
+    return (b"\x04" + bytes((n,)) if n < 128 else b"\x04" + put_varint(n)) + v
+
+
+def _enc_null(v: None) -> bytes:
+    return b"\x05"
+
+
+def _enc_undefined(v: object) -> bytes:
+    return b"\x00"
+
+
+_ENCODERS: dict[type, Any] = {
+    int: _enc_int,
+    float: _enc_float,
+    str: _enc_text,
+    bytes: _enc_blob,
+    type(None): _enc_null,
+    _Undefined: _enc_undefined,
+    bool: lambda v: _enc_int(int(v)),
+    bytearray: lambda v: _enc_blob(bytes(v)),
+    memoryview: lambda v: _enc_blob(bytes(v)),
+}
+
+
 def encode_value(v: object) -> bytes:
-    if v is UNDEFINED:
-        return b"\x00"
-    if v is None:
-        return b"\x05"
-    if isinstance(v, bool):
-        v = int(v)
-    if isinstance(v, int):
-        return b"\x01" + _i64.pack(v)
-    if isinstance(v, float):
-        return b"\x02" + _f64.pack(v)
-    if isinstance(v, str):
-        b = v.encode("utf-8", "surrogatepass")
-        return b"\x03" + put_varint(len(b)) + b
-    if isinstance(v, (bytes, bytearray, memoryview)):
-        b = bytes(v)
-        return b"\x04" + put_varint(len(b)) + b
-    raise TypeError(f"cannot encode {type(v).__name__} in a patchset")
+    enc = _ENCODERS.get(type(v))
+    if enc is None:
+        raise TypeError(f"cannot encode {type(v).__name__} in a patchset")
+    out: bytes = enc(v)
+    return out
 
 
 def _decode_value(buf: bytes, off: int) -> tuple[object, int]:
@@ -134,23 +162,34 @@ def encode_table(name: str, pk: Sequence[int]) -> bytes:
     return bytes((PATCHSET,)) + put_varint(len(pk)) + bytes(pk) + name.encode("utf-8") + b"\x00"
 
 
+_OPS = {
+    (INSERT, False): b"\x12\x00",
+    (INSERT, True): b"\x12\x01",
+    (DELETE, False): b"\x09\x00",
+    (DELETE, True): b"\x09\x01",
+    (UPDATE, False): b"\x17\x00",
+    (UPDATE, True): b"\x17\x01",
+}
+
+
 def encode_insert(values: Sequence[object], indirect: bool = False) -> bytes:
-    return bytes((INSERT, int(indirect))) + b"".join(encode_value(v) for v in values)
+    return _OPS[INSERT, indirect] + b"".join(map(encode_value, values))
 
 
 def encode_delete(pk_values: Sequence[object], indirect: bool = False) -> bytes:
     """pk_values: the primary-key columns' values, in column order."""
-    return bytes((DELETE, int(indirect))) + b"".join(encode_value(v) for v in pk_values)
+    return _OPS[DELETE, indirect] + b"".join(map(encode_value, pk_values))
 
 
 def encode_update(
     pk_values: Sequence[object], new: Sequence[object], indirect: bool = False
 ) -> bytes:
-    """new: every column, UNDEFINED for unchanged ones and for primary-key columns."""
+    """pk_values in column order; new: the non-key columns in column order,
+    UNDEFINED for the unchanged ones."""
     return (
-        bytes((UPDATE, int(indirect)))
-        + b"".join(encode_value(v) for v in pk_values)
-        + b"".join(encode_value(v) for v in new)
+        _OPS[UPDATE, indirect]
+        + b"".join(map(encode_value, pk_values))
+        + b"".join(map(encode_value, new))
     )
 
 
@@ -194,12 +233,14 @@ def _iter_tables(data: bytes) -> Iterator[Table]:
                     old = _spread(vals, pkcols, ncol)
                 else:
                     old, off = _record(data, off, ncol)
+            elif patch:
+                vals, off = _record(data, off, len(pkcols))
+                old = _spread(vals, pkcols, ncol)
+                others = [i for i in range(ncol) if not pk[i]]
+                vals, off = _record(data, off, len(others))
+                new = _spread(vals, others, ncol)
             else:
-                if patch:
-                    vals, off = _record(data, off, len(pkcols))
-                    old = _spread(vals, pkcols, ncol)
-                else:
-                    old, off = _record(data, off, ncol)
+                old, off = _record(data, off, ncol)
                 new, off = _record(data, off, ncol)
             table.changes.append((op, indirect, old, new))
         yield table
