@@ -18,7 +18,7 @@ next: a crash at any point leaves the database at the last committed batch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import apsw
@@ -41,6 +41,9 @@ _CONFLICT_NAMES = {
 }
 
 
+_ENCODINGS = frozenset((PATCHSET, CHANGESET))
+
+
 def check_encoding(e: Entry) -> None:
     if e.data and e.data[0] not in (PATCHSET, CHANGESET):
         raise ApplyError(
@@ -60,8 +63,8 @@ class Applier:
         self,
         db: Database,
         *,
-        batch_entries: int = 20_000,
-        batch_bytes: int = 32 << 20,
+        batch_entries: int = 100_000,
+        batch_bytes: int = 64 << 20,
         window_bytes: int = 64 << 20,
     ) -> None:
         if db.mode is Mode.LEADER:
@@ -85,6 +88,7 @@ class Applier:
                 "SELECT cid FROM hct_journal WHERE cid>?", (self._snapshot,)
             )
         }
+        self._pre: dict[int, Any] = {}  # cid -> (hash, H, chain id) computed by a receiver
         self._conflict: str | None = None
         self.applied = 0  # entries applied by this object
         self.duplicates = 0
@@ -124,9 +128,25 @@ class Applier:
         self._pending_bytes += len(e.data) + len(e.schema)
         return True
 
-    def add_many(self, entries: Iterable[Entry]) -> None:
-        for e in entries:
-            self.add(e)
+    def add_many(self, entries: Iterable[Entry], hashes: Sequence[Any] | None = None) -> None:
+        """Add entries; ``hashes``, if given, holds for each entry its hash and
+        the version hash H after it, computed by the caller along a contiguous
+        chain tagged with an id: (hash, H, chain id), or None."""
+        pending, spilled, pre = self._pending, self._spilled, self._pre
+        snap = self._snapshot
+        nbytes = 0
+        for i, e in enumerate(entries):
+            cid, _, schema, data = e
+            if cid > snap and cid not in pending and cid not in spilled:
+                if data and data[0] not in _ENCODINGS:
+                    check_encoding(e)
+                pending[cid] = e
+                nbytes += len(data) + len(schema)
+                if hashes is not None and hashes[i] is not None:
+                    pre[cid] = hashes[i]
+            else:
+                self.add(e)  # duplicates and bad cids
+        self._pending_bytes += nbytes
 
     def _check_duplicate(self, e: Entry) -> None:
         have = self._pending.get(e.cid)
@@ -165,20 +185,22 @@ class Applier:
         batch: list[Entry] = []
         size = 0
         cid = self._snapshot + 1
-        while len(batch) < self.batch_entries and size < self.batch_bytes:
-            e = self._pending.pop(cid, None)
+        pending, pop, spilled = self._pending, self._pending.pop, self._spilled
+        limit, max_bytes = self.batch_entries, self.batch_bytes
+        while len(batch) < limit and size < max_bytes:
+            e = pop(cid, None)
             if e is None:
-                if cid not in self._spilled:
+                if cid not in spilled:
                     break
                 e = self._load(cid)
-            else:
-                self._pending_bytes -= len(e.data) + len(e.schema)
+                self._pending_bytes += len(e.data) + len(e.schema)  # taken off just below
+            n = len(e.data) + len(e.schema)
             if e.schema and batch:
-                self._pending[cid] = e  # schema entries go alone; keep it for next time
-                self._pending_bytes += len(e.data) + len(e.schema)
+                pending[cid] = e  # schema entries go alone; keep it for next time
                 break
+            self._pending_bytes -= n
             batch.append(e)
-            size += len(e.data)
+            size += n
             cid += 1
             if e.schema:
                 break
@@ -200,15 +222,40 @@ class Applier:
         return _ABORT
 
     def _apply_batch(self, batch: list[Entry]) -> None:
-        c = self._conn
-        first, last = batch[0].cid, batch[-1].cid
+        last = batch[-1].cid
         rows = []
         vh = self._position.hash
+        pre = self._pre
+        chain = None
         for e in batch:
-            h = entry_hash(e.cid, e.schema, e.data, e.schemacid)
-            vh = fold(vh, h)
+            p = pre.pop(e.cid, None)
+            if p is not None and p[2] is chain is not None:
+                h, vh = p[0], p[1]  # the same chain as the previous entry: H follows
+            else:
+                h = p[0] if p is not None else entry_hash(e.cid, e.schema, e.data, e.schemacid)
+                vh = fold(vh, h)
+                chain = p[2] if p is not None and p[1] == vh else None
             rows.append((e.cid, e.schema, e.data, e.schemacid, h, vh))
         self._conflict = None
+        lock = self.db.writer_lock  # a background checkpointer waits on it to finish the WAL
+        lock.acquire()
+        try:
+            self._commit_batch(batch, rows)
+        finally:
+            lock.release()
+        for e in batch:
+            self._spilled.discard(e.cid)
+        lock.tail = None  # what a leader in this process cached is stale now
+        if batch[0].schema:
+            lock.schema_epoch += 1
+        self._position = Position(last, vh)
+        self._snapshot = last
+        self.applied += len(batch)
+        self.db.notify_snapshot(last)
+
+    def _commit_batch(self, batch: list[Entry], rows: list[Any]) -> None:
+        c = self._conn
+        first, last = batch[0].cid, batch[-1].cid
         c.execute("BEGIN IMMEDIATE")
         try:
             if batch[0].schema:
@@ -236,16 +283,6 @@ class Applier:
                     " applied (the follower is not at the state these entries build on)"
                 ) from exc
             raise
-        for e in batch:
-            self._spilled.discard(e.cid)
-        shared = self.db.writer_lock  # what a leader in this process cached is stale now
-        shared.tail = None
-        if batch[0].schema:
-            shared.schema_epoch += 1
-        self._position = Position(last, vh)
-        self._snapshot = last
-        self.applied += len(batch)
-        self.db.notify_snapshot(last)
 
     def _spill(self) -> None:
         """Store the entries waiting above a hole as unapplied journal rows."""

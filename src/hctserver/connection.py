@@ -104,8 +104,6 @@ class JournaledConnection:
         self._hooks: list[CommitHook] = []
         self._ctx: list[str | None] = []
         self._cap = Capture(self._conn, db.writer_lock)
-        if not db.autocheckpoint:
-            self._conn.execute("PRAGMA wal_autocheckpoint=0")
         self._conn.set_authorizer(self._authorize)
 
     # --- public API ----------------------------------------------------------

@@ -28,6 +28,7 @@ import queue
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,7 @@ from .errors import (
 )
 from .jobs import Job, JobThread, Timeout
 from .journal import Database
-from .position import Entry, Position
+from .position import Entry, Position, chain
 from .trace import Trace
 
 log = logging.getLogger("hctserver")
@@ -66,68 +67,118 @@ class FollowerStats:
 
 
 class _Sink:
-    """Owns the applier. ``put`` applies inline (one thread) or hands the
-    entries to an apply thread through a queue bounded in bytes."""
+    """Owns the applier. ``put`` hands entries over; they are applied inline
+    (``pipelined=False``: by the thread that received them) or by an apply
+    thread fed through a queue bounded in bytes.
+
+    Group commit: while catching up, entries are applied once ``min_batch``
+    of them have gathered (or at :meth:`flush`), so that one transaction
+    writes each page of the tables once for many entries. While streaming,
+    the apply thread waits ``commit_interval`` seconds after the first entry
+    of a group arrives, trading that much lag for a low cost per entry."""
 
     def __init__(
-        self, applier: Applier, pipelined: bool, queue_bytes: int, stats: FollowerStats
+        self,
+        applier: Applier,
+        pipelined: bool,
+        queue_bytes: int,
+        stats: FollowerStats,
+        min_batch: int = 50_000,
     ) -> None:
         self.applier = applier
         self.pipelined = pipelined
         self.limit = max(1, queue_bytes)
         self.stats = stats
+        self.min_batch = min_batch
+        self.commit_interval = 0.0
+        self.streaming = False
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._items: list[list[Entry]] = []
+        self._items: list[tuple[list[Entry], list[Any] | None]] = []
+        self._count = 0  # entries in _items
         self._bytes = 0
+        self._flushing = False
         self._busy = False
         self._closed = False
         self.error: BaseException | None = None
         self._worker: threading.Thread | None = None
         if pipelined:
-            self._worker = threading.Thread(target=self._work, name="hct-apply", daemon=True)
-            self._worker.start()
+            self._start_worker()
+
+    def _start_worker(self) -> None:
+        self.pipelined = True
+        self._worker = threading.Thread(target=self._work, name="hct-apply", daemon=True)
+        self._worker.start()
+
+    def stream(self, commit_interval: float) -> None:
+        """From now on apply in the apply thread, in groups over time."""
+        self.flush()
+        with self._lock:
+            self.commit_interval = commit_interval
+            self.streaming = True
+            if self._worker is None:
+                self._start_worker()
 
     @property
     def position(self) -> Position:
         return self.applier.position
 
-    def put(self, entries: list[Entry], nbytes: int) -> None:
+    def put(self, entries: list[Entry], nbytes: int, hashes: list[Any] | None = None) -> None:
+        """Entries to apply; ``hashes`` as for :meth:`Applier.add_many`."""
         if not entries:
             return
+        item = (entries, hashes)
         if not self.pipelined:
             with self._lock:
                 self._raise()
-                try:
-                    self._apply([entries])
-                except BaseException as e:
-                    self.error = e
-                    raise
+                self._items.append(item)
+                self._count += len(entries)
+                if self._count >= self.min_batch:
+                    self._apply_held()
             return
         with self._cond:
             while self._bytes >= self.limit and self.error is None and not self._closed:
                 self._cond.wait()
             self._raise()
-            self._items.append(entries)
+            self._items.append(item)
+            self._count += len(entries)
             self._bytes += nbytes
             self._cond.notify_all()
 
-    def _apply(self, chunks: list[list[Entry]]) -> None:
+    def _apply_held(self) -> None:
+        chunks, self._items = self._items, []
+        self._count = self._bytes = 0
+        try:
+            self._apply(chunks)
+        except BaseException as e:
+            self.error = e
+            raise
+
+    def _apply(self, chunks: list[tuple[list[Entry], list[Any] | None]]) -> None:
         ap = self.applier
-        for chunk in chunks:
-            ap.add_many(chunk)
+        for entries, hashes in chunks:
+            ap.add_many(entries, hashes)
         self.stats.snapshot = ap.apply()
+
+    def _ready(self) -> bool:
+        if self._closed or self._flushing or self.streaming:
+            return bool(self._items)
+        return self._count >= self.min_batch or self._bytes >= self.limit // 2
 
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._items and not self._closed:
+                while not self._ready() and not self._closed:
                     self._cond.wait()
                 if not self._items:
                     return
-                chunks, self._items = self._items, []
-                self._bytes = 0
                 self._busy = True
+                delay = self.commit_interval if self.streaming else 0.0
+            if delay > 0 and self._bytes < self.limit // 2:
+                time.sleep(delay)  # gather more of the stream into this transaction
+            with self._cond:
+                chunks, self._items = self._items, []
+                self._count = self._bytes = 0
                 self._cond.notify_all()
             try:
                 self._apply(chunks)
@@ -146,10 +197,21 @@ class _Sink:
             raise self.error
 
     def flush(self) -> None:
-        """Wait until everything put so far is applied; raise the apply error if any."""
+        """Apply everything put so far; raise the apply error if any."""
+        if not self.pipelined:
+            with self._lock:
+                self._raise()
+                if self._items:
+                    self._apply_held()
+            return
         with self._cond:
-            while (self._items or self._busy) and self.error is None:
-                self._cond.wait()
+            self._flushing = True
+            self._cond.notify_all()
+            try:
+                while (self._items or self._busy) and self.error is None:
+                    self._cond.wait()
+            finally:
+                self._flushing = False
             self._raise()
 
     def close(self) -> None:
@@ -259,6 +321,8 @@ class Follower:
         max_size: int = wire.DEFAULT_MAX_SIZE,
         queue_bytes: int = 64 << 20,
         max_resubscribes: int = 20,
+        commit_interval: float = 0.02,
+        background_checkpoint: bool = True,
         applier_options: dict[str, Any] | None = None,
         trace: Trace | None = None,
     ) -> None:
@@ -281,6 +345,8 @@ class Follower:
         self.max_size = max_size
         self.queue_bytes = queue_bytes
         self.max_resubscribes = max_resubscribes
+        self.commit_interval = commit_interval
+        self.background_checkpoint = background_checkpoint
         self.applier_options = applier_options or {}
         self.trace = trace or Trace()
         self.stats = FollowerStats()
@@ -335,6 +401,8 @@ class Follower:
         st = self.stats
         n = db.rollback()
         self.trace("rollback discarded %d entries", n)
+        if self.background_checkpoint:
+            db.start_checkpointer()  # checkpoints overlap with applying
         ap = db.applier(**self.applier_options)
         self._sink = _Sink(ap, self.syncthreads > 1, self.queue_bytes, st)
         st.snapshot = st.start_snapshot = ap.snapshot
@@ -356,6 +424,7 @@ class Follower:
             t.start()
         # 4. subscribe
         st.phase = "subscribe"
+        self._sink.stream(self.commit_interval)
         self._streams = _Streams(self._sink, self._events, st)
         for k in range(njob):
             self._streams.add(k, *self._subscribe(k))
@@ -423,6 +492,7 @@ class Follower:
         if self._sink is not None:
             self._sink.close()
             self._sink.applier.close()
+        self.db.stop_checkpointer()
         self.timeout.expire()
         for t in self._threads:
             t.join()
@@ -483,23 +553,28 @@ class Follower:
             mv = memoryview(buf)
             njob = -1
             st = self.stats
+            # The reply runs in cid order from our position: hash it here, along
+            # the chain, while the apply thread is inside SQLite (GIL released).
+            tag = object()
+            last, vh = pos.cid, pos.hash
             while True:
                 n = self._recv(sock, mv, what)
                 if n == 0:
                     dec.eof()
                     break
                 dec.feed(mv[:n])
-                entries = []
-                for ev in dec.next_events():
-                    if type(ev) is Entry:
-                        entries.append(ev)
-                    elif isinstance(ev, wire.SyncReplyStart):
-                        njob = ev.njob
-                    elif isinstance(ev, wire.ErrorReply):
-                        raise self._leader_error(ev.message)
+                events = dec.next_events()
+                entries = [ev for ev in events if type(ev) is Entry]
+                if len(entries) != len(events):
+                    for ev in events:
+                        if isinstance(ev, wire.SyncReplyStart):
+                            njob = ev.njob
+                        elif isinstance(ev, wire.ErrorReply):
+                            raise self._leader_error(ev.message)
+                hashes, last, vh = chain(entries, last, vh, tag)
                 st.sync_entries += len(entries)
                 st.sync_bytes += n
-                self._sink.put(entries, n)
+                self._sink.put(entries, n, hashes)
                 if dec.done:
                     break
         except ProtocolError as e:

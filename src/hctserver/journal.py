@@ -123,13 +123,12 @@ def fetchone(conn: apsw.Connection, sql: str, args: tuple[Any, ...] = ()) -> Any
 
 def merge_patchsets(datas: list[bytes]) -> bytes:
     """Many patchsets as one, merged by SQLite's changegroup (in C)."""
-    datas = [d for d in datas if d]
-    if len(datas) <= 1:
-        return datas[0] if datas else b""
+    data = b"".join(datas)  # a patchset may hold a table's block more than once
+    if not data:
+        return b""
     builder = apsw.ChangesetBuilder()  # type: ignore[no-untyped-call]
     try:
-        for d in datas:
-            builder.add(d)
+        builder.add(data)
         out: bytes = builder.output()
     finally:
         builder.close()
@@ -213,6 +212,8 @@ class Database:
             conn = apsw.Connection(self.path)
             conn.set_busy_timeout(int(self.busy_timeout * 1000))
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            if self._checkpointer is not None:
+                conn.execute("PRAGMA wal_autocheckpoint=0")
             if apply:
                 conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
                 conn.execute("PRAGMA foreign_keys=OFF")

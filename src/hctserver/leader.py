@@ -52,9 +52,10 @@ class _Subscriber:
 class _Streamer(threading.Thread):
     """Writes every subscriber's queue to its socket; drops the slow and the gone."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, coalesce: float = 0.001) -> None:
         super().__init__(name="hct-streamer", daemon=True)
         self.limit = limit
+        self.coalesce = coalesce
         self.lock = threading.Lock()
         self.subs: list[_Subscriber] = []
         self._dirty: set[_Subscriber] = set()
@@ -95,7 +96,9 @@ class _Streamer(threading.Thread):
             with self.lock:
                 if self._stopping:
                     return
-            for key, ev in self._sel.select(0.5):
+                self._woken = False
+                pending = bool(self._dirty)
+            for key, ev in self._sel.select(0 if pending else 0.5):
                 sub = key.data
                 if sub is None:
                     with contextlib.suppress(BlockingIOError):
@@ -116,10 +119,12 @@ class _Streamer(threading.Thread):
                     with self.lock:
                         self._dirty.add(sub)
             with self.lock:
-                self._woken = False
+                self._woken = True  # pushes during the pause need no wake-up
                 dirty, self._dirty = self._dirty, set()
             for sub in dirty:
                 self._flush(sub)
+            if dirty and self.coalesce:
+                time.sleep(self.coalesce)  # let commits gather: fewer, larger sends
 
     def _flush(self, sub: _Subscriber) -> None:
         if sub.dead:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 HASH_SIZE = 16
 ZERO_HASH = bytes(HASH_SIZE)
@@ -40,6 +40,8 @@ class Position(NamedTuple):
 
 def entry_hash(cid: int, schema: str | bytes, data: bytes, schemacid: int) -> bytes:
     """MD5(be64(cid) || schema || data || be64(schemacid))."""
+    if not schema:
+        return _md5(_be64(cid) + data + _be64(schemacid)).digest()
     s = schema.encode() if isinstance(schema, str) else schema
     return _md5(_be64(cid) + s + data + _be64(schemacid)).digest()
 
@@ -54,3 +56,26 @@ def fold_all(h: bytes, entry_hashes: list[bytes]) -> bytes:
     for e in entry_hashes:
         h = _md5(h + e).digest()
     return h
+
+
+def chain(entries: list[Entry], cid: int, h: bytes, tag: object) -> tuple[list[Any], int, bytes]:
+    """Hash entries that follow position (cid, h) in cid order: for each,
+    (entry hash, H after it, tag) or None once the run stops being contiguous.
+    Returns (hashes, next expected cid, H)."""
+    out: list[Any] = []
+    append = out.append
+    be64, md5 = _be64, _md5
+    nxt = cid + 1
+    for e in entries:
+        c, schemacid, schema, data = e
+        if c != nxt:
+            append(None)
+            continue
+        if schema:
+            eh = md5(be64(c) + schema.encode() + data + be64(schemacid)).digest()
+        else:
+            eh = md5(be64(c) + data + be64(schemacid)).digest()
+        h = md5(h + eh).digest()
+        append((eh, h, tag))
+        nxt += 1
+    return out, nxt - 1, h

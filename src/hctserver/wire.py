@@ -46,6 +46,7 @@ _iqq = struct.Struct("<iqq")
 _qq = struct.Struct("<qq")
 
 END_OF_ENTRIES = _i32.pack(0)
+_tuple_new = tuple.__new__  # builds an Entry without the namedtuple's Python-level __new__
 
 
 # --- events ------------------------------------------------------------------
@@ -260,43 +261,9 @@ class ReplyDecoder(_Decoder):
             p = self._pos
             avail = len(buf) - p
             if self._state == _WANT_SIZE:
-                # the hot loop: whole entries straight out of the buffer
-                if avail < 4:
+                self._entries(buf, out)
+                if self._state == _WANT_SIZE:
                     break
-                (size,) = _i32.unpack_from(buf, p)
-                if size == 0 and self.request == SYNC:
-                    self._pos += 4
-                    self._state = _DONE
-                    out.append(SyncReplyEnd())
-                    break
-                if size < MIN_ENTRY:
-                    self._state = _DONE
-                    raise EntryTooSmallError(
-                        f"entry size {size} is below the minimum of {MIN_ENTRY}"
-                    )
-                if size > maxsize:
-                    self._state = _DONE
-                    raise SizeLimitError(
-                        f"entry of {size} bytes exceeds the limit of {maxsize} bytes"
-                    )
-                if avail < 4 + size:
-                    self._need = 4 + size
-                    break
-                cid, schemacid = _qq.unpack_from(buf, p + 4)
-                nul = buf.find(b"\x00", p + 20, p + 4 + size)
-                if nul < 0:
-                    self._state = _DONE
-                    raise MissingNulError(
-                        f"entry for cid {cid}: the schema text has no terminating NUL"
-                    )
-                try:
-                    schema = buf[p + 20 : nul].decode("utf-8") if nul > p + 20 else ""
-                except UnicodeDecodeError as e:
-                    self._state = _DONE
-                    raise ProtocolError(f"entry for cid {cid}: schema is not UTF-8 ({e})") from None
-                out.append(Entry(cid, schemacid, schema, bytes(buf[nul + 1 : p + 4 + size])))
-                self._pos = p + 4 + size
-                self.entry_bytes += 4 + size
                 continue
             if avail < self._need:
                 break
@@ -338,3 +305,59 @@ class ReplyDecoder(_Decoder):
                 self._state = _DONE
                 out.append(ErrorReply(raw.split(b"\x00", 1)[0].decode("utf-8", "replace")))
         return out
+
+    def _entries(self, buf: bytearray, out: list[Event]) -> None:
+        """The hot loop: whole entries straight out of the buffer."""
+        p = self._pos
+        end = len(buf)
+        maxsize = self.max_size
+        unpack_size, unpack_ids, find, append = (
+            _i32.unpack_from,
+            _qq.unpack_from,
+            buf.find,
+            out.append,
+        )
+        n0 = p
+        try:
+            while end - p >= 4:
+                (size,) = unpack_size(buf, p)
+                if size < MIN_ENTRY or size > maxsize:
+                    if size == 0 and self.request == SYNC:
+                        p += 4
+                        self._state = _DONE
+                        append(SyncReplyEnd())
+                        return
+                    self._state = _DONE
+                    if size > maxsize:
+                        raise SizeLimitError(
+                            f"entry of {size} bytes exceeds the limit of {maxsize} bytes"
+                        )
+                    raise EntryTooSmallError(
+                        f"entry size {size} is below the minimum of {MIN_ENTRY}"
+                    )
+                stop = p + 4 + size
+                if stop > end:
+                    self._need = 4 + size
+                    return
+                cid, schemacid = unpack_ids(buf, p + 4)
+                nul = find(b"\x00", p + 20, stop)
+                if nul < 0:
+                    self._state = _DONE
+                    raise MissingNulError(
+                        f"entry for cid {cid}: the schema text has no terminating NUL"
+                    )
+                if nul == p + 20:
+                    schema = ""
+                else:
+                    try:
+                        schema = buf[p + 20 : nul].decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        self._state = _DONE
+                        raise ProtocolError(
+                            f"entry for cid {cid}: schema is not UTF-8 ({e})"
+                        ) from None
+                append(_tuple_new(Entry, (cid, schemacid, schema, bytes(buf[nul + 1 : stop]))))
+                p = stop
+        finally:
+            self.entry_bytes += p - n0
+            self._pos = p
