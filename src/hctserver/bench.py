@@ -368,9 +368,9 @@ def handshake_ms(path: str, tries: int = 7) -> float:
 # --- the run -------------------------------------------------------------------------------
 
 
-def run_bench(quick: bool = False, json_path: str | None = None) -> int:
+def run_bench(quick: bool = False, json_path: str | None = None, entries: int | None = None) -> int:
     cfg = SIZES["quick" if quick else "full"]
-    n, secs = cfg["n"], cfg["seconds"]
+    n, secs = entries or cfg["n"], cfg["seconds"]
     tmp = tempfile.mkdtemp(prefix="hctserver-bench-")
     r: dict[str, Any] = {}
     try:

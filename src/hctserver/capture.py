@@ -181,7 +181,7 @@ class Capture:
     def take(self) -> bytes:
         """The changes recorded since begin() or the last take(), as a patchset;
         recording goes on (in log mode) afterwards."""
-        parts = [self.carried]
+        parts = [self.carried] if self.carried else []
         if self.log:
             parts.append(self._encode(self.log))
         if self.session is not None:
@@ -192,10 +192,10 @@ class Capture:
         self.carried = b""
         self.reread = False
         self.large = False
-        self._rehook()
-        if len(parts) == 1 or not any(parts[1:]):
-            return parts[0]
-
+        if not self._hooked:
+            self._rehook()
+        if len(parts) <= 1:
+            return parts[0] if parts else b""
         return merge_patchsets(parts)
 
     def shape(self, table: str) -> TableShape:

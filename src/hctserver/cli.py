@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="measure commit rates, catch-up and lag")
     s.add_argument("--quick", action="store_true", help="small sizes (under a minute)")
     s.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    s.add_argument(
+        "--entries",
+        type=int,
+        metavar="N",
+        help="journal entries for the catch-up and handshake runs (default 500,000;"
+        " 30,000 with --quick)",
+    )
     return p
 
 
@@ -313,7 +320,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import run_bench
 
-    return run_bench(quick=a.quick, json_path=a.json)
+    if a.entries is not None and a.entries < 1000:
+        raise ConfigError("--entries must be at least 1000")
+    return run_bench(quick=a.quick, json_path=a.json, entries=a.entries)
 
 
 COMMANDS = {

@@ -321,7 +321,7 @@ class Follower:
         max_size: int = wire.DEFAULT_MAX_SIZE,
         queue_bytes: int = 64 << 20,
         max_resubscribes: int = 20,
-        commit_interval: float = 0.02,
+        commit_interval: float = 0.01,
         background_checkpoint: bool = True,
         applier_options: dict[str, Any] | None = None,
         trace: Trace | None = None,

@@ -1,0 +1,52 @@
+"""`hctserver bench --quick` runs and writes complete, consistent JSON (not timed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+KEYS = [
+    "leader_plain_commits_per_s",
+    "leader_journaled_commits_per_s",
+    "leader_commit_ratio",
+    "leader_followers_ratio",
+    "catchup_entries_per_s",
+    "catchup_mb_per_s",
+    "catchup_limit_ratio",
+    "catchup_peak_rss_mb",
+    "lag_p50_ms",
+    "lag_p99_ms",
+    "lag_final_cids",
+    "handshake_small_ms",
+    "handshake_large_ms",
+] + [f"catchup_entries_per_s_syncthreads_{n}" for n in (1, 2, 8)]
+
+
+def test_bench_quick_writes_sane_json(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    p = subprocess.run(
+        [sys.executable, "-m", "hctserver", "bench", "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    for k in KEYS:
+        assert isinstance(r[k], (int, float)) and not isinstance(r[k], bool), k
+        assert r[k] >= 0, k
+    assert r["quick"] is True and r["catchup_n"] == 30_000
+    assert (
+        r["leader_commit_ratio"]
+        == r["leader_journaled_commits_per_s"] / r["leader_plain_commits_per_s"]
+    )
+    assert 0 < r["leader_commit_ratio"] < 3 and 0 < r["leader_followers_ratio"] < 3
+    assert r["catchup_entries_per_s"] == max(
+        r[f"catchup_entries_per_s_syncthreads_{n}"] for n in (1, 2, 8)
+    )
+    assert 0 < r["catchup_limit_ratio"] < 3
+    assert r["lag_p50_ms"] <= r["lag_p99_ms"]
+    assert 10 < r["catchup_peak_rss_mb"] < 4096
+    for k in ("leader_commit_ratio", "catchup_entries_per_s", "lag_p99_ms"):
+        assert k in p.stdout  # the printed table
