@@ -24,7 +24,14 @@ from typing import Any
 import apsw
 
 from .errors import ApplyError, DivergenceError, ModeError
-from .journal import _INSERT_ENTRY, Database, Mode, fetchone, merge_patchsets
+from .journal import (
+    _INSERT_ENTRY,
+    Database,
+    Mode,
+    fetchone,
+    merge_patchsets,
+    write_transaction,
+)
 from .patchset import CHANGESET, PATCHSET
 from .position import Entry, Position, entry_hash, fold
 
@@ -63,8 +70,8 @@ class Applier:
         self,
         db: Database,
         *,
-        batch_entries: int = 100_000,
-        batch_bytes: int = 64 << 20,
+        batch_entries: int = 50_000,
+        batch_bytes: int = 32 << 20,
         window_bytes: int = 64 << 20,
     ) -> None:
         if db.mode is Mode.LEADER:
@@ -286,20 +293,13 @@ class Applier:
 
     def _spill(self) -> None:
         """Store the entries waiting above a hole as unapplied journal rows."""
-        c = self._conn
         ents = sorted(self._pending.values())
-        c.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(self._conn) as c:
             c.executemany(
                 "INSERT INTO hct_journal(cid, schema, data, schemacid, hash, vhash)"
                 " VALUES(?,?,?,?,?,NULL)",
                 [(e.cid, e.schema, e.data, e.schemacid, e.hash()) for e in ents],
             )
-            c.execute("COMMIT")
-        except BaseException:
-            if not c.get_autocommit():
-                c.execute("ROLLBACK")
-            raise
         self._spilled.update(e.cid for e in ents)
         self._pending.clear()
         self._pending_bytes = 0

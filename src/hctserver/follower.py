@@ -83,7 +83,7 @@ class _Sink:
         pipelined: bool,
         queue_bytes: int,
         stats: FollowerStats,
-        min_batch: int = 50_000,
+        min_batch: int = 40_000,
     ) -> None:
         self.applier = applier
         self.pipelined = pipelined
@@ -319,7 +319,7 @@ class Follower:
         connect_timeout: float = 10.0,
         io_timeout: float = 60.0,
         max_size: int = wire.DEFAULT_MAX_SIZE,
-        queue_bytes: int = 64 << 20,
+        queue_bytes: int = 16 << 20,
         max_resubscribes: int = 20,
         commit_interval: float = 0.01,
         background_checkpoint: bool = True,

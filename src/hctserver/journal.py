@@ -17,6 +17,7 @@ This module has no networking; leaders and followers are built on it.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -119,6 +120,19 @@ def fetchall(conn: apsw.Connection, sql: str, args: tuple[Any, ...] = ()) -> lis
 
 def fetchone(conn: apsw.Connection, sql: str, args: tuple[Any, ...] = ()) -> Any:
     return conn.execute(sql, args).fetchone()
+
+
+@contextlib.contextmanager
+def write_transaction(conn: apsw.Connection) -> Iterator[apsw.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK if the block raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        if not conn.get_autocommit():
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def merge_patchsets(datas: list[bytes]) -> bytes:
@@ -269,18 +283,13 @@ class Database:
             )
         if self.wal:
             c.execute("PRAGMA journal_mode=WAL").fetchall()
-        c.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(c):
             c.execute(_CREATE_JOURNAL)
             c.execute(_CREATE_BASELINE)
             if not c.execute("SELECT 1 FROM hct_baseline").fetchall():
                 c.execute("INSERT INTO hct_baseline VALUES(0, 0, zeroblob(16))")
             if not c.execute("SELECT 1 FROM hct_journal LIMIT 1").fetchall():
                 self._adopt(c)
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
 
     def _adopt(self, c: apsw.Connection) -> None:
         """Turn existing user objects and rows into journal entry cid 1."""
@@ -419,17 +428,10 @@ class Database:
         only journal rows go. Call it before starting an applier (the
         original does this at start-up).
         """
-        with self._lock:
-            c = self._conn
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                snap = max(r[0] for r in fetchall(c, _POSITION))
-                c.execute("DELETE FROM hct_journal WHERE cid>?", (snap,))
-                n = c.changes()
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
+        with self._lock, write_transaction(self._conn) as c:
+            snap = max(r[0] for r in fetchall(c, _POSITION))
+            c.execute("DELETE FROM hct_journal WHERE cid>?", (snap,))
+            n = c.changes()
         if n:
             log.info("rollback discarded %d entries above cid %d", n, snap)
         return n
@@ -442,37 +444,29 @@ class Database:
         the folded entries, counting a schema-changing entry's own cid).
         Returns the number of entries removed.
         """
-        with self._lock:
-            c = self._conn
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                bcid, bschema = fetchone(c, "SELECT cid, schemacid FROM hct_baseline")
-                snap = max(r[0] for r in fetchall(c, _POSITION))
-                if min_cid > snap + 1:
-                    raise JournalError(
-                        f"cannot truncate below cid {min_cid}: the snapshot is {snap};"
-                        f" pick a min-cid of at most {snap + 1}"
-                    )
-                if min_cid <= bcid + 1:
-                    c.execute("COMMIT")
-                    return 0
-                newcid = min_cid - 1
-                (vh,) = fetchone(c, "SELECT vhash FROM hct_journal WHERE cid=?", (newcid,))
-                (sc,) = fetchone(
-                    c,
-                    "SELECT max(iif(schema<>'', cid, schemacid)) FROM hct_journal WHERE cid<?",
-                    (min_cid,),
+        with self._lock, write_transaction(self._conn) as c:
+            bcid, bschema = fetchone(c, "SELECT cid, schemacid FROM hct_baseline")
+            snap = max(r[0] for r in fetchall(c, _POSITION))
+            if min_cid > snap + 1:
+                raise JournalError(
+                    f"cannot truncate below cid {min_cid}: the snapshot is {snap};"
+                    f" pick a min-cid of at most {snap + 1}"
                 )
-                c.execute(
-                    "UPDATE hct_baseline SET cid=?, schemacid=?, hash=?",
-                    (newcid, max(bschema, sc or 0), vh),
-                )
-                c.execute("DELETE FROM hct_journal WHERE cid<?", (min_cid,))
-                n = c.changes()
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
+            if min_cid <= bcid + 1:
+                return 0
+            newcid = min_cid - 1
+            (vh,) = fetchone(c, "SELECT vhash FROM hct_journal WHERE cid=?", (newcid,))
+            (sc,) = fetchone(
+                c,
+                "SELECT max(iif(schema<>'', cid, schemacid)) FROM hct_journal WHERE cid<?",
+                (min_cid,),
+            )
+            c.execute(
+                "UPDATE hct_baseline SET cid=?, schemacid=?, hash=?",
+                (newcid, max(bschema, sc or 0), vh),
+            )
+            c.execute("DELETE FROM hct_journal WHERE cid<?", (min_cid,))
+            n: int = c.changes()
         return n
 
     # --- checkpoints -------------------------------------------------------------
