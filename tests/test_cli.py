@@ -186,10 +186,24 @@ def test_incompatible_follower_exits_4(tmp_path) -> None:
         leader.wait(30)
 
 
-def test_plot_without_matplotlib_is_a_clear_error() -> None:
-    if importlib.util.find_spec("matplotlib") is not None:
-        pytest.skip("matplotlib is installed here")
-    one_line_error(run("demo", "--plot", "x.png"), 2, "--plot needs matplotlib")
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path) -> None:
+    blocker = tmp_path / "matplotlib"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    one_line_error(
+        run("demo", "--plot", str(tmp_path / "x.png"), env=env), 2, "--plot needs matplotlib"
+    )
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_demo_plot_draws_a_png(tmp_path) -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib (the plot extra) is not installed")
+    png = tmp_path / "lag.png"
+    p = run("demo", "--seconds", "1", "--followers", "1", "--plot", str(png), timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_leader_writer_monitor_follower_then_verify(tmp_path) -> None:

@@ -245,11 +245,8 @@ class Applier:
             rows.append((e.cid, e.schema, e.data, e.schemacid, h, vh))
         self._conflict = None
         lock = self.db.writer_lock  # a background checkpointer waits on it to finish the WAL
-        lock.acquire()
-        try:
+        with lock:
             self._commit_batch(batch, rows)
-        finally:
-            lock.release()
         for e in batch:
             self._spilled.discard(e.cid)
         lock.tail = None  # what a leader in this process cached is stale now

@@ -69,6 +69,35 @@ def plain_rate(path: str, seconds: float) -> float:
     return n / (t - t0)
 
 
+def floor_rate(path: str, seconds: float) -> float:
+    """The ceiling of this design: the plain loop plus one journal-row insert
+    per commit, no capture, no hashing, checkpoints in a thread of their own
+    (as on a leader)."""
+    db = Database(path)
+    db.start_checkpointer()
+    c = db.open_connection()
+    c.execute("CREATE TABLE IF NOT EXISTS t1(a INTEGER PRIMARY KEY, b, c)")
+    row = "INSERT INTO hct_journal VALUES(?, '', randomblob(250), 1, zeroblob(16), zeroblob(16))"
+    n = 0
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    lock = db.writer_lock
+    while True:
+        for _ in range(100):
+            n += 1
+            with lock:
+                c.execute("BEGIN IMMEDIATE")
+                c.execute(WRITER_SQL)
+                c.execute(row, (n,))
+                c.execute("COMMIT")
+        t = time.perf_counter()
+        if t >= end:
+            break
+    c.close()
+    db.close()
+    return n / (t - t0)
+
+
 def _leader_db(path: str) -> None:
     if os.path.exists(path):
         return

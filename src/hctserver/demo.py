@@ -22,6 +22,7 @@ from rich.table import Table
 
 from .jobs import T1_SQL, writer
 from .journal import Database
+from .leader import Leader
 from .node import Node
 from .verify import compare
 
@@ -78,7 +79,7 @@ def _demo(
     db.connect().execute(T1_SQL)
     db.close()
 
-    leader = Node(lpath, port=0, seconds=seconds)
+    leader = Node(lpath, port=0)  # the demo ends the jobs itself, see below
     commit_times: dict[int, float] = {}
     leader.db.add_commit_hook(lambda cid, *_: commit_times.__setitem__(cid, time.monotonic()))
     for _ in range(6):
@@ -101,6 +102,7 @@ def _demo(
     rates: list[tuple[float, float]] = []
     last = (t0, 0)
     leader_done = False
+    stopping = False
 
     def view() -> Table:
         t = Table(title=f"hctserver demo  t={time.monotonic() - t0:5.1f}s")
@@ -150,6 +152,13 @@ def _demo(
                         if f.proc is not None
                     )
                 )
+            late = now - t0 >= seconds + 60  # do not wait for ever on a follower that cannot start
+            if not stopping and now - t0 >= seconds and (late or _all_streaming(leader, fs)):
+                # end the jobs only once every follower streams, so that the late
+                # one shows a catch-up rather than a leader that went away
+                stopping = True
+                assert leader.runner is not None
+                leader.runner.timeout.expire()
             if not leader_done and leader.wait(0):
                 leader_done = True
             if leader_done and all(f.proc is not None and f.proc.poll() is not None for f in fs):
@@ -181,6 +190,13 @@ def _demo(
         console.print(f"lag plot written to {plot}")
     console.print("all followers identical to the leader" if ok else "FOLLOWERS DIFFER")
     return 0 if ok else 1
+
+
+def _all_streaming(leader: Node, fs: list[_Follower]) -> bool:
+    runner = leader.runner
+    if not isinstance(runner, Leader) or any(f.proc is None for f in fs):
+        return False
+    return all(n >= len(fs) for n in runner.subscriber_counts())
 
 
 def _silent_monitor(db: Any, timeout: Any) -> None:

@@ -411,26 +411,35 @@ class Follower:
         prev = 1 << 60
         while True:
             njob, nbytes = self._sync(final=False)
-            self._sink.flush()
             self.trace("recv %d bytes of SYNCREPLY data", nbytes)
             if not self.syncbytes or nbytes < self.syncbytes or nbytes > prev:
                 break
+            self._sink.flush()
             prev = nbytes
         self.njob = njob
-        # 3. local jobs
-        for i, job in enumerate(self.jobs):
-            t = JobThread(i, job, db.connect, self.timeout)
-            self._threads.append(t)
-            t.start()
-        # 4. subscribe
+        # 4. subscribe while the last reply is still being applied: the sooner
+        # the streams exist, the less the final SYNC has to cover
         st.phase = "subscribe"
-        self._sink.stream(self.commit_interval)
         self._streams = _Streams(self._sink, self._events, st)
         for k in range(njob):
             self._streams.add(k, *self._subscribe(k))
         self._streams.start()
+        self._sink.stream(self.commit_interval)  # waits for the catch-up to be applied
+        self.trace("syncreply 0 applied (snapshot %d)", self._sink.position.cid)
+        # 3. local jobs, on the caught-up database
+        for i, job in enumerate(self.jobs):
+            t = JobThread(i, job, db.connect, self.timeout)
+            self._threads.append(t)
+            t.start()
         # 5. final sync
-        self._sync(final=True)
+        try:
+            self._sync(final=True)
+        except ConnectError as e:
+            raise PeerError(
+                f"the leader stopped before this follower finished subscribing ({e}); the"
+                f" database is consistent at cid {self._sink.position.cid} but may lack the"
+                " leader's last commits: run the follower again against a live leader"
+            ) from None
         # 6. stream until the leader closes
         st.phase = "stream"
         self._follow(njob)

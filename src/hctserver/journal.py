@@ -111,6 +111,12 @@ class _WriterLock:
         self.tail: tuple[int, int, bytes] | None = None
         self.schema_epoch = 0
 
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
 
 def fetchall(conn: apsw.Connection, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
     """Rows of one statement, typed loosely (SQLite values are dynamic)."""
@@ -512,8 +518,8 @@ class Database:
                         try:
                             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                         finally:
-                            self._ckpt_wanted = False
                             self.writer_lock.release()
+                    self._ckpt_wanted = False
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except apsw.Error:
             log_.exception("background checkpoint failed; SQLite's own checkpoints continue")

@@ -243,6 +243,8 @@ class Leader:
         send_timeout: float = 60.0,
         max_connections: int = 64,
         background_checkpoint: bool = True,
+        linger: float = 1.0,
+        linger_max: float = 30.0,
         trace: Trace | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
@@ -257,6 +259,9 @@ class Leader:
         self.send_timeout = send_timeout
         self.trace = trace or Trace()
         self.background_checkpoint = background_checkpoint
+        self.linger = linger
+        self.linger_max = linger_max
+        self._last_accept = 0.0
         self._streamer = _Streamer(sub_buffer_bytes)
         self._subs: list[list[_Subscriber]] = [[] for _ in self.jobs]
         self._sub_lock = threading.Lock()
@@ -272,6 +277,11 @@ class Leader:
     @property
     def njob(self) -> int:
         return len(self.jobs)
+
+    def subscriber_counts(self) -> list[int]:
+        """Live subscribers per job."""
+        with self._sub_lock:
+            return [sum(1 for s in subs if not s.dead) for subs in self._subs]
 
     @property
     def dropped(self) -> int:
@@ -303,6 +313,7 @@ class Leader:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if t.is_alive():
                 return False
+        self._linger()
         self.stop()
         errors = [t.error for t in self._threads if t.error]
         if errors:
@@ -312,6 +323,25 @@ class Leader:
     def run(self) -> None:
         self.start()
         self.wait()
+
+    def _linger(self) -> None:
+        """The jobs have ended: keep answering while followers are still
+        arriving (a follower between its catch-up SYNC and its final SYNC
+        needs a few more requests), until ``linger`` seconds pass without a
+        new connection or ``linger_max`` seconds in all."""
+        if self.linger <= 0:
+            return
+        end = time.monotonic() + self.linger_max
+        while not self._closing.is_set():
+            now = time.monotonic()
+            quiet = now - self._last_accept
+            if (quiet >= self.linger and not self._busy()) or now >= end:
+                return
+            self._closing.wait(min(0.05, max(0.0, self.linger - quiet)))
+
+    def _busy(self) -> bool:
+        with self._handlers_lock:
+            return bool(self._handlers)
 
     def stop(self, flush_timeout: float = 30.0) -> None:
         """Stop accepting, flush and close the subscriber streams, finish
@@ -382,6 +412,7 @@ class Leader:
                     return
                 continue
             peer = f"{addr[0]}:{addr[1]}"
+            self._last_accept = time.monotonic()
             if not self._slots.acquire(blocking=False):
                 self._refuse(sock, "too many connections to the leader; retry later")
                 continue
