@@ -99,10 +99,11 @@ def snapshot_of(path: str) -> int:
     except apsw.CantOpenError:
         return -1
     try:
+        c.set_busy_timeout(1000)
         rows = c.execute("SELECT max(cid) FROM hct_journal WHERE vhash IS NOT NULL").fetchall()
         return int(rows[0][0] or 0)
-    except apsw.SQLError:
-        return -1
+    except (apsw.SQLError, apsw.BusyError):
+        return -1  # not created yet, or busy this instant: ask again
     finally:
         c.close()
 

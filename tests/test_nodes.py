@@ -92,8 +92,8 @@ def test_a_follower_killed_during_catch_up_restarts_and_converges(tmp_path) -> N
     child = subprocess.Popen([sys.executable, "-c", CHILD, fp, str(leader.port)])
     try:
         wait_until(lambda: snapshot_of(fp) > 0, what="the child applying its first batch")
-        os.kill(child.pid, signal.SIGKILL)
     finally:
+        os.kill(child.pid, signal.SIGKILL)
         child.wait(30)
     killed_at = Database(fp).position()
     assert 0 < killed_at.cid < total  # it really was in the middle of catching up
