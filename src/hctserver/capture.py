@@ -99,7 +99,9 @@ class Capture:
         self.session: apsw.Session | None = None
         self.reread = False
         self.large = False  # the log passed log_limit: switch at the next statement
+        self.broken: str | None = None  # a table whose rows the hook could not read
         self._shapes: dict[str, TableShape] = {}
+        self._generated: bool | None = None  # does some table have generated columns?
         self._epoch = -1
         self._hooked = False
 
@@ -113,12 +115,18 @@ class Capture:
         if name in SYSTEM_TABLES:
             return
         op = u.opcode
-        if op == _INSERT:
-            log.append((name, op, u.rowid, None, u.new))
-        elif op == _DELETE:
-            log.append((name, op, u.rowid, u.old, None))
-        else:
-            log.append((name, op, u.rowid, u.old, u.new, u.rowid_new))
+        try:
+            if op == _INSERT:
+                log.append((name, op, u.rowid, None, u.new))
+            elif op == _DELETE:
+                log.append((name, op, u.rowid, u.old, None))
+            else:
+                log.append((name, op, u.rowid, u.old, u.new, u.rowid_new))
+        except apsw.Error:
+            # SQLite cannot hand over rows of tables with generated columns:
+            # such databases are captured by session objects (see begin())
+            self.broken = name
+            self._generated = True
         if len(log) > self.log_limit:
             self.large = True
 
@@ -132,7 +140,15 @@ class Capture:
         self.carried = b""
         self.reread = False
         self.large = False
-        self._rehook()
+        self.broken = None
+        self._check_epoch()
+        if self._generated is None:
+            self._generated = _has_generated_columns(self.conn)
+        if self._generated:
+            self.large = True
+            self.switch_if_large()  # a session from the first row
+        else:
+            self._rehook()
 
     def end(self) -> None:
         self.log = None
@@ -207,12 +223,16 @@ class Capture:
     def invalidate(self) -> None:
         """Forget table shapes (this connection changed the schema)."""
         self._shapes.clear()
+        self._generated = None
+
+    def _check_epoch(self) -> None:
+        if self._epoch != self.shared.schema_epoch:  # another connection changed the schema
+            self.invalidate()
+            self._epoch = self.shared.schema_epoch
 
     def _encode(self, log: list[tuple[Any, ...]]) -> bytes:
         """Reduce the log to one change per key and encode it."""
-        if self._epoch != self.shared.schema_epoch:  # another connection changed the schema
-            self._shapes.clear()
-            self._epoch = self.shared.schema_epoch
+        self._check_epoch()
         tables: dict[str, dict[tuple[Any, ...], list[Any]]] = {}
         shapes: dict[str, TableShape] = {}
         for rec in log:
@@ -292,6 +312,17 @@ def _put(
         rows[key] = [existed, old, final]
     else:
         st[2] = final
+
+
+def _has_generated_columns(conn: apsw.Connection) -> bool:
+    for (name,) in conn.execute(
+        "SELECT name FROM sqlite_schema WHERE type='table' AND sql LIKE '%GENERATED%'"
+        " OR type='table' AND sql LIKE '% AS (%' OR type='table' AND sql LIKE '% AS(%'"
+    ).fetchall():
+        for row in conn.execute(f"PRAGMA main.table_xinfo({quote_ident(name)})"):
+            if row[6] in (2, 3):
+                return True
+    return False
 
 
 def _user_table(name: str) -> bool:

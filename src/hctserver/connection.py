@@ -253,6 +253,13 @@ class JournaledConnection:
         if st.kind is Kind.DDL_RESHAPE or st.create_as:
             return self._schema_change(st, bindings)
         cur = self._conn.execute(st.text, bindings)
+        if self._cap.broken is not None:
+            table = self._cap.broken
+            self._abort()
+            raise BusyError(
+                f"rows of table {table} (it has generated columns) could not be captured"
+                " in this transaction, which was rolled back: retry it"
+            )
         if st.kind is Kind.DDL:
             tx.ddl.append(st.text)
             self._cap.invalidate()
