@@ -477,7 +477,7 @@ class Database:
 
     # --- checkpoints -------------------------------------------------------------
 
-    def start_checkpointer(self, interval: float = 0.02, frames: int = 16000) -> None:
+    def start_checkpointer(self, interval: float = 0.1, frames: int = 16000) -> None:
         """Checkpoint the WAL from a thread of its own instead of in the
         committing thread (SQLite's autocheckpoint): connections made from now
         on do not checkpoint. Most of the copying overlaps with the writers;

@@ -52,7 +52,7 @@ class _Subscriber:
 class _Streamer(threading.Thread):
     """Writes every subscriber's queue to its socket; drops the slow and the gone."""
 
-    def __init__(self, limit: int, coalesce: float = 0.001) -> None:
+    def __init__(self, limit: int, coalesce: float = 0.003) -> None:
         super().__init__(name="hct-streamer", daemon=True)
         self.limit = limit
         self.coalesce = coalesce
