@@ -7,7 +7,7 @@ import shutil
 import struct
 
 from hctserver import Database, entry_hash, fold
-from hctserver.position import ZERO_HASH
+from hctserver.position import ZERO_HASH, Entry, chain, fold_all
 
 import dbdump
 from helpers import leader, replay
@@ -34,6 +34,18 @@ def test_fold_is_md5_of_concatenation() -> None:
     h1, h2 = md5(b"one"), md5(b"two")
     assert fold(ZERO_HASH, h1) == md5(bytes(16) + h1)
     assert fold(fold(ZERO_HASH, h1), h2) == md5(md5(bytes(16) + h1) + h2)
+    assert fold_all(ZERO_HASH, [h1, h2]) == md5(md5(bytes(16) + h1) + h2)
+
+
+def test_chain_hashes_a_contiguous_run_and_stops_at_a_gap() -> None:
+    es = [Entry(5, 1, "", b"a"), Entry(6, 1, "CREATE TABLE x(y)", b""), Entry(8, 6, "", b"c")]
+    tag = object()
+    hashes, last, h = chain(es, 4, ZERO_HASH, tag)
+    h5 = md5(be64(5) + b"a" + be64(1))
+    h6 = md5(be64(6) + b"CREATE TABLE x(y)" + be64(1))
+    assert hashes[0] == (h5, md5(bytes(16) + h5), tag)
+    assert hashes[1] == (h6, md5(md5(bytes(16) + h5) + h6), tag)
+    assert hashes[2] is None and last == 6 and h == hashes[1][1]
 
 
 def test_journal_rows_and_position_follow_the_spec(tmp_path) -> None:

@@ -404,16 +404,19 @@ def run_bench(quick: bool = False, json_path: str | None = None, entries: int | 
     r: dict[str, Any] = {}
     try:
         _say(f"hctserver bench ({'quick' if quick else 'full'}): N={n:,}, {secs:g} s per rate")
-        plain, jour = [], []
+        plain, jour, floor = [], [], []
         for i in range(cfg["rounds"]):
             plain.append(plain_rate(os.path.join(tmp, f"plain{i}.db"), secs))
             jour.append(journaled_rate(os.path.join(tmp, f"jour{i}.db"), secs))
+            floor.append(floor_rate(os.path.join(tmp, f"floor{i}.db"), secs))
         r["leader_plain_commits_per_s"] = statistics.median(plain)
         r["leader_journaled_commits_per_s"] = statistics.median(jour)
         r["leader_commit_ratio"] = (
             r["leader_journaled_commits_per_s"] / r["leader_plain_commits_per_s"]
         )
-        _say(f"  commit rates: plain {plain}, journaled {jour}")
+        r["leader_floor_commits_per_s"] = statistics.median(floor)
+        r["leader_floor_ratio"] = r["leader_floor_commits_per_s"] / r["leader_plain_commits_per_s"]
+        _say(f"  commit rates: plain {plain}, journaled {jour}, floor {floor}")
         alone, with2 = [], []
         for i in range(cfg["rounds"]):
             alone.append(journaled_rate(os.path.join(tmp, f"alone{i}.db"), secs))

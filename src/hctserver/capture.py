@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import apsw
 
 from . import patchset
-from .journal import SYSTEM_TABLES, merge_patchsets, quote_ident, table_info
+from .journal import SYSTEM_TABLES, fetchall, merge_patchsets, quote_ident, table_info
 
 _INSERT = apsw.SQLITE_INSERT
 _DELETE = apsw.SQLITE_DELETE
@@ -157,12 +157,6 @@ class Capture:
             self.session.close()
             self.session = None
         self._rehook()
-
-    @property
-    def empty(self) -> bool:
-        if self.session is not None and not self.session.is_empty:
-            return False
-        return not self.log and not self.carried
 
     def switch_if_large(self) -> None:
         """Between statements: hand a large transaction to a session object."""
@@ -315,10 +309,11 @@ def _put(
 
 
 def _has_generated_columns(conn: apsw.Connection) -> bool:
-    for (name,) in conn.execute(
+    for (name,) in fetchall(
+        conn,
         "SELECT name FROM sqlite_schema WHERE type='table' AND sql LIKE '%GENERATED%'"
-        " OR type='table' AND sql LIKE '% AS (%' OR type='table' AND sql LIKE '% AS(%'"
-    ).fetchall():
+        " OR type='table' AND sql LIKE '% AS (%' OR type='table' AND sql LIKE '% AS(%'",
+    ):
         for row in conn.execute(f"PRAGMA main.table_xinfo({quote_ident(name)})"):
             if row[6] in (2, 3):
                 return True

@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from .connection import JournaledConnection
 
 log = logging.getLogger("hctserver")
-log_ = log
 
 JOURNAL = "hct_journal"
 BASELINE = "hct_baseline"
@@ -522,7 +521,7 @@ class Database:
                     self._ckpt_wanted = False
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except apsw.Error:
-            log_.exception("background checkpoint failed; SQLite's own checkpoints continue")
+            log.exception("background checkpoint failed; SQLite's own checkpoints continue")
         finally:
             conn.close()
 
