@@ -239,20 +239,10 @@ class Capture:
             op = rec[1]
             if op == _INSERT:
                 new = (rec[2], *rec[4]) if sh.rowid else rec[4]
-                key = sh.key(new)
-                st = rows.get(key)
-                if st is None:
-                    rows[key] = [False, None, new]
-                else:
-                    st[2] = new
+                _put(rows, sh.key(new), False, None, new)
             elif op == _DELETE:
                 old = (rec[2], *rec[3]) if sh.rowid else rec[3]
-                key = sh.key(old)
-                st = rows.get(key)
-                if st is None:
-                    rows[key] = [True, old, None]
-                else:
-                    st[2] = None
+                _put(rows, sh.key(old), True, old, None)
             else:
                 old = (rec[2], *rec[3]) if sh.rowid else rec[3]
                 new = (rec[5], *rec[4]) if sh.rowid else rec[4]
@@ -301,6 +291,8 @@ def _put(
     old: Any,
     final: Any,
 ) -> None:
+    """Record a change of ``key``: the first one fixes what the row was before
+    the transaction (existed, old); each one sets the final row."""
     st = rows.get(key)
     if st is None:
         rows[key] = [existed, old, final]
