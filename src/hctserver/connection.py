@@ -34,8 +34,6 @@ from .journal import (
     fetchall,
     fetchone,
     merge_patchsets,
-    quote_ident,
-    table_info,
     table_rows_patchset,
 )
 from .position import entry_hash, fold
@@ -591,30 +589,22 @@ class JournaledConnection:
         return b"".join(out)
 
     def _reexpress_table(self, name: str, table: patchset.Table) -> bytes:
-        cols, pk, rowid = table_info(self._conn, name)
-        new_pk_cols = sorted((i for i in range(len(pk)) if pk[i]), key=lambda i: pk[i])
-        old_pk_cols = table.pk_columns
-        sel = ", ".join("rowid" if rowid and i == 0 else quote_ident(c) for i, c in enumerate(cols))
-        where = " AND ".join(
-            ("rowid" if rowid and i == 0 else quote_ident(cols[i])) + " IS ?" for i in new_pk_cols
-        )
-        query = f"SELECT {sel} FROM main.{quote_ident(name)} WHERE {where}"
-        # pk values go out in column order of the new table
-        order = sorted(range(len(new_pk_cols)), key=lambda k: new_pk_cols[k])
-        parts = [patchset.encode_table(name, pk)]
+        sh = self._cap.shape(name)  # the table's new shape
+        # primary-key values travel in primary-key order, go out in column order
+        order = sorted(range(len(sh.pkcols)), key=lambda k: sh.pkcols[k])
+        parts = [sh.header]
         for op, indirect, old, newrow in table.changes:
             src = newrow if op == patchset.INSERT else old
-            key = [src[c] for c in old_pk_cols]  # in primary-key order
-            key_colorder = [key[k] for k in order]
+            key = [src[c] for c in table.pk_columns]
             if op == patchset.DELETE:
-                parts.append(patchset.encode_delete(key_colorder, indirect))
+                parts.append(patchset.encode_delete([key[k] for k in order], indirect))
                 continue
-            row = self._conn.execute(query, key).fetchone()
+            row = self._conn.execute(sh.select, key).fetchone()
             if row is None:
                 continue
             if op == patchset.INSERT:
                 parts.append(patchset.encode_insert(row, indirect))
             else:
-                vals = [row[i] for i in range(len(cols)) if not pk[i]]
-                parts.append(patchset.encode_update(key_colorder, vals, indirect))
+                others = [row[i] for i in sh.others]
+                parts.append(patchset.encode_update([key[k] for k in order], others, indirect))
         return b"".join(parts) if len(parts) > 1 else b""
