@@ -10,6 +10,7 @@ import tempfile
 from typing import Any
 
 import apsw
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -180,28 +181,45 @@ def positions(*paths: str) -> list[Any]:
     return out
 
 
-@settings(
-    max_examples=int(os.environ.get("HCT_PROPERTY_EXAMPLES", "40")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-@given(
+CASES = (
     st.lists(tx, min_size=1, max_size=12),
     st.randoms(use_true_random=False),
     st.sampled_from([2000, 2]),
 )
-def test_replay_reproduces_leader(txs: list[Any], rnd: random.Random, log_limit: int) -> None:
+QUICK = settings(
+    max_examples=int(os.environ.get("HCT_PROPERTY_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def check_replay(txs: list[Any], rnd: random.Random, log_limit: int) -> None:
     # log_limit 2: transactions past two rows switch to a session object
     capture.LOG_LIMIT = log_limit
-    with tempfile.TemporaryDirectory() as d:
-        leader, inorder, shuffled = (os.path.join(d, n) for n in ("l.db", "a.db", "b.db"))
-        run_leader(leader, txs)
-        replay(leader, inorder, None)
-        replay(leader, shuffled, rnd)
-        want = dbdump.everything(leader)
-        assert dbdump.everything(inorder) == want
-        assert dbdump.everything(shuffled) == want
-        p = positions(leader, inorder, shuffled)
-        assert p[0] == p[1] == p[2]
-        assert p[0].cid == len(want["journal"])
-    capture.LOG_LIMIT = 2000
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            leader, inorder, shuffled = (os.path.join(d, n) for n in ("l.db", "a.db", "b.db"))
+            run_leader(leader, txs)
+            replay(leader, inorder, None)
+            replay(leader, shuffled, rnd)
+            want = dbdump.everything(leader)
+            assert dbdump.everything(inorder) == want
+            assert dbdump.everything(shuffled) == want
+            p = positions(leader, inorder, shuffled)
+            assert p[0] == p[1] == p[2]
+            assert p[0].cid == len(want["journal"])
+    finally:
+        capture.LOG_LIMIT = 2000
+
+
+@QUICK
+@given(*CASES)
+def test_replay_reproduces_leader(txs: list[Any], rnd: random.Random, log_limit: int) -> None:
+    check_replay(txs, rnd, log_limit)
+
+
+@pytest.mark.slow
+@settings(QUICK, max_examples=3000)
+@given(*CASES)
+def test_replay_reproduces_leader_soak(txs: list[Any], rnd: random.Random, log_limit: int) -> None:
+    check_replay(txs, rnd, log_limit)

@@ -445,7 +445,7 @@ class Follower:
         self._follow(njob)
         self._sink.flush()
         st.phase = "done"
-        if ap.pending:
+        if ap.pending and not self._stopped.is_set():  # stopped on request: holes are expected
             raise PeerError(
                 f"the leader closed its streams but entries after cid {ap.snapshot} never"
                 f" arrived ({ap.pending} later ones are waiting); the database is consistent"
@@ -614,6 +614,7 @@ class Follower:
                         early.append(ev)  # entries that came with the header
                 if started:
                     assert self._sink is not None
+                    self.stats.sub_entries += len(early)
                     self._sink.put(early, len(data))
                     self.trace("subscribed to job %d", job)
                     return sock, dec
