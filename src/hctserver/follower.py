@@ -4,7 +4,9 @@
 2. SYNC and apply the reply; with ``syncbytes`` > 0 repeat while replies
    shrink and stay above ``syncbytes`` bytes;
 3. start the local (read-only) jobs;
-4. open one SUB connection per leader job;
+4. open one SUB connection per leader job (ours does this as soon as the
+   last reply of step 2 has arrived, and finishes applying it meanwhile;
+   step 3 still waits for it);
 5. SYNC once more, for commits made while subscribing;
 6. apply everything arriving on the SUB streams (interleaved, out of cid
    order, repeating entries of step 5) until the leader closes them;
