@@ -142,11 +142,15 @@ class Capture:
         self.large = False
         self.broken = None
         self._check_epoch()
+        self._record()
+
+    def _record(self) -> None:
+        """Record the next rows through the hook, or through a session object
+        while the database has tables with generated columns."""
         if self._generated is None:
             self._generated = _has_generated_columns(self.conn)
         if self._generated:
-            self.large = True
-            self.switch_if_large()  # a session from the first row
+            self._start_session()
         else:
             self._rehook()
 
@@ -162,11 +166,15 @@ class Capture:
         """Between statements: hand a large transaction to a session object."""
         if not self.large or self.session is not None:
             return
-
         assert self.log is not None
         self.carried = merge_patchsets([self.carried, self._encode(self.log)])
-        self.log = None
         self.large = False
+        self._start_session()
+
+    def _start_session(self) -> None:
+        if self.session is not None:
+            return
+        self.log = None
         # the session extension owns the preupdate hook while it lives
         self.conn.preupdate_hook(None, id="hctserver")
         self._hooked = False
@@ -202,8 +210,7 @@ class Capture:
         self.carried = b""
         self.reread = False
         self.large = False
-        if not self._hooked:
-            self._rehook()
+        self._record()
         if len(parts) <= 1:
             return parts[0] if parts else b""
         return merge_patchsets(parts)

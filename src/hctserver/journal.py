@@ -501,11 +501,6 @@ class Database:
         t.join()
         self._checkpointer = None
 
-    @property
-    def autocheckpoint(self) -> bool:
-        """False while a background checkpointer runs."""
-        return self._checkpointer is None
-
     def _checkpoint_loop(self, interval: float, frames: int) -> None:
         conn = self.open_connection()
         try:
