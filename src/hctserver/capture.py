@@ -199,7 +199,7 @@ class Capture:
     def take(self) -> bytes:
         """The changes recorded since begin() or the last take(), as a patchset;
         recording goes on (in log mode) afterwards."""
-        parts = [self.carried] if self.carried else []
+        parts = [self.carried]
         if self.log:
             parts.append(self._encode(self.log))
         if self.session is not None:
@@ -211,8 +211,6 @@ class Capture:
         self.reread = False
         self.large = False
         self._record()
-        if len(parts) <= 1:
-            return parts[0] if parts else b""
         return merge_patchsets(parts)
 
     def shape(self, table: str) -> TableShape:

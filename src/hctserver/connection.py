@@ -45,10 +45,6 @@ _WRITE_OPS = frozenset({apsw.SQLITE_INSERT, apsw.SQLITE_UPDATE, apsw.SQLITE_DELE
 _DDL_OPS = frozenset({apsw.SQLITE_DROP_TABLE, apsw.SQLITE_ALTER_TABLE})
 
 
-def merge(a: bytes, b: bytes) -> bytes:
-    return merge_patchsets([a, b])
-
-
 class Rows:
     """The rows of a statement that already ran to completion."""
 
@@ -379,9 +375,7 @@ class JournaledConnection:
         lock = self.db.writer_lock
         try:
             if tx.writing:
-                data = self._cap.take()
-                if tx.acc:
-                    data = merge(tx.acc, data)
+                data = merge_patchsets([tx.acc, self._cap.take()])
                 schema = ";".join(tx.ddl)
                 if data or schema:
                     entry = self._journal(schema, data)
@@ -515,10 +509,10 @@ class JournaledConnection:
             if saved is not None:  # nothing changed: carry on as if not taken
                 cap.restore(saved)
             else:
-                tx.acc = merge(tx.acc, before)
+                tx.acc = merge_patchsets([tx.acc, before])
                 tx.reshapes += 1
             raise
-        acc = merge(tx.acc, before)
+        acc = merge_patchsets([tx.acc, before])
         tx.reshapes += 1
         try:
             if st.kind is Kind.DDL_RESHAPE:
@@ -530,7 +524,7 @@ class JournaledConnection:
                 if created is not None:
                     self._internal = True
                     try:
-                        acc = merge(acc, table_rows_patchset(self._conn, created))
+                        acc = merge_patchsets([acc, table_rows_patchset(self._conn, created)])
                         (sql,) = fetchone(
                             self._conn,
                             "SELECT sql FROM sqlite_schema WHERE type='table' AND name=?",

@@ -142,9 +142,10 @@ def write_transaction(conn: apsw.Connection) -> Iterator[apsw.Connection]:
 
 def merge_patchsets(datas: list[bytes]) -> bytes:
     """Many patchsets as one, merged by SQLite's changegroup (in C)."""
+    datas = [d for d in datas if d]
+    if len(datas) <= 1:
+        return datas[0] if datas else b""
     data = b"".join(datas)  # a patchset may hold a table's block more than once
-    if not data:
-        return b""
     builder = apsw.ChangesetBuilder()  # type: ignore[no-untyped-call]
     try:
         builder.add(data)
