@@ -52,7 +52,7 @@ _ENCODINGS = frozenset((PATCHSET, CHANGESET))
 
 
 def check_encoding(e: Entry) -> None:
-    if e.data and e.data[0] not in (PATCHSET, CHANGESET):
+    if e.data and e.data[0] not in _ENCODINGS:
         raise ApplyError(
             f"cid {e.cid}: unknown data encoding 0x{e.data[0]:02x}"
             " (this version reads session patchsets/changesets); upgrade hctserver"

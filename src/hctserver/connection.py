@@ -49,7 +49,6 @@ class Rows:
     """The rows of a statement that already ran to completion."""
 
     def __init__(self, rows: list[tuple[Any, ...]]) -> None:
-        self._rows = rows
         self._it = iter(rows)
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
