@@ -10,7 +10,9 @@ from typing import Any
 
 import apsw
 
-SYSTEM = ("hct_journal", "hct_baseline")
+# hctserver's own objects: the system tables (hct_local holds per-file state,
+# never replicated) and the guard triggers, which carry random names.
+SYSTEM = ("hct_journal", "hct_baseline", "hct_local")
 
 
 # The session extension compares reals numerically, so an UPDATE that only
@@ -40,7 +42,7 @@ def user_tables(conn: apsw.Connection) -> list[str]:
         r[0]
         for r in conn.execute(
             "SELECT name FROM sqlite_schema WHERE type='table' AND name NOT LIKE 'sqlite_%'"
-            " AND name NOT IN ('hct_journal','hct_baseline') ORDER BY name"
+            " AND name NOT IN ('hct_journal','hct_baseline','hct_local') ORDER BY name"
         )
     ]
 
@@ -64,7 +66,9 @@ def schema(path: str) -> list[tuple[Any, ...]]:
     try:
         return conn.execute(
             "SELECT type, name, tbl_name, sql FROM sqlite_schema"
-            " WHERE name NOT IN ('hct_journal','hct_baseline') ORDER BY type, name"
+            " WHERE name NOT IN ('hct_journal','hct_baseline','hct_local')"
+            " AND name NOT LIKE 'sqlite_autoindex_hct_local%'"
+            " AND NOT (type='trigger' AND name LIKE 'hct_guard_%') ORDER BY type, name"
         ).fetchall()
     finally:
         conn.close()

@@ -41,7 +41,10 @@ def leader_node(path: str, jobs: list[Any], **extra: Any) -> Node:
 
 
 def follower_node(path: str, port: int, **options: Any) -> Node:
+    """A follower started on ``path``; by default the original's run
+    (``once``), which ends with the leader's."""
     extra = options.pop("extra", {})
+    options.setdefault("once", True)
     node = Node(path, follower=True, port=port, **options)
     node.extra.update(extra)
     node.start()

@@ -65,7 +65,7 @@ def test_sync_from_empty_and_sub_with_a_spec_only_client(tmp_path) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(struct.pack("<iq", 1, 0) + bytes(16))
             assert recv_i32(s) == 4  # SYNCREPLY
-            assert recv_i32(s) == 2  # nJob
+            assert recv_i32(s) == 3  # nJob: two jobs, then the stream of other writers
             got = {}
             while (size := recv_i32(s)) != 0:
                 cid, schemacid, schema, data = recv_entry(s, size)
@@ -78,7 +78,7 @@ def test_sync_from_empty_and_sub_with_a_spec_only_client(tmp_path) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(struct.pack("<ii", 2, 0))
             assert recv_i32(s) == 5  # SUBREPLY
-            wait_until(lambda: leader.runner._subs[0], what="the subscription")
+            wait_until(lambda: leader.runner.subscriber_counts()[0], what="the subscription")
             for i in range(3):
                 commands.put(f"INSERT OR REPLACE INTO t1 VALUES({i}, 'sub', x'00ff')")
             seen = []
@@ -87,6 +87,22 @@ def test_sync_from_empty_and_sub_with_a_spec_only_client(tmp_path) -> None:
                 seen.append((cid, spec_hash(cid, schema, data, schemacid)))
             hashes = journal_hashes(lp)
             assert [c for c, _ in seen] == [42, 43, 44]
+            assert all(hashes[c] == h for c, h in seen)
+        # SUB to the last stream: commits no job made, here from a plain connection
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(struct.pack("<ii", 2, 2))
+            assert recv_i32(s) == 5  # SUBREPLY
+            wait_until(lambda: leader.runner.subscriber_counts()[2], what="the subscription")
+            app = leader.db.connect()
+            for i in range(3):
+                app.execute(f"INSERT OR REPLACE INTO t1 VALUES({i}, 'app', x'01')")
+            app.close()
+            seen = []
+            for _ in range(3):
+                cid, schemacid, schema, data = recv_entry(s, recv_i32(s))
+                seen.append((cid, spec_hash(cid, schema, data, schemacid)))
+            hashes = journal_hashes(lp)
+            assert [c for c, _ in seen] == [45, 46, 47]
             assert all(hashes[c] == h for c, h in seen)
         # a SUB for a job that does not exist gets ERROR with a NUL-terminated message
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:

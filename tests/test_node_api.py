@@ -26,6 +26,7 @@ def test_configure_validates_every_option(tmp_path) -> None:
         "follower": False,
         "syncthreads": 1,
         "syncbytes": 0,
+        "once": False,
     }
     for bad, match in [
         ({"colour": 1}, "unknown option 'colour'"),
@@ -34,6 +35,9 @@ def test_configure_validates_every_option(tmp_path) -> None:
         ({"syncthreads": 0}, "syncthreads must be between 1 and 16"),
         ({"syncthreads": 17}, "syncthreads must be between 1 and 16"),
         ({"follower": 1}, "option follower takes bool"),
+        ({"once": "yes"}, "option once takes bool"),
+        ({"seconds": float("nan")}, "seconds must be >= 0"),
+        ({"seconds": float("inf")}, "seconds must be finite"),
         ({"seconds": -1}, "seconds must be >= 0"),
     ]:
         with pytest.raises(ConfigError, match=match):
@@ -95,7 +99,7 @@ def test_follower_jobs_read_the_snapshot_and_debug_lines_are_emitted(tmp_path, c
             seen.append(db.snapshot())
         seen.append(db.execute("SELECT count(*) FROM t1").fetchone()[0])
 
-    f = Node(fp, follower=True, port=leader.port)
+    f = Node(fp, follower=True, port=leader.port, once=True)
     f.job(reader)
     f.start()
     wait_until(lambda: f.runner is not None and f.runner.stats.phase == "stream")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from hctserver import Database
-from hctserver.errors import IncompatibleError, PeerError
+from hctserver.errors import ConnectionLostError, IncompatibleError, PeerError, ProtocolError
 
 import dbdump
 from helpers import replay, wait_until
@@ -176,7 +176,8 @@ def test_malformed_requests_get_an_error_and_the_leader_carries_on(tmp_path) -> 
     leader = leader_node(lp, [gated_writer(gate)] * 2, request_timeout=0.5, max_subscribers=1)
     port = leader.port
     assert "unknown message type 7" in _error_text(_exchange(port, struct.pack("<i", 7)))
-    assert "no such job: 2" in _error_text(_exchange(port, struct.pack("<ii", 2, 2)))
+    # two jobs and the stream of other writers: streams 0, 1 and 2
+    assert "no such job: 3" in _error_text(_exchange(port, struct.pack("<ii", 2, 3)))
     assert "no such job: -1" in _error_text(_exchange(port, struct.pack("<ii", 2, -1)))
     truncated = _exchange(port, struct.pack("<iq", 1, 0)[:10])
     assert "middle of a message" in _error_text(truncated)
@@ -276,32 +277,37 @@ def _entries_bytes(src: str, upto: int) -> bytes:
     )
 
 
-@pytest.mark.parametrize(
-    ("name", "match"),
-    [
-        ("garbage", "unexpected reply type to SYNC - 1819043176"),
-        ("truncated", "in the middle of a message"),
-        ("vanished", "before the end of the SYNCREPLY"),
-        ("error", "error from leader: go away"),
-        ("huge", "exceeds the limit"),
-    ],
-)
-def test_a_follower_stops_cleanly_on_a_misbehaving_leader(tmp_path, name: str, match: str) -> None:
-    lp = str(tmp_path / "l.db")
-    init_db(lp, 10)
+def _misbehaving_replies(lp: str) -> dict[str, bytes]:
     good = _entries_bytes(lp, 3)
     header = struct.pack("<ii", 4, 1)
-    reply: dict[str, Any] = {
+    return {
         "garbage": b"hello world, this is not the protocol",
         "truncated": header + good + struct.pack("<iqq", 100, 4, 1) + b"only part",
         "vanished": header + good,
         "error": struct.pack("<ii", 3, 8) + b"go away\x00",
         "huge": header + struct.pack("<i", 2**31 - 1),
     }
-    fake = FakeLeader(reply[name])
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "match"),
+    [
+        ("garbage", ProtocolError, "unexpected reply type to SYNC - 1819043176"),
+        ("truncated", ConnectionLostError, "in the middle of a message"),
+        ("vanished", ConnectionLostError, "before the end of the SYNCREPLY"),
+        ("error", PeerError, "error from leader: go away"),
+        ("huge", ProtocolError, "exceeds the limit"),
+    ],
+)
+def test_a_follower_stops_cleanly_on_a_misbehaving_leader(
+    tmp_path, name: str, error: type[Exception], match: str
+) -> None:
+    lp = str(tmp_path / "l.db")
+    init_db(lp, 10)
+    fake = FakeLeader(_misbehaving_replies(lp)[name])
     fp = str(tmp_path / "f.db")
-    f = follower_node(fp, fake.port, extra={"max_size": 1 << 20})
-    with pytest.raises(PeerError, match=match):
+    f = follower_node(fp, fake.port, extra={"max_size": 1 << 20})  # once: give up at once
+    with pytest.raises(error, match=match):
         f.wait(30)
     f.close()
     fake.close()
@@ -309,6 +315,39 @@ def test_a_follower_stops_cleanly_on_a_misbehaving_leader(tmp_path, name: str, m
     assert snap.cid in (0, 3)  # whole entries only
     ref = replay(Database(lp, init=False), str(tmp_path / "ref.db"), upto=snap.cid)
     assert dbdump.tables(fp) == dbdump.tables(ref.path)
+
+
+@pytest.mark.parametrize("name", ["garbage", "huge", "error"])
+def test_a_service_follower_stops_on_a_protocol_violation(tmp_path, name: str) -> None:
+    """Final errors end a follower in its default mode too."""
+    lp = str(tmp_path / "l.db")
+    init_db(lp, 10)
+    fake = FakeLeader(_misbehaving_replies(lp)[name])
+    f = follower_node(str(tmp_path / "f.db"), fake.port, once=False, extra={"max_size": 1 << 20})
+    with pytest.raises((ProtocolError, PeerError)):
+        f.wait(30)
+    f.close()
+    fake.close()
+
+
+@pytest.mark.parametrize("name", ["truncated", "vanished"])
+def test_a_service_follower_retries_a_leader_that_vanishes(tmp_path, name: str) -> None:
+    """A leader that dies mid-reply is a lost leader: back off and try again;
+    the whole entries received meanwhile are applied."""
+    lp = str(tmp_path / "l.db")
+    init_db(lp, 10)
+    fake = FakeLeader(_misbehaving_replies(lp)[name])
+    f = follower_node(
+        str(tmp_path / "f.db"), fake.port, once=False, extra={"retry_initial": 0.01, "retry_max": 0.05}
+    )
+    try:
+        wait_until(lambda: f.runner.session.reconnects >= 3, what="three reconnects")
+        assert not f.wait(0) and f.error is None
+        assert f.runner.stats.snapshot == 3
+    finally:
+        f.close()
+        fake.close()
+    assert f.error is None
 
 
 def test_a_follower_stopped_with_entries_above_a_hole_stops_cleanly(tmp_path) -> None:
@@ -323,7 +362,7 @@ def test_a_follower_stopped_with_entries_above_a_hole_stops_cleanly(tmp_path) ->
     fp = str(tmp_path / "f.db")
     f = follower_node(fp, fake.port)
     wait_until(lambda: f.runner.stats.sub_entries == 1 and f.runner.stats.snapshot == 3)
-    f.runner.stop()
+    f.stop()
     f.wait(30)  # no error: the hole is what a stop in mid-stream leaves
     f.close()
     fake.close()

@@ -1,9 +1,20 @@
 """hctserver: leader/follower replication for SQLite (the hctree hct_testserver)."""
 
 from .errors import HctError
-from .journal import Database, Mode
+from .journal import Database, connect
 from .position import Entry, Position, entry_hash, fold
+from .store import Mode
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["Database", "Entry", "HctError", "Mode", "Position", "__version__", "entry_hash", "fold"]
+__all__ = [
+    "Database",
+    "Entry",
+    "HctError",
+    "Mode",
+    "Position",
+    "__version__",
+    "connect",
+    "entry_hash",
+    "fold",
+]

@@ -23,17 +23,13 @@ from typing import Any
 
 import apsw
 
+from . import guard, patchset
 from .errors import ApplyError, DivergenceError, ModeError
-from .journal import (
-    _INSERT_ENTRY,
-    Database,
-    Mode,
-    fetchone,
-    merge_patchsets,
-    write_transaction,
-)
 from .patchset import CHANGESET, PATCHSET
 from .position import Entry, Position, entry_hash, fold
+from .sqlutil import fetchone, write_transaction
+from .store import Mode, Store
+from .systables import INSERT_ENTRY, INSERT_UNAPPLIED
 
 log = logging.getLogger("hctserver")
 
@@ -68,7 +64,7 @@ class Applier:
 
     def __init__(
         self,
-        db: Database,
+        db: Store,
         *,
         batch_entries: int = 50_000,
         batch_bytes: int = 32 << 20,
@@ -116,6 +112,11 @@ class Applier:
 
     def close(self) -> None:
         self._conn.close()
+
+    def interrupt(self) -> None:
+        """Abort the batch being applied, from any thread; it rolls back whole
+        and :meth:`apply` raises ApplyError."""
+        self._conn.interrupt()
 
     # --- receiving -------------------------------------------------------------
 
@@ -244,7 +245,7 @@ class Applier:
                 chain = p[2] if p is not None and p[1] == vh else None
             rows.append((e.cid, e.schema, e.data, e.schemacid, h, vh))
         self._conflict = None
-        lock = self.db.writer_lock  # a background checkpointer waits on it to finish the WAL
+        lock = self.db.share  # a background checkpointer waits on it to finish the WAL
         with lock:
             self._commit_batch(batch, rows)
         for e in batch:
@@ -265,12 +266,13 @@ class Applier:
             if batch[0].schema:
                 for _ in c.execute(batch[0].schema):
                     pass
-            data = merge_patchsets([e.data for e in batch])
+                guard.protect(c)
+            data = patchset.merge([e.data for e in batch])
             if data:
                 apsw.Changeset.apply(data, c, flags=_NOSAVEPOINT, conflict=self._on_conflict)
             if self._spilled:
                 c.executemany("DELETE FROM hct_journal WHERE cid=?", [(r[0],) for r in rows])
-            c.executemany(_INSERT_ENTRY, rows)
+            c.executemany(INSERT_ENTRY, rows)
             c.execute("COMMIT")
         except BaseException as exc:
             if not c.get_autocommit():
@@ -293,8 +295,7 @@ class Applier:
         ents = sorted(self._pending.values())
         with write_transaction(self._conn) as c:
             c.executemany(
-                "INSERT INTO hct_journal(cid, schema, data, schemacid, hash, vhash)"
-                " VALUES(?,?,?,?,?,NULL)",
+                INSERT_UNAPPLIED,
                 [(e.cid, e.schema, e.data, e.schemacid, e.hash()) for e in ents],
             )
         self._spilled.update(e.cid for e in ents)

@@ -28,6 +28,7 @@ from typing import Any
 import apsw
 
 from . import __version__
+from .checkpoint import Checkpointer
 from .jobs import T1_SQL, WRITER_SQL, Job, Timeout, writer
 from .journal import Database
 from .leader import Leader
@@ -74,27 +75,33 @@ def floor_rate(path: str, seconds: float) -> float:
     per commit, no capture, no hashing, checkpoints in a thread of their own
     (as on a leader)."""
     db = Database(path)
-    db.start_checkpointer()
+    stop = threading.Event()
+    checkpointer = threading.Thread(target=Checkpointer(db).run, args=(stop,), daemon=True)
+    checkpointer.start()
     c = db.open_connection()
     c.execute("CREATE TABLE IF NOT EXISTS t1(a INTEGER PRIMARY KEY, b, c)")
     row = "INSERT INTO hct_journal VALUES(?, '', randomblob(250), 1, zeroblob(16), zeroblob(16))"
     n = 0
     t0 = time.perf_counter()
     end = t0 + seconds
-    lock = db.writer_lock
-    while True:
-        for _ in range(100):
-            n += 1
-            with lock:
-                c.execute("BEGIN IMMEDIATE")
-                c.execute(WRITER_SQL)
-                c.execute(row, (n,))
-                c.execute("COMMIT")
-        t = time.perf_counter()
-        if t >= end:
-            break
-    c.close()
-    db.close()
+    lock = db.share
+    try:
+        while True:
+            for _ in range(100):
+                n += 1
+                with lock:
+                    c.execute("BEGIN IMMEDIATE")
+                    c.execute(WRITER_SQL)
+                    c.execute(row, (n,))
+                    c.execute("COMMIT")
+            t = time.perf_counter()
+            if t >= end:
+                break
+    finally:
+        stop.set()
+        checkpointer.join()
+        c.close()
+        db.close()
     return n / (t - t0)
 
 
@@ -211,7 +218,7 @@ def _child(argv: list[str]) -> int:
     times: list[tuple[float, int]] = []
     if a.record:
         db.add_snapshot_listener(lambda cid: times.append((time.monotonic(), cid)))
-    f = Follower(db, port=a.port, syncthreads=a.syncthreads)
+    f = Follower(db, port=a.port, syncthreads=a.syncthreads, once=True)
     t0 = time.perf_counter()
     f.start()
     if a.target:

@@ -25,7 +25,8 @@ from typing import Any, NamedTuple
 import apsw
 
 from . import patchset
-from .journal import SYSTEM_TABLES, fetchall, merge_patchsets, quote_ident, table_info
+from .sqlutil import fetchall, quote_ident, table_info
+from .systables import SYSTEM_TABLES
 
 _INSERT = apsw.SQLITE_INSERT
 _DELETE = apsw.SQLITE_DELETE
@@ -167,7 +168,7 @@ class Capture:
         if not self.large or self.session is not None:
             return
         assert self.log is not None
-        self.carried = merge_patchsets([self.carried, self._encode(self.log)])
+        self.carried = patchset.merge([self.carried, self._encode(self.log)])
         self.large = False
         self._start_session()
 
@@ -211,7 +212,7 @@ class Capture:
         self.reread = False
         self.large = False
         self._record()
-        return merge_patchsets(parts)
+        return patchset.merge(parts)
 
     def shape(self, table: str) -> TableShape:
         sh = self._shapes.get(table)

@@ -1,10 +1,12 @@
 """The ``hctserver`` command line. It only calls the public API.
 
-Errors print one line on stderr and exit with the code of their class
-(docs/CLI.md): 1 verify found a difference / unexpected error, 2 usage or
-configuration, 3 database or journal, 4 divergence or incompatible
-history, 5 protocol, 6 network (unreachable leader, port in use), 7 a job
-failed, 130 interrupted.
+Errors print one line on stderr and exit with the code :data:`EXIT_CODES`
+gives their class (docs/CLI.md): 1 verify found a difference / unexpected
+error, 2 usage or configuration, 3 database or journal, 4 divergence or
+incompatible history, 5 the peer broke the protocol, 6 network (unreachable
+or lost leader, port in use), 7 a job failed, 8 a write bypassed the
+journal, 9 verify: one database is behind the other, 130 interrupted.
+``leader`` and ``follower`` stop cleanly on SIGTERM or Ctrl-C and exit 0.
 """
 
 from __future__ import annotations
@@ -12,27 +14,87 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
 import apsw
 
 from . import __version__
-from .errors import ConfigError, HctError
+from .errors import (
+    AddressInUseError,
+    ApplyError,
+    BusyError,
+    ConfigError,
+    DivergenceError,
+    HctError,
+    IncompatibleError,
+    JobError,
+    JournalError,
+    ModeError,
+    NotReplicationDatabaseError,
+    PeerError,
+    ProtocolError,
+    TransientError,
+    UnjournaledWriteError,
+    UnsupportedStatementError,
+)
 from .journal import Database
 from .node import Node
+from .verify import Behind, compare
+
+# First match wins: TruncatedMessageError is both a ProtocolError and transient.
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ConfigError, 2),
+    (JobError, 7),
+    (UnjournaledWriteError, 8),
+    (IncompatibleError, 4),
+    (DivergenceError, 4),
+    (ApplyError, 4),
+    (TransientError, 6),
+    (ProtocolError, 5),
+    (PeerError, 6),
+    (AddressInUseError, 6),
+    (NotReplicationDatabaseError, 3),
+    (ModeError, 3),
+    (BusyError, 3),
+    (UnsupportedStatementError, 3),
+    (JournalError, 3),
+)
+VERIFY_DIFFERENT = 1
+VERIFY_BEHIND = 9
+
+
+def exit_code(e: BaseException) -> int:
+    for cls, code in EXIT_CODES:
+        if isinstance(e, cls):
+            return code
+    return 1
+
 
 DEBUG_ENV = "HCTSERVER_DEBUG"
 
 
 def _positive_float(s: str) -> float:
-    v = float(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {s}")
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {s}")
+    return v
+
+
+def _delay(s: str) -> float:
+    v = _positive_float(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, not {s}")
     return v
 
 
@@ -84,10 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--verbose", action="store_true", help="print hct_testserver debug lines")
         s.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
-    s = sub.add_parser("leader", help="run a leader until its jobs end")
+    s = sub.add_parser("leader", help="serve a database to followers (until stopped)")
     node_opts(s, True)
-    s = sub.add_parser("follower", help="follow a leader until it ends")
+    s = sub.add_parser("follower", help="follow a leader (until stopped)")
     node_opts(s, False)
+    s.add_argument(
+        "--once",
+        action="store_true",
+        help="end when the leader ends its run (the original's behaviour) instead of reconnecting",
+    )
+    s.add_argument(
+        "--retry-max",
+        type=_delay,
+        default=5.0,
+        metavar="S",
+        help="longest wait between reconnection attempts, in seconds (default 5)",
+    )
     s.add_argument(
         "--syncthreads",
         type=int,
@@ -188,58 +262,76 @@ def _node(a: argparse.Namespace, follower: bool) -> Node:
         "follower": follower,
     }
     if follower:
-        opts.update(syncthreads=a.syncthreads, syncbytes=a.syncbytes)
+        opts.update(syncthreads=a.syncthreads, syncbytes=a.syncbytes, once=a.once)
     node = Node(a.db, **opts)
+    if follower:
+        node.extra["retry_max"] = a.retry_max
     for j in a.job:
         node.job(j)
     return node
 
 
-def _wait(node: Node) -> None:
-    """Wait for a node, turning Ctrl-C into a clean stop."""
-    try:
-        while not node.wait(0.2):
-            pass
-    except KeyboardInterrupt:
-        node.close()
-        raise
+class _Signals:
+    """SIGTERM and SIGINT stop the node cleanly (from a thread of their own:
+    a handler runs between two bytecodes of the main thread, which may hold
+    a lock the stop needs)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.received: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum).name
+        threading.Thread(target=self.node.stop, name="hct-signal", daemon=True).start()
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _serve(node: Node, a: argparse.Namespace, role: str) -> int:
+    """Start ``node``, wait until it ends or a signal stops it, close it."""
+    with _Signals(node) as sig:
+        try:
+            node.start()
+            if not a.quiet:
+                print(f"hctserver: {_banner(node, a, role)}", file=sys.stderr, flush=True)
+            if role == "follower" and not a.quiet and sys.stderr.isatty():
+                _progress(node)
+            node.wait()
+            cid = node.db.snapshot()
+        finally:
+            node.close()
+    if not a.quiet:
+        how = f"stopped by {sig.received}" if sig.received else "done"
+        print(f"hctserver: {role} {how} at cid {cid}", file=sys.stderr)
+    return 0
+
+
+def _banner(node: Node, a: argparse.Namespace, role: str) -> str:
+    if role == "follower":
+        mode = "until it ends its run" if a.once else "until stopped"
+        return f"follower of {a.host}:{node.port} ({mode})"
+    if node.jobs:
+        return f"leader on {a.host}:{node.port} running {len(node.jobs)} jobs"
+    until = f"for {a.seconds:g} s" if a.seconds else "until stopped"
+    return f"leader on {a.host}:{node.port} serving {until}"
 
 
 def cmd_leader(a: argparse.Namespace) -> int:
     _logging(a)
-    node = _node(a, False)
-    if not node.jobs:
-        node.job(_serve_only)
-    node.start()
-    if not a.quiet:
-        print(
-            f"hctserver: leader on {a.host}:{node.port} running {len(node.jobs)} jobs",
-            file=sys.stderr,
-            flush=True,
-        )
-    _wait(node)
-    if not a.quiet:
-        print(f"hctserver: leader done at cid {node.db.snapshot()}", file=sys.stderr)
-    return 0
-
-
-def _serve_only(db: Any, timeout: Any) -> None:
-    """The job of a leader given none: serve followers until the timeout."""
-    while not timeout.wait(1.0):
-        pass
+    return _serve(_node(a, False), a, "leader")
 
 
 def cmd_follower(a: argparse.Namespace) -> int:
     _logging(a)
-    node = _node(a, True)
-    node.start()
-    show = not a.quiet and sys.stderr.isatty()
-    if show:
-        _progress(node)
-    _wait(node)
-    if not a.quiet:
-        print(f"hctserver: follower done at cid {node.db.snapshot()}", file=sys.stderr)
-    return 0
+    return _serve(_node(a, True), a, "follower")
 
 
 def _progress(node: Node) -> None:
@@ -279,14 +371,15 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from .verify import compare
-
     diff = compare(a.db1, a.db2)
     if diff is None:
         print(f"identical: {a.db1} and {a.db2} (cid {Database(a.db1, init=False).snapshot()})")
         return 0
+    if isinstance(diff, Behind):
+        print(f"behind: {diff}")
+        return VERIFY_BEHIND
     print(f"different: {diff}")
-    return 1
+    return VERIFY_DIFFERENT
 
 
 def cmd_rollback(a: argparse.Namespace) -> int:
@@ -344,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except HctError as e:
         print(f"hctserver: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return exit_code(e)
     except apsw.Error as e:
         print(f"hctserver: error: SQLite: {e}", file=sys.stderr)
         return 3

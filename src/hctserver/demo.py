@@ -207,7 +207,17 @@ def _silent_monitor(db: Any, timeout: Any) -> None:
 
 def _spawn(path: str, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "hctserver", "follower", path, "--port", str(port), "--quiet"],
+        [
+            sys.executable,
+            "-m",
+            "hctserver",
+            "follower",
+            path,
+            "--port",
+            str(port),
+            "--once",
+            "--quiet",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

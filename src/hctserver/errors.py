@@ -1,7 +1,13 @@
 """Every exception hctserver raises on purpose.
 
-Each class carries ``exit_code``: the command line turns an error into one
-line on stderr and exits with that code (documented in docs/CLI.md).
+Classes say what went wrong; the command line decides the exit code
+(``hctserver.cli.EXIT_CODES``). Network errors come in two kinds:
+
+* :class:`TransientError` and its subclasses: the peer is unreachable,
+  went away, timed out, or is busy or shutting down. Retrying later may
+  succeed; a follower in its default mode reconnects by itself.
+* everything else is final: retrying the same thing gives the same answer
+  (an incompatible history, a protocol violation by the peer, a bad option).
 """
 
 from __future__ import annotations
@@ -10,22 +16,21 @@ from __future__ import annotations
 class HctError(Exception):
     """Base class of all hctserver errors."""
 
-    exit_code = 1
+
+class TransientError(HctError):
+    """A failure that retrying later may cure (refused, reset, timed out,
+    busy, draining)."""
 
 
-# --- configuration and usage ------------------------------------------------
+# --- configuration, usage, jobs -------------------------------------------------
 
 
 class ConfigError(HctError):
     """An option or argument is invalid."""
 
-    exit_code = 2
-
 
 class JobError(HctError):
     """A job (workload code run by a node) raised an exception."""
-
-    exit_code = 7
 
 
 # --- the journal layer --------------------------------------------------------
@@ -34,53 +39,43 @@ class JobError(HctError):
 class NotReplicationDatabaseError(HctError):
     """The file is not a replication-enabled database (or not SQLite at all)."""
 
-    exit_code = 3
-
 
 class ModeError(HctError):
-    """The operation is not allowed in the database's current mode."""
-
-    exit_code = 3
+    """The operation is not allowed in the database's current mode or role."""
 
 
 class BusyError(HctError):
-    """The write lock could not be taken within the busy timeout."""
-
-    exit_code = 3
+    """The write lock could not be taken within the busy timeout, or the
+    transaction met a concurrent change and must be retried."""
 
 
 class UnsupportedStatementError(HctError):
     """A statement the journal cannot capture faithfully was refused."""
 
-    exit_code = 3
-
 
 class JournalError(HctError):
     """A journal operation got arguments it cannot honour (e.g. truncate)."""
 
-    exit_code = 3
+
+class UnjournaledWriteError(HctError):
+    """The database was changed behind the journal's back (a plain SQLite
+    client changed its schema, or removed hctserver's guards)."""
 
 
 class DivergenceError(HctError):
     """An entry with a cid already present arrived with a different hash."""
-
-    exit_code = 4
 
 
 class ApplyError(HctError):
     """A journal entry could not be applied (corrupt data, unknown encoding,
     or a row conflict showing the follower is not at the entry's base)."""
 
-    exit_code = 4
 
-
-# --- the wire and the nodes -------------------------------------------------
+# --- the wire ----------------------------------------------------------------------
 
 
 class ProtocolError(HctError):
-    """Bytes on the wire do not form a valid message."""
-
-    exit_code = 5
+    """Bytes on the wire do not form a valid message (the peer broke the protocol)."""
 
 
 class UnknownMessageTypeError(ProtocolError):
@@ -99,29 +94,44 @@ class SizeLimitError(ProtocolError):
     """A declared size exceeds the configured maximum."""
 
 
-class TruncatedMessageError(ProtocolError):
-    """The peer closed the connection in the middle of a message."""
+class TruncatedMessageError(ProtocolError, TransientError):
+    """The peer closed the connection in the middle of a message (it went
+    away; nothing partial is ever used)."""
 
 
-class ConnectError(HctError):
+# --- peers and the network ------------------------------------------------------
+
+
+class ConnectError(TransientError):
     """The leader could not be reached (refused, unreachable, timed out)."""
 
-    exit_code = 6
+
+class ConnectionLostError(TransientError):
+    """An established connection failed: reset, closed early, or silent past
+    its deadline."""
+
+
+class TimedOutError(ConnectionLostError):
+    """The peer sent (or took) nothing before the deadline."""
 
 
 class AddressInUseError(HctError):
-    """The leader could not listen: the port is already in use."""
-
-    exit_code = 6
+    """The leader could not listen (the port is in use, or the address is bad)."""
 
 
 class PeerError(HctError):
-    """The peer sent an ERROR message, or vanished or stalled mid-exchange."""
+    """The peer answered with an ERROR message that retrying will not cure."""
 
-    exit_code = 6
+
+class LeaderBusyError(PeerError, TransientError):
+    """The leader answered with an ERROR that retrying may cure: too many
+    connections or subscribers, shutting down, or a job it no longer runs."""
 
 
 class IncompatibleError(PeerError):
     """The leader refused our position: "incompatible database version"."""
 
-    exit_code = 4
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying later may succeed."""
+    return isinstance(exc, TransientError)

@@ -19,7 +19,7 @@ from typing import Any
 
 import apsw
 
-from .errors import BusyError, ConfigError
+from .errors import BusyError, ConfigError, JobError
 
 log = logging.getLogger("hctserver")
 
@@ -53,6 +53,12 @@ class Timeout:
             seconds = min(seconds, max(0.0, self._end - time.monotonic()))
         self._expired.wait(seconds)
         return self()
+
+    def wait_expired(self) -> None:
+        """Block until the timeout expires (never, with 0 seconds and no expire())."""
+        left = None if self._end is None else max(0.0, self._end - time.monotonic())
+        self._expired.wait(left)
+        self._expired.set()
 
 
 JobFunction = Callable[[Any, Timeout], Any]
@@ -134,38 +140,30 @@ def _script(path: str) -> JobFunction:
     return run
 
 
-class JobThread(threading.Thread):
-    """Runs one job with a connection of its own; keeps its error, if any."""
-
-    def __init__(
-        self,
-        index: int,
-        job: Job,
-        connect: Callable[[], Any],
-        timeout: Timeout,
-        on_connect: Callable[[Any], None] | None = None,
-    ) -> None:
-        super().__init__(name=f"hct-job-{index}-{job.name}", daemon=True)
-        self.index = index
-        self.job = job
-        self._connect = connect
-        self._timeout = timeout
-        self._on_connect = on_connect
-        self.error: str | None = None
-
-    def run(self) -> None:
-        db = None
-        try:
-            db = self._connect()
-            if self._on_connect is not None:
-                self._on_connect(db)
-            self.job.fn(db, self._timeout)
-        except BaseException as e:  # reported by the node, never lost
-            self.error = f"job {self.index} ({self.job.name}): {type(e).__name__}: {e}"
-            log.debug("%s", self.error, exc_info=True)
-        finally:
-            if db is not None:
-                try:
-                    db.close()
-                except Exception:
-                    pass
+def run_job(
+    index: int,
+    job: Job,
+    connect: Callable[[], Any],
+    timeout: Timeout,
+    on_connect: Callable[[Any], None] | None = None,
+) -> None:
+    """Run one job with a connection of its own (in the thread a node gave
+    it). A job that raises becomes a JobError carrying the original as its
+    cause (and its traceback); ``sys.exit()`` with no code or 0 just ends it."""
+    db = None
+    try:
+        db = connect()
+        if on_connect is not None:
+            on_connect(db)
+        job.fn(db, timeout)
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise JobError(f"job {index} ({job.name}) exited with {e.code!r}") from e
+    except BaseException as e:
+        raise JobError(f"job {index} ({job.name}): {type(e).__name__}: {e}") from e
+    finally:
+        if db is not None:
+            try:
+                db.close()
+            except Exception:
+                log.debug("closing job %d's connection", index, exc_info=True)

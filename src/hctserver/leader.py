@@ -1,229 +1,140 @@
-"""The leader node (SPEC section 3): LEADER mode, listen, run the jobs, answer
-SYNC and SUB requests until every job has finished.
+"""The leader node (SPEC section 3, run as a service).
 
-Threads: one per job (each with its own connection), one accepting
-connections, one per request being served (bounded), and one *streamer*
-that owns every subscriber socket. A job's commit hook encodes the entry
-once and appends it to each subscriber's queue without blocking; the
-streamer writes the queues out with non-blocking sends. A subscriber whose
-queue exceeds ``sub_buffer_bytes`` is dropped (its follower can resync), so
-the commit rate never depends on the slowest follower.
+LEADER mode, listen, run the jobs, answer SYNC and SUB requests. The rules
+of each request are :class:`hctserver.session.LeaderSession`'s; this module
+carries them out with the threads of one :class:`~hctserver.tasks.TaskGroup`:
+
+* one thread per job, each with its own connection; a commit hook queues
+  the job's commits for its stream's subscribers (:mod:`hctserver.streamer`);
+* the *other writers* stream: commits no job made (an application writing
+  through :func:`hctserver.connect` in this process or another, a plain
+  connection of :meth:`Database.connect`) are found by polling the journal
+  every few milliseconds and streamed as one more job: the leader announces
+  ``nJob = jobs + 1`` and the last stream carries them, in cid order;
+* an acceptor, a bounded pool of request handlers, the streamer, the WAL
+  checkpointer and the guard's watchdog.
+
+With jobs, the run ends when they all have (the original's behaviour);
+without, the leader serves until stopped (or ``seconds`` pass).
+:meth:`Leader.close` stops in order: new requests, jobs, the other-writers
+stream's last commits, the streams (flushed, then closed), requests in
+progress, and a final WAL checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
-import os
-import selectors
-import socket
-import struct
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 from . import wire
-from .errors import AddressInUseError, ConfigError, JobError, ProtocolError
-from .jobs import Job, JobThread, Timeout
-from .journal import Database, Mode
+from .checkpoint import Checkpointer
+from .errors import ConfigError, ConnectionLostError, TimedOutError
+from .jobs import Job, Timeout, run_job
+from .journal import Database
+from .position import Position
+from .session import (
+    BUSY,
+    LeaderSession,
+    NoRequest,
+    Refuse,
+    ServeSub,
+    ServeSync,
+)
+from .store import JournalReader, Mode
+from .streamer import Streamer, Subscriber
+from .tasks import Task, TaskGroup
 from .trace import Trace
+from .transport import TCP, Conn, Listener, Transport, Waker
+from .watchdog import watch
 
 log = logging.getLogger("hctserver")
 
-_iqq = struct.Struct("<iqq")
 _SEND_CHUNK = 1 << 20
 
 
-class _Subscriber:
-    __slots__ = ("addr", "dead", "job", "pending", "pending_bytes", "sock")
+class CidSet:
+    """Cids committed by the leader's jobs, noted before the commit is visible,
+    so that the other-writers stream can tell them from everyone else's."""
 
-    def __init__(self, sock: socket.socket, job: int, addr: str) -> None:
-        self.sock = sock
-        self.job = job
-        self.addr = addr
-        self.pending: deque[bytes | memoryview] = deque()
-        self.pending_bytes = 0
-        self.dead = False
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cids: set[int] = set()
+
+    def add(self, cid: int) -> None:
+        with self._lock:
+            self._cids.add(cid)
+
+    def discard(self, cid: int) -> None:
+        with self._lock:
+            self._cids.discard(cid)
+
+    def take(self, cid: int) -> bool:
+        """True (and forget it) if ``cid`` was a job's."""
+        with self._lock:
+            if cid in self._cids:
+                self._cids.remove(cid)
+                return True
+            return False
 
 
-class _Streamer(threading.Thread):
-    """Writes every subscriber's queue to its socket; drops the slow and the gone."""
+class OtherWriters:
+    """Finds commits that no job made and streams them, in cid order."""
 
-    def __init__(self, limit: int, coalesce: float = 0.003) -> None:
-        super().__init__(name="hct-streamer", daemon=True)
-        self.limit = limit
-        self.coalesce = coalesce
-        self.lock = threading.Lock()
-        self.subs: list[_Subscriber] = []
-        self._dirty: set[_Subscriber] = set()
-        self._sel = selectors.DefaultSelector()
-        self._r, self._w = os.pipe()
-        os.set_blocking(self._r, False)
-        os.set_blocking(self._w, False)
-        self._sel.register(self._r, selectors.EVENT_READ, None)
-        self._woken = False
-        self._stopping = False
-        self.dropped = 0
+    def __init__(self, db: Database, after: int, send: Any) -> None:
+        self.db = db
+        self.jobs = CidSet()
+        self.last = after
+        self.streamed = 0
+        self._send = send  # send(list of frames)
+        self._reader: JournalReader | None = None
 
-    def add(self, sub: _Subscriber) -> None:
-        sub.sock.setblocking(False)
-        with self.lock:
-            self.subs.append(sub)
-            self._sel.register(sub.sock, selectors.EVENT_READ, sub)
+    def run(self, stop: threading.Event, poll: float) -> None:
+        self._reader = JournalReader(self.db)
+        while not stop.wait(poll):
+            self.catch_up()
 
-    def push(self, subs: Sequence[_Subscriber], frame: bytes) -> None:
-        """Queue ``frame`` for each subscriber; never blocks on a socket."""
-        n = len(frame)
-        wake = False
-        with self.lock:
-            for s in subs:
-                if s.dead:
-                    continue
-                s.pending.append(frame)
-                s.pending_bytes += n
-                self._dirty.add(s)
-            if not self._woken:
-                self._woken = wake = True
-        if wake:
-            with contextlib.suppress(BlockingIOError):
-                os.write(self._w, b"x")
-
-    def run(self) -> None:
-        while True:
-            with self.lock:
-                if self._stopping:
-                    return
-                self._woken = False
-                pending = bool(self._dirty)
-            for key, ev in self._sel.select(0 if pending else 0.5):
-                sub = key.data
-                if sub is None:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._r, 4096)
-                    continue
-                if ev & selectors.EVENT_READ:
-                    # followers send nothing after SUB: readable means closed (or misbehaving)
-                    try:
-                        gone = not sub.sock.recv(4096)
-                    except BlockingIOError:
-                        gone = False
-                    except OSError:
-                        gone = True
-                    if gone:
-                        self._drop(sub, "the follower closed the connection")
-                        continue
-                if ev & selectors.EVENT_WRITE:
-                    with self.lock:
-                        self._dirty.add(sub)
-            with self.lock:
-                self._woken = True  # pushes during the pause need no wake-up
-                dirty, self._dirty = self._dirty, set()
-            for sub in dirty:
-                self._flush(sub)
-            if dirty and self.coalesce:
-                time.sleep(self.coalesce)  # let commits gather: fewer, larger sends
-
-    def _flush(self, sub: _Subscriber) -> None:
-        if sub.dead:
+    def catch_up(self) -> None:
+        """One pass: everything committed since the last one."""
+        reader = self._reader
+        if reader is None or not reader.changed():
             return
-        if sub.pending_bytes > self.limit:
-            self._drop(
-                sub,
-                f"more than {self.limit} bytes queued (it reads too slowly); it can resync",
-            )
+        hi = reader.newest()
+        if hi <= self.last:
             return
-        while True:
-            with self.lock:
-                if not sub.pending:
-                    break
-                chunk = sub.pending.popleft()
-                if len(chunk) < _SEND_CHUNK:
-                    parts = [chunk]
-                    size = len(chunk)
-                    while sub.pending and size < _SEND_CHUNK:
-                        nxt = sub.pending.popleft()
-                        parts.append(nxt)
-                        size += len(nxt)
-                    if len(parts) > 1:
-                        chunk = b"".join(parts)
-            try:
-                sent = sub.sock.send(chunk)
-            except BlockingIOError:
-                sent = 0
-            except OSError as e:
-                self._drop(sub, f"send failed: {e}")
-                return
-            with self.lock:
-                sub.pending_bytes -= sent
-                if sent < len(chunk):
-                    sub.pending.appendleft(memoryview(chunk)[sent:])
-                    self._watch(sub, selectors.EVENT_READ | selectors.EVENT_WRITE)
-                    return
-        with self.lock:
-            self._watch(sub, selectors.EVENT_READ)
+        take = self.jobs.take
+        others = [c for c in range(self.last + 1, hi + 1) if not take(c)]
+        self.last = hi
+        for lo, up in _runs(others):
+            frames = []
+            for row in reader.raw_entries(lo - 1, up):
+                buf = bytearray()
+                wire.append_entry(buf, *row)
+                frames.append(bytes(buf))
+            self.streamed += len(frames)
+            self._send(frames)
 
-    def _watch(self, sub: _Subscriber, events: int) -> None:
-        """Set the events the streamer waits for on ``sub`` (caller holds the lock)."""
-        if sub.dead:
-            return
-        try:
-            self._sel.modify(sub.sock, events, sub)
-        except KeyError:
-            self._sel.register(sub.sock, events, sub)
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
-    def _drop(self, sub: _Subscriber, why: str) -> None:
-        with self.lock:
-            if sub.dead:
-                return
-            sub.dead = True
-            sub.pending.clear()
-            sub.pending_bytes = 0
-            if sub in self.subs:
-                self.subs.remove(sub)
-            with contextlib.suppress(KeyError, ValueError):
-                self._sel.unregister(sub.sock)
-        self.dropped += 1
-        log.warning("dropped subscriber %s of job %d: %s", sub.addr, sub.job, why)
-        with contextlib.suppress(OSError):
-            sub.sock.close()
 
-    def stop(self, flush_timeout: float) -> None:
-        """Stop the thread, then send what is queued (up to the deadline) and close."""
-        with self.lock:
-            self._stopping = True
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._w, b"x")
-        if self.is_alive():
-            self.join()
-        deadline = time.monotonic() + flush_timeout
-        for sub in list(self.subs):
-            if sub.dead:
-                continue
-            try:
-                sub.sock.setblocking(True)
-                while sub.pending:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError("flush deadline passed")
-                    sub.sock.settimeout(left)
-                    sub.sock.sendall(sub.pending.popleft())
-                with contextlib.suppress(OSError):
-                    sub.sock.shutdown(socket.SHUT_WR)
-            except OSError as e:
-                log.warning("subscriber %s of job %d: final flush failed: %s", sub.addr, sub.job, e)
-            finally:
-                sub.dead = True
-                sub.sock.close()
-        self._sel.close()
-        os.close(self._r)
-        os.close(self._w)
+def _runs(cids: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of sorted cids as (first, last) pairs."""
+    out: list[tuple[int, int]] = []
+    for c in cids:
+        if out and out[-1][1] == c - 1:
+            out[-1] = (out[-1][0], c)
+        else:
+            out.append((c, c))
+    return out
 
 
 class Leader:
-    """Serve a database as the leader while ``jobs`` run.
+    """Serve a database as the leader while ``jobs`` run (or until stopped).
 
     ``port=0`` listens on an ephemeral port, available as :attr:`port` after
     :meth:`start`.
@@ -245,7 +156,11 @@ class Leader:
         background_checkpoint: bool = True,
         linger: float = 1.0,
         linger_max: float = 30.0,
+        poll_interval: float = 0.005,
+        watch_interval: float = 0.25,
+        flush_timeout: float = 3.0,
         trace: Trace | None = None,
+        transport: Transport | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ConfigError(f"port must be between 0 and 65535, not {port}")
@@ -254,137 +169,198 @@ class Leader:
         self.host = host
         self.port = port
         self.timeout = Timeout(seconds)
-        self.max_subscribers = max_subscribers
+        self._max_subscribers = max_subscribers
         self.request_timeout = request_timeout
         self.send_timeout = send_timeout
         self.trace = trace or Trace()
         self.background_checkpoint = background_checkpoint
         self.linger = linger
         self.linger_max = linger_max
+        self.poll_interval = poll_interval
+        self.watch_interval = watch_interval
+        self.flush_timeout = flush_timeout
+        self.transport = transport or TCP
+        self.group = TaskGroup("leader")
+        self._draining = False
         self._last_accept = 0.0
-        self._streamer = _Streamer(sub_buffer_bytes)
-        self._subs: list[list[_Subscriber]] = [[] for _ in self.jobs]
+        self._streamer = Streamer(sub_buffer_bytes)
+        self._subs: list[list[Subscriber]] = [[] for _ in range(self.njob)]
         self._sub_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
-        self._handlers: set[threading.Thread] = set()
-        self._handlers_lock = threading.Lock()
-        self._listener: socket.socket | None = None
-        self._acceptor: threading.Thread | None = None
-        self._threads: list[JobThread] = []
-        self._closing = threading.Event()
+        self._busy = 0  # requests being served
+        self._busy_lock = threading.Lock()
+        self._waker = Waker()
+        self._listener: Listener | None = None
+        self._checkpointer = Checkpointer(db)
+        self._others: OtherWriters | None = None
+        self._job_tasks: list[Task] = []
+        self._run_tasks: list[Task] = []
+        self._named: dict[str, Task] = {}
+        self._closed = False
         self.syncs_served = 0
+        self.refused = 0
+
+    # --- what the rules see (session.LeaderView) -------------------------------------
 
     @property
     def njob(self) -> int:
-        return len(self.jobs)
+        """Streams announced: one per job, then the other writers' stream."""
+        return len(self.jobs) + 1
+
+    @property
+    def max_subscribers(self) -> int:
+        return self._max_subscribers
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def position(self) -> Position:
+        return self.db.position()
+
+    def hash_at(self, cid: int) -> bytes | None:
+        return self.db.hash_at(cid)
+
+    def live_subscribers(self, job: int) -> int:
+        return sum(1 for s in self._subs[job] if not s.dead)
 
     def subscriber_counts(self) -> list[int]:
-        """Live subscribers per job."""
+        """Live subscribers per stream (the last one: other writers)."""
         with self._sub_lock:
-            return [sum(1 for s in subs if not s.dead) for subs in self._subs]
+            return [self.live_subscribers(k) for k in range(self.njob)]
 
     @property
     def dropped(self) -> int:
         """Subscribers dropped so far (slow, or gone)."""
         return self._streamer.dropped
 
+    @property
+    def error(self) -> BaseException | None:
+        return self.group.error
+
     # --- life cycle ------------------------------------------------------------
 
     def start(self) -> None:
-        self.db.set_mode(Mode.LEADER)
-        self._listener = self._listen()
+        db = self.db
+        db.check_unjournaled()
+        db.set_mode(Mode.LEADER)
+        db.set_role("leader")
+        self._listener = self.transport.listen(self.host, self.port)
+        self.port = self._listener.port
+        g = self.group
+        stop = g.stopping
+        self._named["watchdog"] = g.spawn("hct-watchdog", watch, db, stop, self.watch_interval)
         if self.background_checkpoint:
-            self.db.start_checkpointer()
-        self.port = self._listener.getsockname()[1]
-        self.trace("listening on %s:%d with %d jobs", self.host, self.port, self.njob)
-        self._streamer.start()
-        self._acceptor = threading.Thread(target=self._accept_loop, name="hct-accept", daemon=True)
-        self._acceptor.start()
+            self._named["checkpoint"] = g.spawn("hct-checkpoint", self._checkpointer.run, stop)
+        self._named["streamer"] = g.spawn(
+            "hct-streamer", self._streamer.run, stop, on_stop=self._streamer.wake
+        )
+        others = self._others = OtherWriters(db, db.snapshot(), self._send_others)
+        self._named["others"] = g.spawn("hct-others", others.run, stop, self.poll_interval)
+        self._named["accept"] = g.spawn("hct-accept", self._accept_loop, on_stop=self._waker.wake)
         for i, job in enumerate(self.jobs):
-            t = JobThread(i, job, self.db.connect, self.timeout, on_connect=self._hook_installer(i))
-            self._threads.append(t)
-            t.start()
+            t = g.spawn(
+                f"hct-job-{i}-{job.name}",
+                run_job,
+                i,
+                job,
+                db.connect,
+                self.timeout,
+                self._hook_installer(i),
+                on_stop=self.timeout.expire,
+            )
+            self._job_tasks.append(t)
+        if self.jobs:
+            self._run_tasks = self._job_tasks
+        else:
+            self._run_tasks = [
+                g.spawn("hct-timer", self.timeout.wait_expired, on_stop=self.timeout.expire)
+            ]
+        log.info(
+            "leader on %s:%d: %d jobs, cid %d", self.host, self.port, len(self.jobs), db.snapshot()
+        )
+        self.trace("listening on %s:%d with %d jobs", self.host, self.port, len(self.jobs))
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the jobs, then stop serving. Raises JobError if a job failed.
-        Returns False if ``timeout`` passed first (the leader keeps running)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for t in self._threads:
-            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if t.is_alive():
-                return False
-        self._linger()
-        self.stop()
-        errors = [t.error for t in self._threads if t.error]
-        if errors:
-            raise JobError("; ".join(errors))
+        """Wait for the run to end (every job ended, ``seconds`` passed, a stop,
+        or a failure), then close. Raises the first error (a failed job:
+        JobError). Returns False if ``timeout`` passed first."""
+        if not self.group.wait(self._run_tasks, timeout):
+            return False
+        if not self.group.stopping.is_set():
+            self._linger()
+        self.close()
+        self.group.raise_error()
         return True
 
     def run(self) -> None:
         self.start()
         self.wait()
 
+    def stop(self) -> None:
+        """Ask the leader to stop (safe from any thread; see :meth:`close`)."""
+        self._draining = True
+        self.group.stop()
+
     def _linger(self) -> None:
-        """The jobs have ended: keep answering while followers are still
+        """The run has ended: keep answering while followers are still
         arriving (a follower between its catch-up SYNC and its final SYNC
         needs a few more requests), until ``linger`` seconds pass without a
         new connection or ``linger_max`` seconds in all."""
         if self.linger <= 0:
             return
+        stop = self.group.stopping
         end = time.monotonic() + self.linger_max
-        while not self._closing.is_set():
+        while not stop.is_set():
             now = time.monotonic()
             quiet = now - self._last_accept
-            if (quiet >= self.linger and not self._busy()) or now >= end:
+            if (quiet >= self.linger and not self._busy) or now >= end:
                 return
-            self._closing.wait(min(0.05, max(0.0, self.linger - quiet)))
+            stop.wait(min(0.05, max(0.0, self.linger - quiet)))
 
-    def _busy(self) -> bool:
-        with self._handlers_lock:
-            return bool(self._handlers)
-
-    def stop(self, flush_timeout: float = 30.0) -> None:
-        """Stop accepting, flush and close the subscriber streams, finish
-        requests being served. Jobs are asked to stop via their timeout."""
-        if self._closing.is_set():
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop in order (see the module's docstring), within about ``timeout``
+        seconds. The first error of any thread stays in :attr:`error`."""
+        if self._closed:
             return
-        self._closing.set()
-        self.timeout.expire()
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.close()
-        if self._acceptor is not None:
-            self._acceptor.join()
-        if self._streamer.is_alive():
-            self._streamer.stop(flush_timeout)
-        self.db.stop_checkpointer()
-        with self._handlers_lock:
-            handlers = list(self._handlers)
-        for h in handlers:
-            h.join(self.send_timeout)
-        self.trace("leader stopped")
+        self._closed = True
+        self._draining = True
+        g = self.group
+        g.stop()
+        deadline = time.monotonic() + timeout
 
-    def _listen(self) -> socket.socket:
-        try:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        except OSError as e:
-            raise AddressInUseError(f"cannot create a socket: {e}") from None
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((self.host, self.port))
-            s.listen(128)
-        except OSError as e:
-            s.close()
-            if e.errno == errno.EADDRINUSE:
-                raise AddressInUseError(
-                    f"cannot listen on {self.host}:{self.port}: address already in use"
-                    " (is another leader running? choose another --port)"
-                ) from None
-            raise AddressInUseError(f"cannot listen on {self.host}:{self.port}: {e}") from None
-        s.settimeout(0.2)
-        return s
+        def left(share: float = 1.0) -> float:
+            return max(0.0, (deadline - time.monotonic()) * share)
+
+        for t in self._job_tasks:
+            t.join(left(0.5))
+        for name in ("accept", "others"):
+            if name in self._named:
+                self._named[name].join(left(0.5))
+        others = self._others
+        if others is not None and self._named["others"].done.is_set():
+            try:
+                others.catch_up()  # the last commits of other writers
+            finally:
+                others.close()
+        if "streamer" in self._named:
+            self._named["streamer"].join(left(0.5))
+            self._streamer.finish(min(self.flush_timeout, left(0.7)))
+        if self._listener is not None:
+            self._listener.close()
+        g.join(left())
+        if self.background_checkpoint:
+            self._checkpointer.final()
+        self._waker.close()
+        self.trace("leader stopped")
+        log.info("leader stopped at cid %d", self.db.snapshot())
+
+    # --- streams ----------------------------------------------------------------
 
     def _hook_installer(self, k: int) -> Any:
+        others = self._others
+        assert others is not None
+
         def install(conn: Any) -> None:
             subs = self._subs
             streamer = self._streamer
@@ -395,164 +371,129 @@ class Leader:
                     streamer.push(targets, wire.encode_entry(cid, schemacid, schema, data))
 
             conn.add_commit_hook(hook)
+            conn.track_cids(others.jobs)
 
         return install
+
+    def _send_others(self, frames: list[bytes]) -> None:
+        targets = self._subs[-1]
+        if targets:
+            for frame in frames:
+                self._streamer.push(targets, frame)
 
     # --- requests ---------------------------------------------------------------
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
-        while not self._closing.is_set():
-            try:
-                sock, addr = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._closing.is_set():
-                    return
-                continue
-            peer = f"{addr[0]}:{addr[1]}"
+        while True:
+            conn = self._listener.accept(self._waker)
+            if conn is None or self.group.stopping.is_set():
+                if conn is not None:
+                    conn.close()
+                return
             self._last_accept = time.monotonic()
             if not self._slots.acquire(blocking=False):
-                self._refuse(sock, "too many connections to the leader; retry later")
+                self._refuse(conn, Refuse(BUSY, "busy"))
+                conn.close()
                 continue
-            t = threading.Thread(
-                target=self._serve, args=(sock, peer), name=f"hct-serve-{peer}", daemon=True
-            )
-            with self._handlers_lock:
-                self._handlers.add(t)
-            t.start()
+            with self._busy_lock:
+                self._busy += 1
+            self.group.spawn(f"hct-serve-{conn.peer}", self._serve, conn, on_stop=conn.abort)
 
-    def _refuse(self, sock: socket.socket, message: str) -> None:
+    def _refuse(self, conn: Conn, r: Refuse) -> None:
+        self.refused += 1
+        if r.reason in ("incompatible", "ahead", "protocol"):
+            log.warning("refused %s: %s", conn.peer, r.detail or r.message)
+        else:
+            log.info("refused %s: %s", conn.peer, r.detail or r.message)
         try:
-            sock.settimeout(self.request_timeout)
-            sock.sendall(wire.encode_error(message))
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
+            conn.send_all(wire.encode_error(r.message), self.request_timeout)
+            conn.shutdown_write()
+        except ConnectionLostError:
             pass
-        finally:
-            sock.close()
 
-    def _serve(self, sock: socket.socket, peer: str) -> None:
+    def _serve(self, conn: Conn) -> None:
         keep = False
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(self.request_timeout)
-            req = self._read_request(sock, peer)
-            if isinstance(req, wire.SyncRequest):
-                self._serve_sync(sock, peer, req)
-            elif isinstance(req, wire.SubRequest):
-                keep = self._serve_sub(sock, peer, req)
-        except ProtocolError as e:
-            log.warning("bad request from %s: %s", peer, e)
-            self._refuse(sock, str(e))
-        except TimeoutError:
-            log.warning("no complete request from %s within %gs", peer, self.request_timeout)
-            self._refuse(sock, f"no complete request within {self.request_timeout:g} s")
-        except OSError as e:
-            log.info("connection from %s failed: %s", peer, e)
+            action = self._read_request(conn)
+            if isinstance(action, Refuse):
+                self._refuse(conn, action)
+            elif isinstance(action, ServeSync):
+                self._serve_sync(conn, action)
+            elif isinstance(action, ServeSub):
+                keep = True
+            elif isinstance(action, NoRequest):
+                log.info("%s connected and closed without a request", conn.peer)
+        except ConnectionLostError as e:
+            log.info("connection from %s failed: %s", conn.peer, e)
         except Exception:
-            log.exception("error serving %s", peer)
-            self._refuse(sock, "internal error in the leader; see its log")
+            log.exception("error serving %s", conn.peer)
+            self._refuse(conn, Refuse("internal error in the leader; see its log", "internal"))
         finally:
             if not keep:
-                with contextlib.suppress(OSError):
-                    sock.close()
+                conn.close()
+            with self._busy_lock:
+                self._busy -= 1
             self._slots.release()
-            with self._handlers_lock:
-                self._handlers.discard(threading.current_thread())
 
-    def _read_request(self, sock: socket.socket, peer: str) -> wire.Event | None:
-        dec = wire.RequestDecoder()
+    def _read_request(self, conn: Conn) -> Any:
+        """Read one request within ``request_timeout`` (for the whole request,
+        not per read) and decide it; a SUB is registered here."""
+        session = LeaderSession(self)
+        deadline = time.monotonic() + self.request_timeout
+        buf = bytearray(64)
         while True:
-            data = sock.recv(64)
-            if not data:
-                dec.eof()  # raises if it stopped mid-message
-                log.info("%s connected and closed without a request", peer)
-                return None
-            dec.feed(data)
-            events = dec.next_events()
-            if events:
-                return events[0]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return session.timed_out(self.request_timeout)
+            try:
+                n = conn.recv_into(buf, left)
+            except TimedOutError:
+                return session.timed_out(self.request_timeout)
+            if n == 0:
+                return session.receive_eof()
+            got = session.receive_data(memoryview(buf)[:n])
+            if got is None:
+                continue
+            if isinstance(got, Refuse):
+                return got
+            if isinstance(got, wire.SyncRequest):
+                return session.decide(got)
+            with self._sub_lock:  # the check and the registration are one step
+                action = session.decide(got)
+                if isinstance(action, ServeSub):
+                    self._subscribe(conn, action.job)
+            return action
 
-    def _serve_sync(self, sock: socket.socket, peer: str, req: wire.SyncRequest) -> None:
-        snap = self.db.position()
-        if req.cid > snap.cid:
-            log.warning(
-                "%s: follower at cid %d is ahead of the leader (snapshot %d); refused",
-                peer,
-                req.cid,
-                snap.cid,
-            )
-            self._refuse(sock, wire.INCOMPATIBLE)
-            return
-        h = self.db.hash_at(req.cid)
-        if h != req.hash:
-            why = "below the leader's baseline" if h is None else "a different history"
-            log.warning("%s: follower at cid %d has %s; refused", peer, req.cid, why)
-            self._refuse(sock, wire.INCOMPATIBLE)
-            return
-        sock.settimeout(self.send_timeout)
-        sock.sendall(wire.encode_syncreply_start(self.njob))
-        first = last = 0
-        n = 0
+    def _subscribe(self, conn: Conn, k: int) -> None:
+        conn.send_all(wire.encode_subreply_start(), self.request_timeout)
+        sub = Subscriber(conn, k)
+        self._streamer.add(sub)  # registered before any commit can queue for it
+        self._subs[k] = [*(s for s in self._subs[k] if not s.dead), sub]
+        log.info("%s subscribed to stream %d", conn.peer, k)
+        self.trace("SUB: job %d subscribed by %s", k, conn.peer)
+
+    def _serve_sync(self, conn: Conn, action: ServeSync) -> None:
+        conn.send_all(wire.encode_syncreply_start(action.njob), self.send_timeout)
+        first = last = n = 0
         buf = bytearray()
-        for cid, schemacid, schema, data in self._journal_rows(req.cid):
-            buf += _iqq.pack(17 + len(schema) + len(data), cid, schemacid)
-            buf += schema
-            buf += b"\x00"
-            buf += data
-            if not first:
-                first = cid
-                self.trace("SYNC: first CID = %d", cid)
-            last = cid
-            n += 1
-            if len(buf) >= _SEND_CHUNK:
-                sock.sendall(buf)
-                buf.clear()
-        buf += wire.END_OF_ENTRIES
-        sock.sendall(buf)
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
-        self.syncs_served += 1
-        self.trace("SYNC: last CID = %d (%d entries to %s)", last, n, peer)
-
-    def _journal_rows(self, after: int) -> Any:
-        """(cid, schemacid, schema bytes, data) after ``after``, streamed from a
-        read transaction of its own."""
-        conn = self.db.open_connection()
+        reader = JournalReader(self.db)
         try:
-            yield from conn.execute(
-                "SELECT cid, schemacid, CAST(schema AS BLOB), data FROM hct_journal"
-                " WHERE cid>? AND vhash IS NOT NULL ORDER BY cid",
-                (after,),
-            )
+            for row in reader.raw_entries(action.after):
+                wire.append_entry(buf, *row)
+                if not first:
+                    first = row[0]
+                    self.trace("SYNC: first CID = %d", first)
+                last = row[0]
+                n += 1
+                if len(buf) >= _SEND_CHUNK:
+                    conn.send_all(buf, self.send_timeout)
+                    buf.clear()
         finally:
-            conn.close()
-
-    def _serve_sub(self, sock: socket.socket, peer: str, req: wire.SubRequest) -> bool:
-        k = req.job
-        if not 0 <= k < self.njob:
-            log.warning("%s asked for job %d; there are %d", peer, k, self.njob)
-            self._refuse(
-                sock,
-                f"no such job: {k} (this leader runs {self.njob} jobs, numbered 0 to"
-                f" {self.njob - 1})"
-                if self.njob
-                else f"no such job: {k} (this leader runs no jobs)",
-            )
-            return False
-        with self._sub_lock:
-            live = [s for s in self._subs[k] if not s.dead]
-            if len(live) >= self.max_subscribers:
-                log.warning("%s: job %d already has %d subscribers", peer, k, len(live))
-                self._refuse(
-                    sock, f"too many subscribers for job {k} (the limit is {self.max_subscribers})"
-                )
-                return False
-            sock.sendall(wire.encode_subreply_start())
-            sub = _Subscriber(sock, k, peer)
-            self._streamer.add(sub)  # registered before any commit can queue for it
-            self._subs[k] = [*live, sub]
-        self.trace("SUB: job %d subscribed by %s", k, peer)
-        return True
+            reader.close()
+        buf += wire.END_OF_ENTRIES
+        conn.send_all(buf, self.send_timeout)
+        conn.shutdown_write()
+        self.syncs_served += 1
+        log.debug("SYNC from %s at cid %d: %d entries", conn.peer, action.after, n)
+        self.trace("SYNC: last CID = %d (%d entries to %s)", last, n, conn.peer)

@@ -14,12 +14,13 @@ Tcl (``hct_testserver``)               Python (``hctserver.node.Node``)
 =====================================  ==========================================
 
 Options: ``port`` (21212), ``host`` ("127.0.0.1"), ``seconds`` (0 = never),
-``follower`` (False), ``syncthreads`` (1, from 1 to 16), ``syncbytes`` (0).
+``follower`` (False), ``syncthreads`` (1, from 1 to 16), ``syncbytes`` (0),
+and ours: ``once`` (False: a follower runs until stopped, reconnecting when
+it loses its leader; True: the original's run, which ends with the leader's).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Any
 
@@ -37,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "follower": False,
     "syncthreads": 1,
     "syncbytes": 0,
+    "once": False,
 }
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -46,6 +48,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "follower": (bool,),
     "syncthreads": (int,),
     "syncbytes": (int,),
+    "once": (bool,),
 }
 
 
@@ -104,6 +107,7 @@ class Node:
                 syncbytes=o["syncbytes"],
                 jobs=self.jobs,
                 seconds=o["seconds"],
+                once=o["once"],
                 trace=trace,
                 **self.extra,
             )
@@ -123,6 +127,8 @@ class Node:
             leader.start()
 
     def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the run to end; raises the node's first error. False if
+        ``timeout`` passed first."""
         assert self._node is not None, "start() first"
         return self._node.wait(timeout)
 
@@ -130,18 +136,27 @@ class Node:
         self.start()
         self.wait()
 
-    def close(self) -> None:
-        if isinstance(self._node, Leader):
+    def stop(self) -> None:
+        """Ask the node to stop; safe from any thread (:meth:`wait` then returns)."""
+        if self._node is not None:
             self._node.stop()
-        elif isinstance(self._node, Follower):
-            self._node.stop()
-            with contextlib.suppress(Exception):  # wait() already reported it
-                self._node.wait()
+
+    @property
+    def error(self) -> BaseException | None:
+        """The node's first error, if any."""
+        return None if self._node is None else self._node.error
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the node and close the database. Returns within about
+        ``timeout`` seconds, even in the middle of a catch-up; the database
+        stays consistent. Errors stay in :attr:`error`."""
+        if self._node is not None:
+            self._node.close(timeout)
         self.db.close()
 
 
 def _check(name: str, value: Any) -> None:
-    wrong_bool = isinstance(value, bool) and name != "follower"
+    wrong_bool = isinstance(value, bool) and _TYPES[name] != (bool,)
     if wrong_bool or not isinstance(value, _TYPES[name]):
         raise ConfigError(f"option {name} takes {_TYPES[name][0].__name__}, not {value!r}")
     num = value if isinstance(value, (int, float)) else 0
@@ -149,5 +164,7 @@ def _check(name: str, value: Any) -> None:
         raise ConfigError(f"port must be between 0 and 65535, not {value}")
     if name == "syncthreads" and not 1 <= num <= 16:
         raise ConfigError(f"syncthreads must be between 1 and 16, not {value}")
-    if name in ("seconds", "syncbytes") and num < 0:
+    if name in ("seconds", "syncbytes") and not num >= 0:
         raise ConfigError(f"{name} must be >= 0, not {value}")
+    if name == "seconds" and num == float("inf"):
+        raise ConfigError("seconds must be finite (0 means never)")

@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import apsw
+
 from .errors import ApplyError
 
 INSERT = 18
@@ -156,6 +158,21 @@ class Table:
     def pk_columns(self) -> list[int]:
         """Indexes of the primary-key columns, in primary-key order."""
         return sorted((i for i in range(len(self.pk)) if self.pk[i]), key=lambda i: self.pk[i])
+
+
+def merge(datas: Sequence[bytes]) -> bytes:
+    """Many patchsets as one, merged by SQLite's changegroup (in C)."""
+    datas = [d for d in datas if d]
+    if len(datas) <= 1:
+        return datas[0] if datas else b""
+    data = b"".join(datas)  # a patchset may hold a table's block more than once
+    builder = apsw.ChangesetBuilder()  # type: ignore[no-untyped-call]
+    try:
+        builder.add(data)
+        out: bytes = builder.output()
+    finally:
+        builder.close()
+    return out
 
 
 def encode_table(name: str, pk: Sequence[int]) -> bytes:

@@ -1,4 +1,8 @@
-"""Comparing two replication-enabled databases: position, schema, every row."""
+"""Comparing two replication-enabled databases: position, schema, every row.
+
+When one database's history is a strict prefix of the other's (a follower
+that is merely behind), the answer is :class:`Behind`, not a difference.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from typing import Any
 
 import apsw
 
-from .journal import SYSTEM_TABLES, Database, fetchall, quote_ident, table_info
+from .sqlutil import fetchall, quote_ident, table_info
+from .store import Store
+from .systables import USER_OBJECTS_WHERE
 
 
 @dataclass
@@ -30,6 +36,19 @@ class Difference:
         if self.column is not None:
             where.append(f"column {self.column}")
         return (", ".join(where) + ": " if where else "") + self.what
+
+
+@dataclass
+class Behind:
+    """``behind``'s history is a strict prefix of ``ahead``'s."""
+
+    behind: str
+    ahead: str
+    cids: int
+    at: int
+
+    def __str__(self) -> str:
+        return f"{self.behind} is behind {self.ahead} by {self.cids} cids (at cid {self.at})"
 
 
 def _show_key(key: tuple[Any, ...]) -> str:
@@ -59,10 +78,9 @@ def _tables(c: apsw.Connection) -> list[str]:
         r[0]
         for r in fetchall(
             c,
-            "SELECT name FROM sqlite_schema WHERE type='table' AND name NOT LIKE 'sqlite\\_%'"
-            " ESCAPE '\\' ORDER BY name",
+            f"SELECT name FROM sqlite_schema WHERE type='table' AND {USER_OBJECTS_WHERE}"
+            " ORDER BY name",
         )
-        if r[0] not in SYSTEM_TABLES
     ]
 
 
@@ -70,19 +88,22 @@ def _schema(c: apsw.Connection) -> dict[tuple[str, str], str]:
     return {
         (t, n): s
         for t, n, s in fetchall(
-            c,
-            "SELECT type, name, sql FROM sqlite_schema WHERE name NOT LIKE 'sqlite\\_%'"
-            " ESCAPE '\\'",
+            c, f"SELECT type, name, sql FROM sqlite_schema WHERE {USER_OBJECTS_WHERE}"
         )
-        if n not in SYSTEM_TABLES
     }
 
 
-def compare(path1: str, path2: str) -> Difference | None:
+def compare(path1: str, path2: str) -> Difference | Behind | None:
     """None when both databases have the same user tables, schema and position;
+    :class:`Behind` when one's history is a strict prefix of the other's;
     otherwise the first difference (user data first, as it is the most telling)."""
-    d1, d2 = Database(path1, init=False), Database(path2, init=False)
+    d1, d2 = Store(path1, init=False), Store(path2, init=False)
     try:
+        p1, p2 = d1.position(), d2.position()
+        if p1.cid < p2.cid and d2.hash_at(p1.cid) == p1.hash:
+            return Behind(path1, path2, p2.cid - p1.cid, p1.cid)
+        if p2.cid < p1.cid and d1.hash_at(p2.cid) == p2.hash:
+            return Behind(path2, path1, p1.cid - p2.cid, p2.cid)
         c1, c2 = d1.open_connection(), d2.open_connection()
         try:
             c1.execute("BEGIN")
@@ -93,10 +114,8 @@ def compare(path1: str, path2: str) -> Difference | None:
         finally:
             c1.close()
             c2.close()
-        if diff is None:
-            p1, p2 = d1.position(), d2.position()
-            if p1 != p2:
-                diff = Difference(f"positions differ: {p1} != {p2}")
+        if diff is None and p1 != p2:
+            diff = Difference(f"the histories differ: positions {p1} and {p2}")
         return diff
     finally:
         d1.close()

@@ -115,6 +115,14 @@ def encode_entry(cid: int, schemacid: int, schema: str | bytes, data: bytes) -> 
     return b"".join((_iqq.pack(16 + len(s) + 1 + len(data), cid, schemacid), s, b"\x00", data))
 
 
+def append_entry(buf: bytearray, cid: int, schemacid: int, schema: bytes, data: bytes) -> None:
+    """Frame an entry onto ``buf`` (the leader's fast path: schema already bytes)."""
+    buf += _iqq.pack(17 + len(schema) + len(data), cid, schemacid)
+    buf += schema
+    buf += b"\x00"
+    buf += data
+
+
 def encode_syncreply(njob: int, entries: list[Entry]) -> bytes:
     """A whole SYNCREPLY (for tests and small replies; the leader streams)."""
     return b"".join(

@@ -1,0 +1,45 @@
+"""What user SQL may do on a journaled connection: everything SQLite allows,
+except writing or dropping hctserver's system tables and guard triggers.
+hctserver's own statements run inside :meth:`Authorizer.bypass`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import apsw
+
+from .systables import GUARD_PREFIX, SYSTEM_TABLES
+
+_WRITE_OPS = frozenset({apsw.SQLITE_INSERT, apsw.SQLITE_UPDATE, apsw.SQLITE_DELETE})
+_DDL_OPS = frozenset({apsw.SQLITE_DROP_TABLE, apsw.SQLITE_ALTER_TABLE})
+_TRIGGER_OPS = frozenset({apsw.SQLITE_CREATE_TRIGGER, apsw.SQLITE_DROP_TRIGGER})
+
+
+class Authorizer:
+    """Installed on one connection; see the module's docstring."""
+
+    def __init__(self, conn: apsw.Connection) -> None:
+        self._internal = 0
+        conn.set_authorizer(self)
+
+    @contextlib.contextmanager
+    def bypass(self) -> Iterator[None]:
+        self._internal += 1
+        try:
+            yield
+        finally:
+            self._internal -= 1
+
+    def __call__(
+        self, op: int, p1: str | None, p2: str | None, dbname: str | None, trigger: str | None
+    ) -> int:
+        if self._internal:
+            return apsw.SQLITE_OK
+        if op in _WRITE_OPS:
+            return apsw.SQLITE_DENY if p1 in SYSTEM_TABLES else apsw.SQLITE_OK
+        if op in _DDL_OPS and (p1 in SYSTEM_TABLES or p2 in SYSTEM_TABLES):
+            return apsw.SQLITE_DENY
+        if op in _TRIGGER_OPS and p1 is not None and p1.startswith(GUARD_PREFIX):
+            return apsw.SQLITE_DENY
+        return apsw.SQLITE_OK

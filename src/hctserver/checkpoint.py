@@ -1,0 +1,95 @@
+"""WAL checkpoints off the commit and apply paths.
+
+While a :class:`Checkpointer` runs, connections the store opens leave
+checkpoints to it (``wal_autocheckpoint=0``). Most of the copying overlaps
+with the writers; the last frames are copied holding the writer lock, so
+that the WAL can start over (a checkpoint racing with appends never
+completes). A failing checkpoint (a full disk, a busy reader) is logged once
+per kind of error and retried with backoff; it never stops the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import apsw
+
+from .sqlutil import fetchone
+from .store import Store
+
+log = logging.getLogger("hctserver")
+
+
+class Checkpointer:
+    """Checkpoints ``db``'s WAL every ``interval`` seconds; takes the writer
+    lock for a full pass once ``frames`` frames have gathered."""
+
+    def __init__(self, db: Store, interval: float = 0.1, frames: int = 16000) -> None:
+        self.db = db
+        self.interval = interval
+        self.frames = frames
+        self.failures = 0
+        self._seen: set[str] = set()
+
+    def run(self, stop: threading.Event) -> None:
+        """Checkpoint until ``stop`` is set. Call :meth:`final` once the writers
+        have stopped."""
+        db = self.db
+        db.background_checkpoints = True
+        conn = db.open_connection()
+        delay = self.interval
+        try:
+            while not stop.wait(delay):
+                try:
+                    self._pass(conn)
+                    delay = self.interval
+                except apsw.Error as e:
+                    self.failures += 1
+                    delay = min(5.0, max(self.interval, delay * 2))
+                    kind = type(e).__name__
+                    if kind not in self._seen:
+                        self._seen.add(kind)
+                        log.warning(
+                            "WAL checkpoint of %s failed (%s); retrying every %.1f s at most",
+                            db.path,
+                            e,
+                            5.0,
+                        )
+        finally:
+            db.background_checkpoints = False
+            conn.close()
+
+    def _pass(self, conn: apsw.Connection) -> None:
+        _, in_wal, _copied = fetchone(conn, "PRAGMA wal_checkpoint(PASSIVE)")
+        if in_wal < self.frames:
+            return
+        lock = self.db.share
+        self.db.checkpoint_wanted = True  # writers let us have the lock
+        try:
+            if lock.acquire(timeout=1.0):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                finally:
+                    lock.release()
+        finally:
+            self.db.checkpoint_wanted = False
+
+    def final(self) -> bool:
+        """Copy the whole WAL into the database and empty it (TRUNCATE), or as
+        much as readers allow. Returns True when the WAL was emptied."""
+        try:
+            conn = self.db.open_connection()
+        except Exception as e:
+            log.warning("final WAL checkpoint of %s failed: %s", self.db.path, e)
+            return False
+        try:
+            busy, _, _ = fetchone(conn, "PRAGMA wal_checkpoint(TRUNCATE)")
+            if busy:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            return not busy
+        except apsw.Error as e:
+            log.warning("final WAL checkpoint of %s failed: %s", self.db.path, e)
+            return False
+        finally:
+            conn.close()

@@ -1,0 +1,528 @@
+"""The replication-enabled database file: the store behind leaders and followers.
+
+A :class:`Store` is an ordinary SQLite file plus the system tables of
+:mod:`hctserver.systables` (SPEC section 1). It owns set-up and adoption,
+the mode, the position and the journal's reading, rollback and truncate,
+commit hooks and waiting for the snapshot. Writing user transactions
+(:mod:`hctserver.connection`) and applying entries (:mod:`hctserver.apply`)
+are built on it; :class:`hctserver.journal.Database` joins the three.
+
+This module has no networking.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import apsw
+
+from . import guard
+from .append import append_entry
+from .errors import (
+    ConfigError,
+    JournalError,
+    ModeError,
+    NotReplicationDatabaseError,
+    UnjournaledWriteError,
+)
+from .position import ZERO_HASH, Entry, Position
+from .sqlutil import fetchall, fetchone, table_rows_patchset, write_transaction
+from .systables import (
+    BASELINE,
+    CREATE_BASELINE,
+    CREATE_JOURNAL,
+    CREATE_LOCAL,
+    JOURNAL,
+    LOCAL,
+    USER_OBJECTS_WHERE,
+    Tail,
+    get_local,
+    read_position,
+    set_local,
+)
+
+log = logging.getLogger("hctserver")
+
+CommitHook = Callable[[int, str, bytes, int], None]
+
+SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+ROLES = ("leader", "follower")
+
+
+class Mode(enum.Enum):
+    LEADER = "leader"
+    FOLLOWER = "follower"
+
+
+class FileShare:
+    """What the connections of one process share about one database file:
+    the writer lock (threads queue on it instead of spinning in SQLite's
+    busy handler; other processes meet busy_timeout), ``tail`` = (cid,
+    schemacid for the next entry, H) after this process's last journaled
+    commit or None when unknown, and ``schema_epoch``, which counts schema
+    changes made here (cached table shapes follow it)."""
+
+    __slots__ = ("__weakref__", "_lock", "acquire", "release", "schema_epoch", "tail")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.acquire = self._lock.acquire
+        self.release = self._lock.release
+        self.tail: Tail | None = None
+        self.schema_epoch = 0
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+_shares: weakref.WeakValueDictionary[str, FileShare] = weakref.WeakValueDictionary()
+_shares_guard = threading.Lock()
+
+
+def file_share(path: str) -> FileShare:
+    """The one :class:`FileShare` of ``path`` in this process."""
+    with _shares_guard:
+        share = _shares.get(path)
+        if share is None:
+            share = _shares[path] = FileShare()
+        return share
+
+
+class Store:
+    """A replication-enabled SQLite database.
+
+    Opening a file creates the system tables if needed. A plain SQLite
+    database that already holds tables is *adopted*: its schema and rows
+    become journal entry cid 1, so that replaying the journal reproduces it.
+    Every table gets hctserver's guards (:mod:`hctserver.guard`).
+
+    The mode starts as FOLLOWER, as in the original. Durability: WAL mode
+    with ``synchronous=NORMAL`` by default (a commit survives a process
+    crash; the last commits may be lost on power loss). Pass
+    ``synchronous="FULL"`` to fsync every commit.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        init: bool = True,
+        synchronous: str = "NORMAL",
+        wal: bool = True,
+        busy_timeout: float = 5.0,
+    ) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        sync = synchronous.upper()
+        if sync not in SYNCHRONOUS:
+            raise ConfigError(
+                f"synchronous must be one of {', '.join(SYNCHRONOUS)}, not {synchronous!r}"
+            )
+        if not busy_timeout >= 0 or math.isinf(busy_timeout):
+            raise ConfigError("busy_timeout must be a finite number of seconds >= 0")
+        self.synchronous = sync
+        self.wal = wal
+        self.busy_timeout = busy_timeout
+        self._mode = Mode.FOLLOWER
+        self._mode_epoch = 0  # bumped on every mode change; connections compare it
+        self._hooks: tuple[CommitHook, ...] = ()
+        self._listeners: tuple[Callable[[int], None], ...] = ()
+        self._lock = threading.Lock()  # guards self._conn
+        self._cond = threading.Condition()  # signalled when the snapshot moves
+        self._known_snapshot = 0
+        self._data_version = -1
+        # a background checkpointer runs: new connections leave checkpoints to it
+        self.background_checkpoints = False
+        # the checkpointer wants the writer lock: writers let it have it first
+        self.checkpoint_wanted = False
+        self.share = file_share(self.path)
+        if not init and not os.path.exists(self.path):
+            raise NotReplicationDatabaseError(
+                f"{self.path}: no such database (create it with `hctserver init`)"
+            )
+        self._conn = self.open_connection()
+        try:
+            self._setup(init)
+            self._known_snapshot = self.position().cid
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # --- connections -----------------------------------------------------
+
+    def open_connection(self, *, apply: bool = False) -> apsw.Connection:
+        """A raw apsw connection with this database's settings, let through
+        the guards (it is hctserver's own).
+
+        ``apply=True`` gives a connection for applying journal entries:
+        triggers and foreign keys off, since their effects are already in
+        the entries.
+        """
+        try:
+            conn = apsw.Connection(self.path)
+            conn.set_busy_timeout(int(self.busy_timeout * 1000))
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            if self.background_checkpoints:
+                conn.execute("PRAGMA wal_autocheckpoint=0")
+            if apply:
+                conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
+                conn.execute("PRAGMA foreign_keys=OFF")
+            guard.allow(conn)
+        except apsw.CantOpenError as e:
+            raise NotReplicationDatabaseError(f"{self.path}: cannot open: {e}") from None
+        except apsw.NotADBError:
+            raise NotReplicationDatabaseError(f"{self.path}: not an SQLite database") from None
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- set-up and adoption ---------------------------------------------
+
+    def _setup(self, init: bool) -> None:
+        c = self._conn
+        try:
+            present = {
+                r[0]
+                for r in c.execute(
+                    "SELECT name FROM sqlite_schema WHERE type='table' AND name IN (?, ?, ?)",
+                    (JOURNAL, BASELINE, LOCAL),
+                )
+            }
+        except apsw.NotADBError:
+            raise NotReplicationDatabaseError(f"{self.path}: not an SQLite database") from None
+        if present == {JOURNAL, BASELINE, LOCAL}:
+            return
+        if {JOURNAL, BASELINE} - present and not init:
+            raise NotReplicationDatabaseError(
+                f"{self.path}: not a replication database (no hct_journal/hct_baseline);"
+                " run `hctserver init` on it first"
+            )
+        if self.wal:
+            c.execute("PRAGMA journal_mode=WAL").fetchall()
+        with write_transaction(c):
+            c.execute(CREATE_JOURNAL)
+            c.execute(CREATE_BASELINE)
+            c.execute(CREATE_LOCAL)
+            if not c.execute("SELECT 1 FROM hct_baseline").fetchall():
+                c.execute("INSERT INTO hct_baseline VALUES(0, 0, zeroblob(16))")
+            if not c.execute("SELECT 1 FROM hct_journal LIMIT 1").fetchall():
+                self._adopt(c)
+            if not guard.recorded(c):
+                guard.protect(c)
+
+    def _adopt(self, c: apsw.Connection) -> None:
+        """Turn existing user objects and rows into journal entry cid 1."""
+        objs = fetchall(
+            c,
+            f"SELECT type, name, sql FROM sqlite_schema WHERE sql IS NOT NULL"
+            f" AND {USER_OBJECTS_WHERE} ORDER BY CASE type WHEN 'table' THEN 0"
+            " WHEN 'index' THEN 1 WHEN 'view' THEN 2 ELSE 3 END, rowid",
+        )
+        if not objs:
+            return
+        schema = ";".join(sql for _, _, sql in objs)
+        data = b"".join(table_rows_patchset(c, name) for typ, name, _ in objs if typ == "table")
+        append_entry(c, (0, 0, ZERO_HASH), schema, data)
+        log.info("adopted %d schema objects of %s as cid 1", len(objs), self.path)
+
+    # --- mode and role ----------------------------------------------------------
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @property
+    def mode_epoch(self) -> int:
+        """Changes whenever the mode does (connections cache their mode by it)."""
+        return self._mode_epoch
+
+    def set_mode(self, mode: Mode | str) -> None:
+        m = Mode(mode.lower()) if isinstance(mode, str) else mode
+        if m is Mode.LEADER:
+            hole = self.first_hole()
+            if hole is not None:
+                raise ModeError(
+                    f"cannot become LEADER: the journal has a hole at cid {hole}"
+                    " (entries above it were received but not applied); call rollback() first"
+                )
+        self._mode = m
+        self._mode_epoch += 1
+
+    @property
+    def role(self) -> str | None:
+        """The role the last node run on this file gave it ("leader",
+        "follower"), recorded in the file; None if no node has run on it."""
+        with self._lock:
+            value = get_local(self._conn, "role")
+        return str(value) if value is not None else None
+
+    def set_role(self, role: str) -> None:
+        if role not in ROLES:
+            raise ConfigError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        if self.role == role:
+            return  # a refused follower's file stays byte for byte as it was
+        with self._lock, write_transaction(self._conn) as c:
+            set_local(c, "role", role)
+
+    # --- guards -------------------------------------------------------------------
+
+    def check_unjournaled(self) -> None:
+        """Raise UnjournaledWriteError if the schema was changed behind the
+        journal's back (see :mod:`hctserver.guard`)."""
+        with self._lock:
+            found = guard.check(self._conn)
+        if found is not None:
+            raise UnjournaledWriteError(
+                f"{self.path} was changed outside hctserver: {found}. A plain SQLite"
+                " client bypassed the journal, so this copy no longer matches its"
+                " history; it was left as found. Restore it from its leader (re-seed"
+                " a follower from an empty file) and write only through hctserver"
+            )
+
+    # --- reading the journal ------------------------------------------------
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock:
+            return fetchall(self._conn, sql, args)
+
+    def position(self) -> Position:
+        """(snapshot cid, version hash H at it)."""
+        with self._lock:
+            return Position(*read_position(self._conn))
+
+    def snapshot(self) -> int:
+        """The newest cid whose changes (and all before it) are in the user tables."""
+        return self.position().cid
+
+    def max_cid(self) -> int:
+        rows = self._query(
+            "SELECT max(cid) FROM hct_journal UNION ALL SELECT cid FROM hct_baseline"
+        )
+        return int(max(r[0] for r in rows if r[0] is not None))
+
+    def first_hole(self) -> int | None:
+        """The lowest missing cid below the newest stored one, or None."""
+        snap = self.snapshot()
+        return snap + 1 if self.max_cid() > snap else None
+
+    def baseline(self) -> tuple[int, int, bytes]:
+        cid, schemacid, h = self._query("SELECT cid, schemacid, hash FROM hct_baseline")[0]
+        return cid, schemacid, bytes(h)
+
+    def hash_at(self, cid: int) -> bytes | None:
+        """H at ``cid``, or None if cid is not an applied position of this database
+        (above the snapshot, or below the baseline where truncate forgot it)."""
+        rows = self._query(
+            "SELECT vhash FROM hct_journal WHERE cid=? AND vhash IS NOT NULL"
+            " UNION ALL SELECT hash FROM hct_baseline WHERE cid=?",
+            (cid, cid),
+        )
+        return bytes(rows[0][0]) if rows else None
+
+    def entry(self, cid: int) -> Entry | None:
+        rows = self._query(
+            "SELECT cid, schemacid, schema, data FROM hct_journal WHERE cid=?", (cid,)
+        )
+        return Entry(rows[0][0], rows[0][1], rows[0][2], bytes(rows[0][3])) if rows else None
+
+    def iter_entries(self, after: int = 0, upto: int | None = None) -> Iterator[Entry]:
+        """Applied entries with ``after < cid <= upto``, in cid order, streamed from
+        a read transaction of its own (a consistent view; no lock held)."""
+        conn = self.open_connection()
+        try:
+            hi = upto if upto is not None else (1 << 63) - 1
+            cur = conn.execute(
+                "SELECT cid, schemacid, schema, data FROM hct_journal"
+                " WHERE cid>? AND cid<=? AND vhash IS NOT NULL ORDER BY cid",
+                (after, hi),
+            )
+            for cid, schemacid, schema, data in cur:
+                yield Entry(cid, schemacid, schema, data)
+        finally:
+            conn.close()
+
+    def journal_stats(self) -> tuple[int, int]:
+        """(number of journal rows, total bytes of schema and data)."""
+        n, size = self._query(
+            "SELECT count(*), coalesce(sum(length(CAST(schema AS BLOB))+length(data)),0)"
+            " FROM hct_journal"
+        )[0]
+        return n, size
+
+    def status(self) -> dict[str, Any]:
+        pos = self.position()
+        bcid, bschemacid, _ = self.baseline()
+        n, size = self.journal_stats()
+        return {
+            "path": self.path,
+            "mode": self._mode.value,
+            "role": self.role,
+            "snapshot": pos.cid,
+            "max_cid": self.max_cid(),
+            "first_hole": self.first_hole(),
+            "hash": pos.hash.hex(),
+            "baseline_cid": bcid,
+            "baseline_schemacid": bschemacid,
+            "journal_entries": n,
+            "journal_bytes": size,
+        }
+
+    # --- changing the journal ---------------------------------------------
+
+    def rollback(self) -> int:
+        """Discard every journal entry above the first hole; return how many.
+
+        Such entries were stored but never applied to the user's tables, so
+        only journal rows go. Call it before starting an applier (the
+        original does this at start-up).
+        """
+        with self._lock, write_transaction(self._conn) as c:
+            snap = read_position(c)[0]
+            c.execute("DELETE FROM hct_journal WHERE cid>?", (snap,))
+            n = c.changes()
+        if n:
+            log.info("rollback discarded %d entries above cid %d", n, snap)
+        return n
+
+    def truncate(self, min_cid: int) -> int:
+        """Delete entries below ``min_cid``, folding them into the baseline.
+
+        The baseline takes cid ``min_cid-1``, H at that cid, and the schemacid
+        a transaction after it would run against (the largest schemacid of
+        the folded entries, counting a schema-changing entry's own cid).
+        Returns the number of entries removed.
+        """
+        with self._lock, write_transaction(self._conn) as c:
+            bcid, bschema = fetchone(c, "SELECT cid, schemacid FROM hct_baseline")
+            snap = read_position(c)[0]
+            if min_cid > snap + 1:
+                raise JournalError(
+                    f"cannot truncate below cid {min_cid}: the snapshot is {snap};"
+                    f" pick a min-cid of at most {snap + 1}"
+                )
+            if min_cid <= bcid + 1:
+                return 0
+            newcid = min_cid - 1
+            (vh,) = fetchone(c, "SELECT vhash FROM hct_journal WHERE cid=?", (newcid,))
+            (sc,) = fetchone(
+                c,
+                "SELECT max(iif(schema<>'', cid, schemacid)) FROM hct_journal WHERE cid<?",
+                (min_cid,),
+            )
+            c.execute(
+                "UPDATE hct_baseline SET cid=?, schemacid=?, hash=?",
+                (newcid, max(bschema, sc or 0), vh),
+            )
+            c.execute("DELETE FROM hct_journal WHERE cid<?", (min_cid,))
+            n: int = c.changes()
+        return n
+
+    # --- hooks and waiting ------------------------------------------------
+
+    @property
+    def commit_hooks(self) -> tuple[CommitHook, ...]:
+        return self._hooks
+
+    def add_commit_hook(self, hook: CommitHook) -> None:
+        """Call ``hook(cid, schema, data, schemacid)`` after every journaled commit
+        made through this object's connections (in the committing thread)."""
+        self._hooks = (*self._hooks, hook)
+
+    def remove_commit_hook(self, hook: CommitHook) -> None:
+        self._hooks = tuple(h for h in self._hooks if h is not hook)
+
+    def add_snapshot_listener(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(cid)`` whenever this process moves the snapshot
+        (a leader commit or a follower's applied batch), in that thread."""
+        self._listeners = (*self._listeners, listener)
+
+    def notify_snapshot(self, cid: int) -> None:
+        """Record that the snapshot reached ``cid`` and wake :meth:`wait_for`."""
+        with self._cond:
+            if cid > self._known_snapshot:
+                self._known_snapshot = cid
+                self._cond.notify_all()
+        for listener in self._listeners:
+            listener(cid)
+
+    def _changed_elsewhere(self) -> bool:
+        """Has another connection (any process) committed since we last looked?"""
+        with self._lock:
+            (v,) = fetchone(self._conn, "PRAGMA data_version")
+        changed = v != self._data_version
+        self._data_version = v
+        return bool(changed)
+
+    def wait_for(self, cid: int, timeout: float | None = None, poll: float = 0.01) -> bool:
+        """Block until the snapshot reaches ``cid`` (read-your-writes on a
+        follower). Returns False on timeout.
+
+        A commit or apply made in this process wakes the waiter at once.
+        Changes made by another process (a follower node, an application
+        writing to a leader) are seen by polling: every ``poll`` seconds one
+        ``PRAGMA data_version`` (a few microseconds), and a position read
+        only when the file changed.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._known_snapshot >= cid:
+                    return True
+                if self._changed_elsewhere():
+                    self._known_snapshot = max(self._known_snapshot, self.snapshot())
+                    continue
+                left = poll if deadline is None else min(poll, deadline - time.monotonic())
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+
+
+class JournalReader:
+    """A read connection of its own on the journal, for streaming entries out
+    (a leader's SYNC replies and its stream of other writers' commits)."""
+
+    def __init__(self, db: Store) -> None:
+        self.conn = db.open_connection()
+        self._version = -1
+
+    def changed(self) -> bool:
+        """Has any other connection committed since the last call?"""
+        (v,) = fetchone(self.conn, "PRAGMA data_version")
+        changed = v != self._version
+        self._version = v
+        return bool(changed)
+
+    def newest(self) -> int:
+        """The newest applied cid (the baseline's if the journal is empty)."""
+        return read_position(self.conn)[0]
+
+    def raw_entries(self, after: int, upto: int | None = None) -> Iterator[tuple[Any, ...]]:
+        """(cid, schemacid, schema as bytes, data) of the applied entries with
+        ``after < cid <= upto``, in cid order, from one read transaction."""
+        hi = upto if upto is not None else (1 << 63) - 1
+        yield from self.conn.execute(
+            "SELECT cid, schemacid, CAST(schema AS BLOB), data FROM hct_journal"
+            " WHERE cid>? AND cid<=? AND vhash IS NOT NULL ORDER BY cid",
+            (after, hi),
+        )
+
+    def close(self) -> None:
+        self.conn.close()

@@ -1,0 +1,370 @@
+"""Every socket hctserver makes, reads and writes lives in this module.
+
+The node layer sees three things: a :class:`Listener` (accept), a
+:class:`Conn` (blocking calls with a deadline, or non-blocking tries) and a
+:class:`Poller` (wait until connections are ready). Failures arrive as
+:class:`~hctserver.errors.ConnectionLostError` (a peer that reset, closed or
+went silent) or :class:`~hctserver.errors.ConnectError`; a non-blocking try
+that would block returns 0 or None instead of raising. So a layer such as
+TLS, which buffers bytes a selector cannot see (:meth:`Conn.pending`) and
+reports "want read" as an ``OSError``, is a change here alone.
+
+Two transports: :data:`TCP` (the default) and :class:`MemoryNetwork`
+(socket pairs inside one process, no TCP stack or ports: for tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import queue
+import selectors
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from .errors import AddressInUseError, ConnectError, ConnectionLostError, TimedOutError
+
+_WOULD_BLOCK = (BlockingIOError, InterruptedError)
+
+
+class Conn:
+    """One connection. Blocking calls take a timeout in seconds (None: wait
+    for ever); ``try_*`` calls need :meth:`set_blocking` (False) first."""
+
+    def __init__(self, sock: socket.socket, peer: str) -> None:
+        self._sock = sock
+        self.peer = peer
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def set_blocking(self, flag: bool) -> None:
+        self._sock.setblocking(flag)
+
+    def send_all(self, data: bytes | bytearray | memoryview, timeout: float | None) -> None:
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.sendall(data)
+        except TimeoutError:
+            raise TimedOutError(f"{self.peer} took nothing for {timeout:g} s") from None
+        except OSError as e:
+            raise ConnectionLostError(f"sending to {self.peer} failed: {_why(e)}") from None
+
+    def recv_into(self, buf: bytearray | memoryview, timeout: float | None) -> int:
+        """Bytes read into ``buf``; 0 when the peer closed its side."""
+        try:
+            self._sock.settimeout(timeout)
+            return self._sock.recv_into(buf)
+        except TimeoutError:
+            raise TimedOutError(f"{self.peer} sent nothing for {timeout:g} s") from None
+        except OSError as e:
+            if self.closed:
+                return 0
+            raise ConnectionLostError(f"reading from {self.peer} failed: {_why(e)}") from None
+
+    def try_send(self, data: bytes | memoryview) -> int:
+        """Send what fits now; 0 if nothing does."""
+        try:
+            return self._sock.send(data)
+        except _WOULD_BLOCK:
+            return 0
+        except OSError as e:
+            raise ConnectionLostError(f"sending to {self.peer} failed: {_why(e)}") from None
+
+    def try_recv_into(self, buf: bytearray | memoryview) -> int | None:
+        """Bytes read; 0 when the peer closed; None if none are ready."""
+        try:
+            return self._sock.recv_into(buf)
+        except _WOULD_BLOCK:
+            return None
+        except OSError as e:
+            raise ConnectionLostError(f"reading from {self.peer} failed: {_why(e)}") from None
+
+    def pending(self) -> int:
+        """Bytes received and buffered above the socket (none for plain TCP)."""
+        return 0
+
+    def shutdown_write(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)
+
+    def abort(self) -> None:
+        """Wake any thread blocked on this connection (it sees end of file)."""
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+def _why(e: OSError) -> str:
+    if e.errno is not None and e.strerror:
+        return e.strerror.lower()
+    return str(e) or type(e).__name__
+
+
+class Waker:
+    """A file descriptor that a :class:`Poller` or :meth:`Listener.accept`
+    watches, so that another thread can wake them at once."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+
+    def fileno(self) -> int:
+        return self._r
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._w, b"x")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self._r, 4096):
+                pass
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class Listener:
+    """A listening endpoint; :meth:`accept` waits for a connection or a wake-up."""
+
+    def __init__(self, sock: socket.socket, host: str) -> None:
+        self._sock = sock
+        self._sock.setblocking(False)
+        self.host = host
+        self.port: int = sock.getsockname()[1]
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def accept(self, waker: Waker) -> Conn | None:
+        """The next connection, or None once ``waker`` was woken."""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._sock, selectors.EVENT_READ)
+            sel.register(waker, selectors.EVENT_READ)
+            while True:
+                ready = {key.fileobj for key, _ in sel.select()}
+                if waker in ready:
+                    waker.drain()
+                    return None
+                try:
+                    sock, addr = self._sock.accept()
+                except _WOULD_BLOCK:
+                    continue
+                except OSError as e:
+                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        raise ConnectionLostError(f"cannot accept: {_why(e)}") from None
+                    continue  # the client gave up before we accepted
+                sock.setblocking(True)
+                _nodelay(sock)
+                return Conn(sock, _peer(addr))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+def _peer(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = addr[0]
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return str(addr) or "local"
+
+
+def _nodelay(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Transport(Protocol):
+    def listen(self, host: str, port: int) -> Listener: ...
+
+    def connect(self, host: str, port: int, timeout: float) -> Conn: ...
+
+
+class TcpTransport:
+    """TCP over IPv4 or IPv6 (a host with ':' is IPv6)."""
+
+    def listen(self, host: str, port: int) -> Listener:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            sock = socket.create_server((host, port), family=family, backlog=128)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise AddressInUseError(
+                    f"cannot listen on {host}:{port}: address already in use"
+                    " (is another leader running? choose another --port)"
+                ) from None
+            raise AddressInUseError(f"cannot listen on {host}:{port}: {_why(e)}") from None
+        return Listener(sock, host)
+
+    def connect(self, host: str, port: int, timeout: float) -> Conn:
+        where = f"{host}:{port}"
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except ConnectionRefusedError:
+            raise ConnectError(
+                f"cannot connect to the leader at {where}: connection refused"
+                " (is the leader running?)"
+            ) from None
+        except TimeoutError:
+            raise ConnectError(
+                f"cannot connect to the leader at {where}: timed out after {timeout:g} s"
+            ) from None
+        except OSError as e:
+            raise ConnectError(f"cannot connect to the leader at {where}: {_why(e)}") from None
+        _nodelay(sock)
+        return Conn(sock, where)
+
+
+TCP = TcpTransport()
+
+
+class _MemoryListener(Listener):
+    def __init__(self, network: MemoryNetwork, host: str, port: int) -> None:
+        self._network = network
+        self._queue: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+        self._signal = Waker()
+        self.host = host
+        self.port = port
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self._signal.fileno()
+
+    def offer(self, sock: socket.socket) -> None:
+        self._queue.put(sock)
+        self._signal.wake()
+
+    def accept(self, waker: Waker) -> Conn | None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._signal, selectors.EVENT_READ)
+            sel.register(waker, selectors.EVENT_READ)
+            while True:
+                with contextlib.suppress(queue.Empty):
+                    return Conn(self._queue.get_nowait(), f"memory:{self.port}")
+                ready = {key.fileobj for key, _ in sel.select()}
+                if waker in ready:
+                    waker.drain()
+                    return None
+                self._signal.drain()
+
+    def close(self) -> None:
+        self.closed = True
+        self._network.forget(self.port)
+        self._signal.close()
+
+
+class MemoryNetwork:
+    """Connections between threads of one process over socket pairs: the
+    same code paths as TCP, without a network stack or ports (for tests)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._listeners: dict[int, _MemoryListener] = {}
+        self._ports: Iterator[int] = itertools.count(1)
+
+    def listen(self, host: str, port: int) -> Listener:
+        with self._lock:
+            if port == 0:
+                port = next(p for p in self._ports if p not in self._listeners)
+            if port in self._listeners:
+                raise AddressInUseError(f"cannot listen on memory port {port}: in use")
+            lst = self._listeners[port] = _MemoryListener(self, host, port)
+        return lst
+
+    def forget(self, port: int) -> None:
+        with self._lock:
+            self._listeners.pop(port, None)
+
+    def connect(self, host: str, port: int, timeout: float) -> Conn:
+        with self._lock:
+            lst = self._listeners.get(port)
+        if lst is None:
+            raise ConnectError(
+                f"cannot connect to the leader at memory port {port}: connection refused"
+                " (is the leader running?)"
+            )
+        a, b = socket.socketpair()
+        lst.offer(b)
+        return Conn(a, f"memory:{port}")
+
+
+class Poller:
+    """Waits until registered connections can be read (or written). A
+    connection with bytes buffered above its socket counts as readable even
+    though the selector cannot see them."""
+
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self.waker = Waker()
+        self._sel.register(self.waker, selectors.EVENT_READ, None)
+        self._conns: dict[Conn, Any] = {}
+
+    def add(self, conn: Conn, data: Any, *, write: bool = False) -> None:
+        conn.set_blocking(False)
+        self._conns[conn] = data
+        self._sel.register(conn, _events(write), data)
+
+    def watch(self, conn: Conn, *, write: bool) -> None:
+        """Change whether ``conn`` is waited on for writing too."""
+        if conn in self._conns:
+            self._sel.modify(conn, _events(write), self._conns[conn])
+
+    def remove(self, conn: Conn) -> None:
+        if conn in self._conns:
+            del self._conns[conn]
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._sel.unregister(conn)
+
+    def __contains__(self, conn: Conn) -> bool:
+        return conn in self._conns
+
+    def conns(self) -> list[Conn]:
+        return list(self._conns)
+
+    def poll(self, timeout: float | None) -> list[tuple[Conn, Any, bool, bool]]:
+        """(conn, data, readable, writable) for each ready connection; an
+        empty list after a wake-up or the timeout."""
+        buffered = [c for c in self._conns if c.pending()]
+        ready = self._sel.select(0 if buffered else timeout)
+        out: dict[Conn, tuple[Conn, Any, bool, bool]] = {}
+        for key, ev in ready:
+            if key.data is None and key.fileobj is self.waker:
+                self.waker.drain()
+                continue
+            conn: Conn = key.fileobj  # type: ignore[assignment]
+            out[conn] = (
+                conn,
+                key.data,
+                bool(ev & selectors.EVENT_READ),
+                bool(ev & selectors.EVENT_WRITE),
+            )
+        for c in buffered:
+            if c not in out:
+                out[c] = (c, self._conns[c], True, False)
+        return list(out.values())
+
+    def wake(self) -> None:
+        self.waker.wake()
+
+    def close(self) -> None:
+        self._sel.close()
+        self.waker.close()
+
+
+def _events(write: bool) -> int:
+    return selectors.EVENT_READ | (selectors.EVENT_WRITE if write else 0)
