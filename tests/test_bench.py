@@ -18,6 +18,9 @@ KEYS = [
     "lag_p50_ms",
     "lag_p99_ms",
     "lag_final_cids",
+    "app_lag_p50_ms",
+    "app_lag_p99_ms",
+    "app_commits_per_s",
     "handshake_small_ms",
     "handshake_large_ms",
 ] + [f"catchup_entries_per_s_syncthreads_{n}" for n in (1, 2, 8)]
@@ -47,6 +50,7 @@ def test_bench_quick_writes_sane_json(tmp_path) -> None:
     )
     assert 0 < r["catchup_limit_ratio"] < 3
     assert r["lag_p50_ms"] <= r["lag_p99_ms"]
+    assert 0 < r["app_lag_p50_ms"] <= r["app_lag_p99_ms"]
     assert 10 < r["catchup_peak_rss_mb"] < 4096
-    for k in ("leader_commit_ratio", "catchup_entries_per_s", "lag_p99_ms"):
+    for k in ("leader_commit_ratio", "catchup_entries_per_s", "lag_p99_ms", "app_lag_p99_ms"):
         assert k in p.stdout  # the printed table

@@ -10,7 +10,6 @@ import struct
 import subprocess
 import sys
 import threading
-from typing import Any
 
 import pytest
 
@@ -338,7 +337,10 @@ def test_a_service_follower_retries_a_leader_that_vanishes(tmp_path, name: str) 
     init_db(lp, 10)
     fake = FakeLeader(_misbehaving_replies(lp)[name])
     f = follower_node(
-        str(tmp_path / "f.db"), fake.port, once=False, extra={"retry_initial": 0.01, "retry_max": 0.05}
+        str(tmp_path / "f.db"),
+        fake.port,
+        once=False,
+        extra={"retry_initial": 0.01, "retry_max": 0.05},
     )
     try:
         wait_until(lambda: f.runner.session.reconnects >= 3, what="three reconnects")

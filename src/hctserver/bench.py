@@ -14,9 +14,7 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -27,15 +25,17 @@ from typing import Any
 
 import apsw
 
-from . import __version__
+from . import __version__, wire
 from .checkpoint import Checkpointer
 from .jobs import T1_SQL, WRITER_SQL, Job, Timeout, writer
 from .journal import Database
 from .leader import Leader
+from .position import ZERO_HASH
+from .transport import TCP
 
 SIZES: dict[str, dict[str, Any]] = {
-    "quick": {"n": 30_000, "seconds": 1.5, "lag_seconds": 3.0, "rounds": 2},
-    "full": {"n": 500_000, "seconds": 4.0, "lag_seconds": 10.0, "rounds": 3},
+    "quick": {"n": 30_000, "seconds": 1.5, "lag_seconds": 3.0, "rounds": 2, "app_n": 5000},
+    "full": {"n": 500_000, "seconds": 4.0, "lag_seconds": 10.0, "rounds": 3, "app_n": 20_000},
 }
 SYNCTHREADS = (1, 2, 8)
 PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL")
@@ -373,11 +373,89 @@ def lag(path: str, tmp: str, seconds: float) -> dict[str, float]:
         behind = max(behind, last - (at_stop[-1] if at_stop else 0))
     lags.sort()
     return {
-        "lag_p50_ms": lags[len(lags) // 2],
-        "lag_p99_ms": lags[min(len(lags) - 1, int(len(lags) * 0.99))],
+        "lag_p50_ms": _pct(lags, 0.5),
+        "lag_p99_ms": _pct(lags, 0.99),
         "lag_final_cids": behind,
         "lag_leader_commits_per_s": sum(j.rate for j in jobs),
     }
+
+
+def _pct(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
+
+
+def _lags(commits: dict[int, float], record: str) -> list[float]:
+    """For each commit, ms from the commit to the follower applying it."""
+    with open(record) as f:
+        times = [tuple(x) for x in json.load(f)]
+    snaps = [s for _, s in times]
+    out = []
+    for cid, t in commits.items():
+        i = bisect_left(snaps, cid)
+        if i < len(times):
+            out.append((times[i][0] - t) * 1000)
+    return out
+
+
+def app_lag(path: str, tmp: str, n: int) -> dict[str, float]:
+    """An application process writes ``n`` transactions through
+    hctserver.connect() while a leader with no jobs serves two followers:
+    commit-to-apply lag of the other-writers stream. time.monotonic() is
+    one clock for every process of the machine."""
+    _leader_db(path)
+    db = Database(path)
+    leader = Leader(db, [], port=0)
+    leader.start()
+    records = [os.path.join(tmp, f"app-lag{i}.json") for i in range(2)]
+    fpaths = [os.path.join(tmp, f"app-f{i}.db") for i in range(2)]
+    children = [_spawn(fpaths[i], leader.port, ready=True, record=records[i]) for i in range(2)]
+    try:
+        for ch in children:
+            _wait_ready(ch)
+        out = os.path.join(tmp, "app-commits.json")
+        app = subprocess.run(
+            [sys.executable, "-m", "hctserver.bench", "app", path, str(n), out],
+            timeout=3600,
+        )
+        if app.returncode:
+            raise RuntimeError(f"the bench application failed ({app.returncode})")
+        with open(out) as f:
+            commits = {int(c): t for c, t in json.load(f)}
+        last = max(commits)
+        for fp in fpaths:  # from this process: wait_for polls the file
+            with Database(fp) as fdb:
+                fdb.wait_for(last, timeout=120)
+    finally:
+        leader.stop()
+        leader.wait()
+        for ch in children:
+            ch.wait(300)
+        db.close()
+    lags = sorted(x for rec in records for x in _lags(commits, rec))
+    elapsed = max(commits.values()) - min(commits.values())
+    return {
+        "app_lag_p50_ms": _pct(lags, 0.5),
+        "app_lag_p99_ms": _pct(lags, 0.99),
+        "app_commits_per_s": (len(commits) - 1) / elapsed if elapsed > 0 else 0.0,
+    }
+
+
+def _app_child(argv: list[str]) -> int:
+    """The bench application: ``n`` transactions as fast as it can, each
+    one's cid and commit time written to a JSON file."""
+    from . import connect
+
+    path, n, out = argv[0], int(argv[1]), argv[2]
+    conn = connect(path)
+    times = []
+    for _ in range(n):
+        with conn:
+            conn.execute(WRITER_SQL)
+        times.append((conn.last_cid, time.monotonic()))
+    conn.close()
+    with open(out, "w") as f:
+        json.dump(times, f)
+    return 0
 
 
 # --- handshake ---------------------------------------------------------------------------
@@ -387,13 +465,16 @@ def handshake_ms(path: str, tries: int = 7) -> float:
     leader, db = _serve(path)
     try:
         out = []
+        first = bytearray(1)
         for _ in range(tries):
-            with socket.create_connection(("127.0.0.1", leader.port)) as s:
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = TCP.connect("127.0.0.1", leader.port, 10)
+            try:
                 t0 = time.perf_counter()
-                s.sendall(struct.pack("<iq", 1, 0) + bytes(16))
-                s.recv(1)
+                conn.send_all(wire.encode_sync(0, ZERO_HASH), 10)
+                conn.recv_into(first, 10)
                 out.append((time.perf_counter() - t0) * 1000)
+            finally:
+                conn.close()
         return statistics.median(out)
     finally:
         leader.timeout.expire()
@@ -461,6 +542,7 @@ def run_bench(quick: bool = False, json_path: str | None = None, entries: int | 
         r["handshake_large_ms"] = handshake_ms(big)
 
         r.update(lag(os.path.join(tmp, "lag.db"), tmp, cfg["lag_seconds"]))
+        r.update(app_lag(os.path.join(tmp, "app.db"), tmp, cfg["app_n"]))
         r["machine"] = _machine()
         r["quick"] = quick
         r["version"] = __version__
@@ -481,6 +563,7 @@ TARGETS = {
     "catchup_peak_rss_mb": ("<=", 300),
     "lag_final_cids": ("<=", 1000),
     "lag_p99_ms": ("<=", 50),
+    "app_lag_p99_ms": ("<=", 100),
 }
 
 
@@ -525,4 +608,6 @@ def _machine() -> dict[str, Any]:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "follower":
         sys.exit(_child(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "app":
+        sys.exit(_app_child(sys.argv[2:]))
     sys.exit(run_bench(quick="--quick" in sys.argv))

@@ -130,6 +130,13 @@ class JournaledConnection:
         self._txs.tracker = tracker
 
     @property
+    def last_cid(self) -> int:
+        """The cid of the last transaction this connection committed (0 if none):
+        what a reader on a follower waits for to read its writes
+        (``follower_db.wait_for(conn.last_cid)``)."""
+        return self._txs.last_cid
+
+    @property
     def in_transaction(self) -> bool:
         return self._txs.tx is not None
 

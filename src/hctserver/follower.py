@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,16 +82,22 @@ class _Stopped(Exception):
 
 class StreamReader:
     """Reads every SUB connection into the sink; reports ended streams to
-    the driver as session events. Streams belong to a *generation*: those
-    closed by :meth:`close_all` report nothing."""
+    the driver as session events. Streams belong to a *generation*:
+    :meth:`retire_all` starts a new one; retired streams report nothing but
+    are still read to their end (what a leader flushed before it went away
+    is applied) for up to ``grace`` seconds, then closed."""
 
-    def __init__(self, sink: Sink, events: queue.Queue[Any], stats: FollowerStats) -> None:
+    def __init__(
+        self, sink: Sink, events: queue.Queue[Any], stats: FollowerStats, grace: float = 1.0
+    ) -> None:
         self.sink = sink
         self.events = events
         self.stats = stats
+        self.grace = grace
         self.generation = 0
         self._poller = Poller()
         self._lock = threading.Lock()
+        self._retired: dict[Conn, float] = {}  # connection -> when to close it
         self._buf = bytearray(_RECV)
 
     def add(self, job: int, conn: Conn, dec: wire.ReplyDecoder) -> None:
@@ -98,12 +105,25 @@ class StreamReader:
             self._poller.add(conn, (job, dec, self.generation))
         self._poller.wake()
 
+    def retire_all(self) -> None:
+        with self._lock:
+            self.generation += 1
+            end = time.monotonic() + self.grace
+            for conn in self._poller.conns():
+                self._retired.setdefault(conn, end)
+        self._poller.wake()
+
     def close_all(self) -> None:
         with self._lock:
             self.generation += 1
             for conn in self._poller.conns():
-                self._poller.remove(conn)
-                conn.close()
+                self._forget(conn)
+
+    def _forget(self, conn: Conn) -> None:
+        """Stop reading ``conn`` and close it (the caller holds the lock)."""
+        self._poller.remove(conn)
+        self._retired.pop(conn, None)
+        conn.close()
 
     def wake(self) -> None:
         self._poller.wake()
@@ -112,8 +132,16 @@ class StreamReader:
         mv = memoryview(self._buf)
         try:
             while not stop.is_set():
-                for conn, (job, dec, gen), _, _ in self._poller.poll(None):
+                with self._lock:
+                    due = min(self._retired.values(), default=None)
+                wait = None if due is None else max(0.0, due - time.monotonic())
+                for conn, (job, dec, gen), _, _ in self._poller.poll(wait):
                     self._read(conn, job, dec, gen, mv)
+                if due is not None:
+                    now = time.monotonic()
+                    with self._lock:
+                        for conn in [c for c, t in self._retired.items() if t <= now]:
+                            self._forget(conn)
         finally:
             self.close_all()
             self._poller.close()
@@ -142,8 +170,7 @@ class StreamReader:
         with self._lock:
             if conn not in self._poller:
                 return
-            self._poller.remove(conn)
-            conn.close()
+            self._forget(conn)
             if gen == self.generation:
                 self.events.put(StreamEnded(job, err))
 
@@ -347,7 +374,7 @@ class Follower:
                 self.njob,
             )
         elif isinstance(act, CloseStreams):
-            self._streams.close_all()
+            self._streams.retire_all()
         elif isinstance(act, Backoff):
             self.stats.phase = "backoff"
             self.stats.reconnects = self.session.reconnects

@@ -187,8 +187,8 @@ class Leader:
         self._subs: list[list[Subscriber]] = [[] for _ in range(self.njob)]
         self._sub_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
-        self._busy = 0  # requests being served
-        self._busy_lock = threading.Lock()
+        self._serving: set[Conn] = set()  # requests being served
+        self._served = threading.Condition()  # notified when one ends
         self._waker = Waker()
         self._listener: Listener | None = None
         self._checkpointer = Checkpointer(db)
@@ -314,7 +314,7 @@ class Leader:
         while not stop.is_set():
             now = time.monotonic()
             quiet = now - self._last_accept
-            if (quiet >= self.linger and not self._busy) or now >= end:
+            if (quiet >= self.linger and not self._serving) or now >= end:
                 return
             stop.wait(min(0.05, max(0.0, self.linger - quiet)))
 
@@ -337,6 +337,8 @@ class Leader:
         for name in ("accept", "others"):
             if name in self._named:
                 self._named[name].join(left(0.5))
+        if self._listener is not None:
+            self._listener.close()  # from now on followers are refused at once
         others = self._others
         if others is not None and self._named["others"].done.is_set():
             try:
@@ -346,14 +348,23 @@ class Leader:
         if "streamer" in self._named:
             self._named["streamer"].join(left(0.5))
             self._streamer.finish(min(self.flush_timeout, left(0.7)))
-        if self._listener is not None:
-            self._listener.close()
+        self._finish_requests(min(self.flush_timeout, left(0.8)))
         g.join(left())
         if self.background_checkpoint:
             self._checkpointer.final()
         self._waker.close()
         self.trace("leader stopped")
         log.info("leader stopped at cid %d", self.db.snapshot())
+
+    def _finish_requests(self, timeout: float) -> None:
+        """Let replies in progress end (a follower between its catch-up and
+        its final SYNC can then stream to the end), for up to ``timeout``
+        seconds; then cut the rest off."""
+        with self._served:
+            self._served.wait_for(lambda: not self._serving, timeout)
+            late = list(self._serving)
+        for conn in late:
+            conn.abort()
 
     # --- streams ----------------------------------------------------------------
 
@@ -396,9 +407,9 @@ class Leader:
                 self._refuse(conn, Refuse(BUSY, "busy"))
                 conn.close()
                 continue
-            with self._busy_lock:
-                self._busy += 1
-            self.group.spawn(f"hct-serve-{conn.peer}", self._serve, conn, on_stop=conn.abort)
+            with self._served:
+                self._serving.add(conn)
+            self.group.spawn(f"hct-serve-{conn.peer}", self._serve, conn)
 
     def _refuse(self, conn: Conn, r: Refuse) -> None:
         self.refused += 1
@@ -432,8 +443,9 @@ class Leader:
         finally:
             if not keep:
                 conn.close()
-            with self._busy_lock:
-                self._busy -= 1
+            with self._served:
+                self._serving.discard(conn)
+                self._served.notify_all()
             self._slots.release()
 
     def _read_request(self, conn: Conn) -> Any:

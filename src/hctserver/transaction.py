@@ -68,6 +68,7 @@ class Transactions:
         self.tx: Transaction | None = None
         self.hooks: tuple[CommitHook, ...] = ()
         self.tracker: CidTracker | None = None
+        self.last_cid = 0
 
     # --- begin and end ------------------------------------------------------------
 
@@ -160,6 +161,7 @@ class Transactions:
             self.abort()
             raise
         if entry is not None:
+            self.last_cid = entry.cid
             share.tail = entry.next_tail()
             if entry.schema:
                 share.schema_epoch += 1

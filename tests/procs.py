@@ -1,0 +1,94 @@
+"""Nodes and applications as real processes, stopped even when a test fails."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+HCT = [sys.executable, "-m", "hctserver"]
+
+
+class Procs:
+    """Starts processes whose output goes to files in ``logs`` (a pipe nobody
+    reads could fill and block them); :meth:`close` kills whatever still runs."""
+
+    def __init__(self, logs: str) -> None:
+        self.logs = logs
+        self.procs: list[subprocess.Popen[str]] = []
+        self.files: dict[int, str] = {}
+
+    def start(self, *args: str, stdin: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
+        n = len(self.procs)
+        out = os.path.join(self.logs, f"proc{n}.out")
+        with open(out, "w") as fo, open(out[:-4] + ".err", "w") as fe:
+            p = subprocess.Popen(list(args), stdin=stdin, stdout=fo, stderr=fe, text=True)
+        self.procs.append(p)
+        self.files[p.pid] = out[:-4]
+        return p
+
+    def stderr(self, p: subprocess.Popen[str]) -> str:
+        with open(self.files[p.pid] + ".err") as f:
+            return f.read()
+
+    def stdout(self, p: subprocess.Popen[str]) -> str:
+        with open(self.files[p.pid] + ".out") as f:
+            return f.read()
+
+    def leader(self, db: str, *args: str, port: int = 0) -> tuple[subprocess.Popen[str], int]:
+        """``hctserver leader`` on ``port`` (0: any); returns it and its port."""
+        p = self.start(*HCT, "leader", db, "--port", str(port), *args)
+        deadline = time.monotonic() + 60
+        while True:
+            m = re.search(r"leader on 127\.0\.0\.1:(\d+)", self.stderr(p))
+            if m:
+                return p, int(m.group(1))
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the leader did not start: {self.stderr(p)}")
+            time.sleep(0.02)
+
+    def follower(self, db: str, port: int, *args: str) -> subprocess.Popen[str]:
+        return self.start(*HCT, "follower", db, "--port", str(port), *args)
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+@contextmanager
+def processes(logs: str) -> Iterator[Procs]:
+    procs = Procs(logs)
+    try:
+        yield procs
+    finally:
+        procs.close()
+
+
+def stop(p: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 30) -> float:
+    """Send ``sig`` and wait for the exit; returns the seconds it took."""
+    t0 = time.monotonic()
+    p.send_signal(sig)
+    p.wait(timeout)
+    return time.monotonic() - t0
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (for a leader restarted on it)."""
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return int(s.getsockname()[1])
+
+
+def wal_size(db: str) -> int:
+    wal = db + "-wal"
+    return os.path.getsize(wal) if os.path.exists(wal) else 0
