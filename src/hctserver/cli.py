@@ -143,7 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="a Python script (globals db, timeout) or a bundled job:"
             " writer, monitor, snapshot (repeatable)",
         )
-        s.add_argument("--verbose", action="store_true", help="print hct_testserver debug lines")
+        s.add_argument(
+            "--verbose",
+            action="store_true",
+            help="print hct_testserver debug lines (stdout) and INFO log lines (stderr)",
+        )
         s.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
     s = sub.add_parser("leader", help="serve a database to followers (until stopped)")
@@ -251,7 +255,7 @@ def _logging(a: argparse.Namespace) -> None:
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(logging.Formatter("hctserver: %(message)s"))
         logging.getLogger("hctserver").addHandler(h)
-        logging.getLogger("hctserver").setLevel(logging.WARNING)
+        logging.getLogger("hctserver").setLevel(logging.INFO if a.verbose else logging.WARNING)
 
 
 def _node(a: argparse.Namespace, follower: bool) -> Node:
