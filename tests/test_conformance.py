@@ -54,6 +54,17 @@ def journal_hashes(path: str) -> dict[int, bytes]:
         c.close()
 
 
+def assert_streamed(s: socket.socket, path: str, cids: list[int]) -> None:
+    """The next entries on a SUB stream are ``cids``, as the journal holds them."""
+    seen = []
+    for _ in cids:
+        cid, schemacid, schema, data = recv_entry(s, recv_i32(s))
+        seen.append((cid, spec_hash(cid, schema, data, schemacid)))
+    hashes = journal_hashes(path)
+    assert [c for c, _ in seen] == cids
+    assert all(hashes[c] == h for c, h in seen)
+
+
 def test_sync_from_empty_and_sub_with_a_spec_only_client(tmp_path) -> None:
     lp = str(tmp_path / "l.db")
     init_db(lp, 40)
@@ -81,13 +92,7 @@ def test_sync_from_empty_and_sub_with_a_spec_only_client(tmp_path) -> None:
             wait_until(lambda: leader.runner.subscriber_counts()[0], what="the subscription")
             for i in range(3):
                 commands.put(f"INSERT OR REPLACE INTO t1 VALUES({i}, 'sub', x'00ff')")
-            seen = []
-            for _ in range(3):
-                cid, schemacid, schema, data = recv_entry(s, recv_i32(s))
-                seen.append((cid, spec_hash(cid, schema, data, schemacid)))
-            hashes = journal_hashes(lp)
-            assert [c for c, _ in seen] == [42, 43, 44]
-            assert all(hashes[c] == h for c, h in seen)
+            assert_streamed(s, lp, [42, 43, 44])
         # SUB to the last stream: commits no job made, here from a plain connection
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(struct.pack("<ii", 2, 2))
@@ -97,13 +102,7 @@ def test_sync_from_empty_and_sub_with_a_spec_only_client(tmp_path) -> None:
             for i in range(3):
                 app.execute(f"INSERT OR REPLACE INTO t1 VALUES({i}, 'app', x'01')")
             app.close()
-            seen = []
-            for _ in range(3):
-                cid, schemacid, schema, data = recv_entry(s, recv_i32(s))
-                seen.append((cid, spec_hash(cid, schema, data, schemacid)))
-            hashes = journal_hashes(lp)
-            assert [c for c, _ in seen] == [45, 46, 47]
-            assert all(hashes[c] == h for c, h in seen)
+            assert_streamed(s, lp, [45, 46, 47])
         # a SUB for a job that does not exist gets ERROR with a NUL-terminated message
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(struct.pack("<ii", 2, 5))

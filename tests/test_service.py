@@ -151,8 +151,10 @@ def test_plain_sqlite_writes_are_refused_and_schema_changes_stop_the_follower(tm
             plain.rollback()
         assert dbdump.tables(fp) == before
         # the leader's database is guarded the same way
+        on_leader = sqlite3.connect(lp, timeout=10)
         with pytest.raises(sqlite3.IntegrityError, match="hctserver"):
-            sqlite3.connect(lp, timeout=10).execute("DELETE FROM t1")
+            on_leader.execute("DELETE FROM t1")
+        on_leader.close()  # Python's sqlite3 left its transaction open
         # triggers cannot stop DDL: the follower finds it and stops, exit 8
         plain.execute("CREATE TABLE sneaky(x)")
         plain.commit()
@@ -163,7 +165,13 @@ def test_plain_sqlite_writes_are_refused_and_schema_changes_stop_the_follower(tm
         err = procs.stderr(follower).strip().splitlines()[-1]
         assert "changed outside hctserver: table sneaky was created" in err, err
         assert leader.poll() is None
-        stop(leader)
+        # the same on the leader's database, while it serves
+        plain = sqlite3.connect(lp, timeout=10)
+        plain.execute("CREATE INDEX sneaky_b ON t1(b)")
+        plain.commit()
+        plain.close()
+        assert leader.wait(30) == 8
+        assert "index sneaky_b was created" in procs.stderr(leader).strip().splitlines()[-1]
     assert dbdump.tables(fp) == {**before, "sneaky": []}  # left as found
 
 

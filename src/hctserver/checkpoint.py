@@ -32,6 +32,11 @@ class Checkpointer:
         self.failures = 0
         self._seen: set[str] = set()
 
+    def take_over(self) -> None:
+        """From now on the store's new connections leave checkpoints to this
+        checkpointer: call it before opening them, then start :meth:`run`."""
+        self.db.background_checkpoints = True
+
     def run(self, stop: threading.Event) -> None:
         """Checkpoint until ``stop`` is set. Call :meth:`final` once the writers
         have stopped."""

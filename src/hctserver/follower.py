@@ -262,6 +262,8 @@ class Follower:
         db.check_unjournaled()
         n = db.rollback()
         self.trace("rollback discarded %d entries", n)
+        if self.background_checkpoint:
+            self._checkpointer.take_over()  # before the applier's connection opens
         ap = db.applier(**self.applier_options)
         sink = self._sink = Sink(ap, self.syncthreads > 1, self.queue_bytes, self.stats)
         self.stats.snapshot = self.stats.start_snapshot = ap.snapshot

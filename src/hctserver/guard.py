@@ -10,7 +10,9 @@ silently: its rows never reach the journal. Two mechanisms stop that:
   true. That built-in function is false on every SQLite connection except
   hctserver's own, which override it (:func:`allow`). Follower apply runs
   with triggers off, so the guards cost it nothing; on a leader they cost
-  one constant-folded call per statement.
+  one call per written row (and one per commit, for the journal row).
+  Cheaper-looking conditions cost more: reading a pragma (``pragma_…``
+  table) prepares a statement on every row.
 * **Detected schema changes.** Triggers cannot stop DDL. hctserver records
   the schema as the journal left it (``PRAGMA schema_version`` and a listing
   of every object) in ``hct_local``, in the same transaction as every

@@ -57,44 +57,58 @@ _SEND_CHUNK = 1 << 20
 
 class CidSet:
     """Cids committed by the leader's jobs, noted before the commit is visible,
-    so that the other-writers stream can tell them from everyone else's."""
+    so that the other-writers stream can tell them from everyone else's.
+    Each operation is one call into the set, atomic under the GIL: no lock."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._cids: set[int] = set()
+        self.add = self._cids.add
+        self.discard = self._cids.discard
 
-    def add(self, cid: int) -> None:
-        with self._lock:
-            self._cids.add(cid)
-
-    def discard(self, cid: int) -> None:
-        with self._lock:
-            self._cids.discard(cid)
-
-    def take(self, cid: int) -> bool:
-        """True (and forget it) if ``cid`` was a job's."""
-        with self._lock:
-            if cid in self._cids:
-                self._cids.remove(cid)
-                return True
-            return False
+    def others(self, lo: int, hi: int) -> list[int]:
+        """The cids in [lo, hi] that were not the jobs' (and forget the jobs').
+        Every cid up to ``hi`` is committed, so no job adds one meanwhile."""
+        rng = range(lo, hi + 1)
+        mine = self._cids.intersection(rng)
+        self._cids.difference_update(mine)
+        if len(mine) == len(rng):
+            return []  # all the jobs': the usual case, with no loop in Python
+        return [c for c in rng if c not in mine]
 
 
 class OtherWriters:
-    """Finds commits that no job made and streams them, in cid order."""
+    """Finds commits that no job made and streams them, in cid order.
 
-    def __init__(self, db: Database, after: int, send: Any) -> None:
+    Every ``poll`` seconds while the stream has subscribers (``idle_poll``
+    while it has none: the jobs' cids must still be forgotten) it asks
+    SQLite whether anyone committed, and reads only the new rows that are
+    not the jobs'. Rows committed while nobody subscribed are not read at
+    all: a new subscriber's final SYNC covers them."""
+
+    def __init__(
+        self, db: Database, after: int, targets: Any, send: Any, idle_poll: float = 0.1
+    ) -> None:
         self.db = db
         self.jobs = CidSet()
         self.last = after
         self.streamed = 0
-        self._send = send  # send(list of frames)
+        self.idle_poll = idle_poll
+        self._targets = targets  # () -> the stream's live subscribers
+        self._send = send  # send(frames)
+        self._wake = threading.Event()
         self._reader: JournalReader | None = None
+
+    def wake(self) -> None:
+        """A subscriber arrived, or the node stops: look now."""
+        self._wake.set()
 
     def run(self, stop: threading.Event, poll: float) -> None:
         self._reader = JournalReader(self.db)
-        while not stop.wait(poll):
-            self.catch_up()
+        while not stop.is_set():
+            self._wake.wait(poll if self._targets() else self.idle_poll)
+            self._wake.clear()
+            if not stop.is_set():
+                self.catch_up()
 
     def catch_up(self) -> None:
         """One pass: everything committed since the last one."""
@@ -104,15 +118,14 @@ class OtherWriters:
         hi = reader.newest()
         if hi <= self.last:
             return
-        take = self.jobs.take
-        others = [c for c in range(self.last + 1, hi + 1) if not take(c)]
+        others = self.jobs.others(self.last + 1, hi)
         self.last = hi
+        if not others or not self._targets():
+            return
         for lo, up in _runs(others):
-            frames = []
-            for row in reader.raw_entries(lo - 1, up):
-                buf = bytearray()
-                wire.append_entry(buf, *row)
-                frames.append(bytes(buf))
+            frames = [
+                wire.encode_entry(c, sc, s, d) for c, sc, s, d in reader.raw_entries(lo - 1, up)
+            ]
             self.streamed += len(frames)
             self._send(frames)
 
@@ -246,6 +259,8 @@ class Leader:
         db.set_mode(Mode.LEADER)
         db.set_role("leader")
         self._listener = self.transport.listen(self.host, self.port)
+        if self.background_checkpoint:
+            self._checkpointer.take_over()  # before the jobs' connections open
         self.port = self._listener.port
         g = self.group
         stop = g.stopping
@@ -255,8 +270,12 @@ class Leader:
         self._named["streamer"] = g.spawn(
             "hct-streamer", self._streamer.run, stop, on_stop=self._streamer.wake
         )
-        others = self._others = OtherWriters(db, db.snapshot(), self._send_others)
-        self._named["others"] = g.spawn("hct-others", others.run, stop, self.poll_interval)
+        others = self._others = OtherWriters(
+            db, db.snapshot(), lambda: self._subs[-1], self._send_others
+        )
+        self._named["others"] = g.spawn(
+            "hct-others", others.run, stop, self.poll_interval, on_stop=others.wake
+        )
         self._named["accept"] = g.spawn("hct-accept", self._accept_loop, on_stop=self._waker.wake)
         for i, job in enumerate(self.jobs):
             t = g.spawn(
@@ -388,9 +407,8 @@ class Leader:
 
     def _send_others(self, frames: list[bytes]) -> None:
         targets = self._subs[-1]
-        if targets:
-            for frame in frames:
-                self._streamer.push(targets, frame)
+        for frame in frames:
+            self._streamer.push(targets, frame)
 
     # --- requests ---------------------------------------------------------------
 
@@ -482,6 +500,8 @@ class Leader:
         sub = Subscriber(conn, k)
         self._streamer.add(sub)  # registered before any commit can queue for it
         self._subs[k] = [*(s for s in self._subs[k] if not s.dead), sub]
+        if k == self.njob - 1 and self._others is not None:
+            self._others.wake()  # poll at the streaming rate from now on
         log.info("%s subscribed to stream %d", conn.peer, k)
         self.trace("SUB: job %d subscribed by %s", k, conn.peer)
 
@@ -491,13 +511,16 @@ class Leader:
         buf = bytearray()
         reader = JournalReader(self.db)
         try:
-            for row in reader.raw_entries(action.after):
-                wire.append_entry(buf, *row)
-                if not first:
-                    first = row[0]
+            rows = reader.raw_entries(action.after)
+            while True:
+                k, cid = wire.frame_entries(buf, rows, _SEND_CHUNK)
+                if not k:
+                    break
+                if not n:
+                    first = action.after + 1
                     self.trace("SYNC: first CID = %d", first)
-                last = row[0]
-                n += 1
+                n += k
+                last = cid
                 if len(buf) >= _SEND_CHUNK:
                     conn.send_all(buf, self.send_timeout)
                     buf.clear()

@@ -83,28 +83,22 @@ class Sink:
         """Entries to apply; ``hashes`` as for :meth:`Applier.add_many`."""
         if not entries:
             return
-        item = (entries, hashes)
-        if not self._threaded():
-            with self._lock:
-                self._raise()
+        threaded = self._threaded()
+        with self._cond:
+            while threaded and self._bytes >= self.limit and self.error is None:
                 if self._closed:
                     return
-                self._items.append(item)
-                self._count += len(entries)
-                self._bytes += nbytes
-                if self._count >= self.min_batch or self._bytes >= self.limit:
-                    self._apply_held()
-            return
-        with self._cond:
-            while self._bytes >= self.limit and self.error is None and not self._closed:
                 self._cond.wait()
             self._raise()
             if self._closed:
                 return
-            self._items.append(item)
+            self._items.append((entries, hashes))
             self._count += len(entries)
             self._bytes += nbytes
-            self._cond.notify_all()
+            if threaded:
+                self._cond.notify_all()
+            elif self._count >= self.min_batch or self._bytes >= self.limit:
+                self._apply_held()  # in the receiving thread
 
     def _threaded(self) -> bool:
         return self.pipelined or self.streaming

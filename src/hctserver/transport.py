@@ -22,13 +22,15 @@ import os
 import queue
 import selectors
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 from .errors import AddressInUseError, ConnectError, ConnectionLostError, TimedOutError
 
-_WOULD_BLOCK = (BlockingIOError, InterruptedError)
+# "Nothing now, try later": a TLS layer says it with its own OSError subclasses.
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class Conn:
@@ -86,8 +88,10 @@ class Conn:
             raise ConnectionLostError(f"reading from {self.peer} failed: {_why(e)}") from None
 
     def pending(self) -> int:
-        """Bytes received and buffered above the socket (none for plain TCP)."""
-        return 0
+        """Bytes received and buffered above the socket (by TLS; none for plain
+        TCP), which a selector cannot see."""
+        sock = self._sock
+        return sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
 
     def shutdown_write(self) -> None:
         with contextlib.suppress(OSError):
@@ -339,7 +343,7 @@ class Poller:
     def poll(self, timeout: float | None) -> list[tuple[Conn, Any, bool, bool]]:
         """(conn, data, readable, writable) for each ready connection; an
         empty list after a wake-up or the timeout."""
-        buffered = [c for c in self._conns if c.pending()]
+        buffered = [c for c in list(self._conns) if c.pending()]  # others may add
         ready = self._sel.select(0 if buffered else timeout)
         out: dict[Conn, tuple[Conn, Any, bool, bool]] = {}
         for key, ev in ready:
@@ -354,8 +358,9 @@ class Poller:
                 bool(ev & selectors.EVENT_WRITE),
             )
         for c in buffered:
-            if c not in out:
-                out[c] = (c, self._conns[c], True, False)
+            data = self._conns.get(c)
+            if c not in out and data is not None:
+                out[c] = (c, data, True, False)
         return list(out.values())
 
     def wake(self) -> None:

@@ -14,7 +14,8 @@ i64 schemacid, schema bytes, NUL, data; size = 16 + len(schema) + 1 + len(data).
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 from .errors import (
     EntryTooSmallError,
@@ -115,12 +116,21 @@ def encode_entry(cid: int, schemacid: int, schema: str | bytes, data: bytes) -> 
     return b"".join((_iqq.pack(16 + len(s) + 1 + len(data), cid, schemacid), s, b"\x00", data))
 
 
-def append_entry(buf: bytearray, cid: int, schemacid: int, schema: bytes, data: bytes) -> None:
-    """Frame an entry onto ``buf`` (the leader's fast path: schema already bytes)."""
-    buf += _iqq.pack(17 + len(schema) + len(data), cid, schemacid)
-    buf += schema
-    buf += b"\x00"
-    buf += data
+def frame_entries(buf: bytearray, rows: Iterator[tuple[Any, ...]], limit: int) -> tuple[int, int]:
+    """Frame rows ``(cid, schemacid, schema bytes, data)`` onto ``buf`` until it
+    holds ``limit`` bytes or the rows run out (the leader's fast path).
+    Returns (entries framed, the last one's cid)."""
+    pack = _iqq.pack
+    n = cid = 0
+    for cid, schemacid, schema, data in rows:
+        buf += pack(17 + len(schema) + len(data), cid, schemacid)
+        buf += schema
+        buf += b"\x00"
+        buf += data
+        n += 1
+        if len(buf) >= limit:
+            break
+    return n, cid
 
 
 def encode_syncreply(njob: int, entries: list[Entry]) -> bytes:
