@@ -14,7 +14,7 @@ from typing import Any
 import apsw
 import pytest
 
-from hctserver import Database, Entry, Mode
+from hctserver import Database, Entry, Mode, entry_hash, fold
 from hctserver.errors import (
     ApplyError,
     BusyError,
@@ -548,3 +548,35 @@ def test_tables_with_generated_columns_replicate(tmp_path) -> None:
     same(db.path, f.path)
     got = apsw.Connection(f.path).execute("SELECT * FROM g").fetchall()
     assert got == [(1, 11, 22, 12), (3, 31, 62, 32)]
+
+
+OTHER_WRITER = textwrap.dedent(
+    """
+    import sys
+    import hctserver
+    db = hctserver.connect(sys.argv[1])
+    for i in range(2):
+        db.execute("INSERT INTO t1 VALUES(?, 'other', 'process')", (1000 + i,))
+    db.db.truncate(db.db.snapshot() + 1)   # the journal is empty now
+    db.close()
+    """
+)
+
+
+def test_another_process_committing_and_truncating_does_not_break_the_chain(tmp_path) -> None:
+    """This process caches the journal's tail; another one commits and
+    truncates behind it; the next commit here still extends the true chain."""
+    db = leader(str(tmp_path / "l.db"), 3)
+    c = db.connect()
+    c.execute("INSERT INTO t1 VALUES(500, 'here', 'first')")  # tail cached: cid 5
+    p = subprocess.run(
+        [sys.executable, "-c", OTHER_WRITER, db.path], capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 0, p.stderr
+    assert db.baseline()[0] == 7 and db.journal_stats()[0] == 0
+    c.execute("INSERT INTO t1 VALUES(501, 'here', 'second')")
+    assert c.last_cid == 8
+    e = db.entry(8)
+    assert e is not None
+    assert db.hash_at(8) == fold(db.baseline()[2], entry_hash(8, e.schema, e.data, e.schemacid))
+    c.close()

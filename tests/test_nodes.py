@@ -237,10 +237,12 @@ def test_a_subscriber_that_never_reads_is_dropped(tmp_path) -> None:
 
 class FakeLeader:
     """Answers every request with canned bytes, then closes; a SUB is answered
-    with ``sub_reply`` instead, if given, and kept open."""
+    with ``sub_reply`` instead, if given, and kept open. ``reply`` may be a
+    list: the n-th request gets its n-th item (the last one from then on)."""
 
-    def __init__(self, reply: bytes, sub_reply: bytes | None = None) -> None:
-        self.reply = reply
+    def __init__(self, reply: bytes | list[bytes], sub_reply: bytes | None = None) -> None:
+        self.replies = reply if isinstance(reply, list) else [reply]
+        self.served = 0
         self.sub_reply = sub_reply
         self.kept: list[socket.socket] = []
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -260,7 +262,8 @@ class FakeLeader:
                 self.kept.append(conn)
                 continue
             with conn:
-                conn.sendall(self.reply)
+                conn.sendall(self.replies[min(self.served, len(self.replies) - 1)])
+                self.served += 1
 
     def close(self) -> None:
         self.sock.close()
@@ -369,6 +372,30 @@ def test_a_follower_stopped_with_entries_above_a_hole_stops_cleanly(tmp_path) ->
     f.close()
     fake.close()
     assert Database(fp).position() == (3, Database(lp, init=False).hash_at(3))
+
+
+def test_a_hole_the_streams_never_fill_is_asked_for_again(tmp_path, caplog) -> None:
+    """A streaming follower whose entries wait above a hole SYNCs again
+    instead of waiting for ever (here the leader's first two replies lack cid
+    4, which only the third has)."""
+    from hctserver import wire
+
+    lp = str(tmp_path / "l.db")
+    init_db(lp, 6)
+    es = list(Database(lp, init=False).iter_entries())
+    early, later = wire.encode_syncreply(1, es[:3]), wire.encode_syncreply(1, es[:6])
+    sub = wire.encode_subreply_start() + wire.encode_entry(*es[4])  # cid 5
+    fake = FakeLeader([early, early, later], sub)
+    fp = str(tmp_path / "f.db")
+    f = follower_node(fp, fake.port, once=False, extra={"hole_timeout": 0.2})
+    try:
+        wait_until(lambda: f.runner.stats.snapshot == 6, what="the hole filled")
+        assert fake.served >= 3
+        assert "missing from the streams; asking again" in caplog.text
+    finally:
+        f.close()
+        fake.close()
+    assert Database(fp).position() == (6, Database(lp, init=False).hash_at(6))
 
 
 @pytest.mark.slow

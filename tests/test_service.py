@@ -228,7 +228,7 @@ def test_close_during_a_catch_up_of_200000_entries_is_quick_and_consistent(
     assert db.hash_at(pos.cid) == Database(lp, init=False).hash_at(pos.cid)
     c = apsw.Connection(fp)
     assert c.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    if pos.cid:
+    if pos.cid > 1:  # cid 1 created t1; each later cid inserted the row a = cid
         assert c.execute("SELECT count(*), max(a) FROM t1").fetchone() == (pos.cid - 1, pos.cid)
 
 
@@ -468,3 +468,90 @@ def test_sigterm_and_sigint_both_stop_a_follower_with_exit_0(tmp_path) -> None:
             assert f"follower stopped by {signal.Signals(sig).name}" in procs.stderr(f)
         stop(leader, signal.SIGINT)
         assert leader.returncode == 0
+
+
+def test_reconnecting_does_not_double_the_streams(tmp_path) -> None:
+    """After a leader restart, the ends of the old streams are not taken for
+    ends of the new ones (which would subscribe twice)."""
+    lp, fp = str(tmp_path / "l.db"), str(tmp_path / "f.db")
+    init_db(lp, 5)
+
+    def idle(db: Any, timeout: Any) -> None:
+        timeout.wait_expired()
+
+    port = free_port()
+    f = None
+    try:
+        for round_ in range(3):
+            leader = Node(lp, port=port)
+            for _ in range(4):
+                leader.job(idle)
+            leader.start()
+            if f is None:
+                f = follower_node(fp, port, once=False, extra={"retry_max": 0.2})
+            runner = f.runner
+            wait_until(
+                lambda r=runner, ld=leader: (
+                    r.stats.phase == "stream"
+                    and r.queued_events == 0
+                    and ld.runner.subscriber_counts() == [1] * 5
+                ),
+                what=f"streaming after restart {round_}",
+            )
+            assert runner.stats.resubscribes == 0
+            leader.close()
+    finally:
+        if f is not None:
+            f.close()
+
+
+def test_close_does_not_wait_for_a_connect_in_progress(tmp_path) -> None:
+    import socket
+
+    blackhole = socket.create_server(("127.0.0.1", 0), backlog=0)  # never accepts
+    port = blackhole.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(8):  # fill the backlog: later SYNs are dropped, connects hang
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(("127.0.0.1", port))
+            fillers.append(c)
+        f = follower_node(str(tmp_path / "f.db"), port, once=False, extra={"connect_timeout": 30})
+        wait_until(lambda: f.runner.stats.phase == "sync", what="connecting")
+        t0 = time.monotonic()
+        f.close()
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        for c in fillers:
+            c.close()
+        blackhole.close()
+
+
+def test_close_does_not_wait_for_a_reader_in_the_way_of_the_checkpoint(tmp_path) -> None:
+    lp, fp = str(tmp_path / "l.db"), str(tmp_path / "f.db")
+    init_db(lp, 20)
+    leader = leader_node(lp, [])
+    f = follower_node(fp, leader.port, once=False)
+    reader = apsw.Connection(fp)
+    try:
+        wait_until(lambda: f.runner.stats.phase == "stream", what="streaming")
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM t1").fetchone()[0] > 0
+        t0 = time.monotonic()
+        f.close()
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        reader.close()
+        leader.close()
+
+
+def test_a_new_replica_is_refused_to_applications_before_it_synced(tmp_path) -> None:
+    fp = str(tmp_path / "f.db")
+    f = follower_node(fp, free_port(), once=False)  # no leader yet
+    try:
+        wait_until(lambda: f.runner.session.reconnects >= 1, what="a first attempt")
+        with pytest.raises(ModeError, match="a follower's database"):
+            hctserver.connect(fp)
+    finally:
+        f.close()

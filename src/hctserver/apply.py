@@ -93,6 +93,7 @@ class Applier:
         }
         self._pre: dict[int, Any] = {}  # cid -> (hash, H, chain id) computed by a receiver
         self._conflict: str | None = None
+        self._interrupted = False
         self.applied = 0  # entries applied by this object
         self.duplicates = 0
 
@@ -114,8 +115,9 @@ class Applier:
         self._conn.close()
 
     def interrupt(self) -> None:
-        """Abort the batch being applied, from any thread; it rolls back whole
-        and :meth:`apply` raises ApplyError."""
+        """Stop applying, from any thread: the batch being applied rolls back
+        whole, no other starts, and :meth:`apply` raises ApplyError."""
+        self._interrupted = True
         self._conn.interrupt()
 
     # --- receiving -------------------------------------------------------------
@@ -181,6 +183,8 @@ class Applier:
     def apply(self) -> int:
         """Apply every entry that is now contiguous; return the new snapshot."""
         while True:
+            if self._interrupted:
+                raise ApplyError(f"applying to {self.db.path} was interrupted (stopping)")
             batch = self._take_batch()
             if not batch:
                 break

@@ -85,6 +85,7 @@ class Checkpointer:
         much as readers allow. Returns True when the WAL was emptied."""
         try:
             conn = self.db.open_connection()
+            conn.set_busy_timeout(0)  # a reader in the way: do what can be done, now
         except Exception as e:
             log.warning("final WAL checkpoint of %s failed: %s", self.db.path, e)
             return False

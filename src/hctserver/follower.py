@@ -50,6 +50,7 @@ from .session import (
     Flush,
     FollowerEvent,
     FollowerSession,
+    HoleSeen,
     RequestFailed,
     RetryPolicy,
     StartJobs,
@@ -66,7 +67,7 @@ from .session import (
 from .sink import FollowerStats, Sink
 from .tasks import Task, TaskGroup
 from .trace import Trace
-from .transport import TCP, Conn, Poller, Transport
+from .transport import TCP, Conn, Poller, Transport, Waker
 from .watchdog import watch
 
 log = logging.getLogger("hctserver")
@@ -88,7 +89,11 @@ class StreamReader:
     is applied) for up to ``grace`` seconds, then closed."""
 
     def __init__(
-        self, sink: Sink, events: queue.Queue[Any], stats: FollowerStats, grace: float = 1.0
+        self,
+        sink: Sink,
+        events: queue.Queue[tuple[int | None, FollowerEvent]],
+        stats: FollowerStats,
+        grace: float = 1.0,
     ) -> None:
         self.sink = sink
         self.events = events
@@ -98,12 +103,19 @@ class StreamReader:
         self._poller = Poller()
         self._lock = threading.Lock()
         self._retired: dict[Conn, float] = {}  # connection -> when to close it
+        self._stopped = False
         self._buf = bytearray(_RECV)
 
-    def add(self, job: int, conn: Conn, dec: wire.ReplyDecoder) -> None:
+    def add(self, job: int, conn: Conn, dec: wire.ReplyDecoder) -> bool:
+        """Read ``conn`` from now on; False (and the connection closed) if the
+        reader has stopped."""
         with self._lock:
+            if self._stopped:
+                conn.close()
+                return False
             self._poller.add(conn, (job, dec, self.generation))
         self._poller.wake()
+        return True
 
     def retire_all(self) -> None:
         with self._lock:
@@ -143,6 +155,8 @@ class StreamReader:
                         for conn in [c for c, t in self._retired.items() if t <= now]:
                             self._forget(conn)
         finally:
+            with self._lock:
+                self._stopped = True
             self.close_all()
             self._poller.close()
 
@@ -172,7 +186,7 @@ class StreamReader:
                 return
             self._forget(conn)
             if gen == self.generation:
-                self.events.put(StreamEnded(job, err))
+                self.events.put((gen, StreamEnded(job, err)))
 
 
 class Follower:
@@ -200,6 +214,7 @@ class Follower:
         commit_interval: float = 0.01,
         background_checkpoint: bool = True,
         watch_interval: float = 0.25,
+        hole_timeout: float = 1.0,
         applier_options: dict[str, Any] | None = None,
         trace: Trace | None = None,
         transport: Transport | None = None,
@@ -230,6 +245,8 @@ class Follower:
         self.commit_interval = commit_interval
         self.background_checkpoint = background_checkpoint
         self.watch_interval = watch_interval
+        self.hole_timeout = hole_timeout
+        self._hole_at = -1
         self.applier_options = applier_options or {}
         self.trace = trace or Trace()
         self.transport = transport or TCP
@@ -239,7 +256,9 @@ class Follower:
             once=once, syncbytes=syncbytes, retry=self.retry, max_resubscribes=max_resubscribes
         )
         self.njob = 0
-        self._events: queue.Queue[FollowerEvent] = queue.Queue()
+        # (the streams' generation for a StreamEnded, else None; the event)
+        self._events: queue.Queue[tuple[int | None, FollowerEvent]] = queue.Queue()
+        self._cancel = Waker()  # wakes a connect in progress when stopping
         self._sink: Sink | None = None
         self._streams: StreamReader | None = None
         self._checkpointer = Checkpointer(db)
@@ -260,6 +279,8 @@ class Follower:
         db = self.db
         self.trace.restart()
         db.check_unjournaled()
+        if db.role is None and db.max_cid() == 0:
+            db.set_role("follower")  # a new replica: no application may write it
         n = db.rollback()
         self.trace("rollback discarded %d entries", n)
         if self.background_checkpoint:
@@ -310,11 +331,19 @@ class Follower:
             self._sink.applier.close()
         if self.background_checkpoint and "hct-checkpoint" not in late:
             self._checkpointer.final()
+        if not late:
+            self._cancel.close()
         self.trace("follower stopped at cid %d", self.stats.snapshot)
+
+    @property
+    def queued_events(self) -> int:
+        """Events waiting for the driver (for status displays and tests)."""
+        return self._events.qsize()
 
     def _interrupt(self) -> None:
         """Wake the driver wherever it waits."""
-        self._events.put(StopRequested())
+        self._events.put((None, StopRequested()))
+        self._cancel.wake()
         with self._active_lock:
             if self._active is not None:
                 self._active.abort()
@@ -328,10 +357,9 @@ class Follower:
             while True:
                 act = session.next_action()
                 if act is None:
-                    ev = self._events.get()
-                    if isinstance(ev, StreamEnded):
-                        log.info("stream %d from the leader ended%s", ev.job, _why(ev.error))
-                    session.handle(ev)
+                    ev = self._next_event()
+                    if ev is not None:
+                        session.handle(ev)
                     continue
                 if isinstance(act, Finish):
                     self._finish()
@@ -347,6 +375,31 @@ class Follower:
             if self.group.stopping.is_set():
                 return  # the stop caused it
             raise
+
+    def _next_event(self) -> FollowerEvent | None:
+        """The next event for the session; while streaming, a hole that has
+        not filled for ``hole_timeout`` seconds becomes one too."""
+        try:
+            gen, ev = self._events.get(timeout=self.hole_timeout)
+        except queue.Empty:
+            return self._hole()
+        assert self._streams is not None
+        if gen is not None and gen != self._streams.generation:
+            return None  # from streams retired since: already dealt with
+        if isinstance(ev, StreamEnded):
+            log.info("stream %d from the leader ended%s", ev.job, _why(ev.error))
+        return ev
+
+    def _hole(self) -> FollowerEvent | None:
+        sink = self._sink
+        assert sink is not None
+        cid = sink.position.cid
+        stuck = sink.applier.pending and cid == self._hole_at
+        self._hole_at = cid
+        if not stuck:
+            return None
+        log.warning("entries after cid %d are missing from the streams; asking again", cid)
+        return HoleSeen()
 
     def _do(self, act: Any) -> FollowerEvent | None:
         sink = self._sink
@@ -433,7 +486,12 @@ class Follower:
     # --- talking to the leader ------------------------------------------------
 
     def _open(self) -> Conn:
-        conn = self.transport.connect(self.host, self.port, self.connect_timeout)
+        try:
+            conn = self.transport.connect(self.host, self.port, self.connect_timeout, self._cancel)
+        except HctError:
+            if self.group.stopping.is_set():
+                raise _Stopped from None
+            raise
         with self._active_lock:
             if self.group.stopping.is_set():
                 conn.close()
@@ -556,7 +614,8 @@ class Follower:
             return self._sub_failed(job, e)
         finally:
             self._release(conn, keep)
-        streams.add(job, conn, dec)
+        if not streams.add(job, conn, dec):
+            raise _Stopped
         if again:
             self.stats.resubscribes += 1
             log.info("subscribed to stream %d again", job)

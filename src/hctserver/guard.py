@@ -104,8 +104,8 @@ def unguarded_tables(conn: apsw.Connection) -> list[str]:
         "SELECT tbl_name, name FROM sqlite_schema WHERE type='trigger'"
         " AND name LIKE 'hct\\_guard\\_%' ESCAPE '\\'",
     ):
-        have.setdefault(tbl.lower(), set()).add(name[-1])
-    return [t for t in tables if have.get(t.lower(), set()) != {"i", "u", "d"}]
+        have.setdefault(tbl.lower(), set()).add(name.rsplit("_", 1)[-1])
+    return [t for t in tables if not {"i", "u", "d"} <= have.get(t.lower(), set())]
 
 
 def protect(conn: apsw.Connection) -> None:
@@ -116,7 +116,19 @@ def protect(conn: apsw.Connection) -> None:
         tag = os.urandom(6).hex()
         for suffix, op in _OPS:
             conn.execute(_guard_sql(f"{GUARD_PREFIX}{tag}_{suffix}", op, table))
+    conn.execute(_ORDER)
     record(conn)
+
+
+# A writer whose cached tail went stale under a truncate by another process
+# would append at or below the new baseline; this makes that insert fail, so
+# the writer re-reads the tail (transaction.py). Not for the applier (triggers
+# off there), and cheap: one lookup of the one-row baseline.
+_ORDER = (
+    f"CREATE TRIGGER IF NOT EXISTS main.{GUARD_PREFIX}order BEFORE INSERT ON hct_journal"
+    " WHEN NEW.cid <= (SELECT cid FROM hct_baseline)"
+    " BEGIN SELECT RAISE(ABORT, 'hctserver: a journal entry at or below the baseline'); END"
+)
 
 
 def _objects(conn: apsw.Connection) -> list[list[Any]]:

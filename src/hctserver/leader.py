@@ -196,7 +196,7 @@ class Leader:
         self.group = TaskGroup("leader")
         self._draining = False
         self._last_accept = 0.0
-        self._streamer = Streamer(sub_buffer_bytes)
+        self._streamer = Streamer(sub_buffer_bytes, on_drop=self._forget)
         self._subs: list[list[Subscriber]] = [[] for _ in range(self.njob)]
         self._sub_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
@@ -257,8 +257,8 @@ class Leader:
         db = self.db
         db.check_unjournaled()
         db.set_mode(Mode.LEADER)
-        db.set_role("leader")
         self._listener = self.transport.listen(self.host, self.port)
+        db.set_role("leader")
         if self.background_checkpoint:
             self._checkpointer.take_over()  # before the jobs' connections open
         self.port = self._listener.port
@@ -346,16 +346,17 @@ class Leader:
         self._draining = True
         g = self.group
         g.stop()
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
 
-        def left(share: float = 1.0) -> float:
-            return max(0.0, (deadline - time.monotonic()) * share)
+        def until(share: float) -> float:
+            """Seconds left until ``share`` of the budget has passed."""
+            return max(0.0, start + timeout * share - time.monotonic())
 
-        for t in self._job_tasks:
-            t.join(left(0.5))
+        for t in self._job_tasks:  # one deadline for all jobs
+            t.join(until(0.3))
         for name in ("accept", "others"):
             if name in self._named:
-                self._named[name].join(left(0.5))
+                self._named[name].join(until(0.4))
         if self._listener is not None:
             self._listener.close()  # from now on followers are refused at once
         others = self._others
@@ -365,10 +366,10 @@ class Leader:
             finally:
                 others.close()
         if "streamer" in self._named:
-            self._named["streamer"].join(left(0.5))
-            self._streamer.finish(min(self.flush_timeout, left(0.7)))
-        self._finish_requests(min(self.flush_timeout, left(0.8)))
-        g.join(left())
+            self._named["streamer"].join(until(0.45))
+            self._streamer.finish(min(self.flush_timeout, until(0.8)))
+        self._finish_requests(min(self.flush_timeout, until(0.9)))
+        g.join(until(1.0))
         if self.background_checkpoint:
             self._checkpointer.final()
         self._waker.close()
@@ -404,6 +405,11 @@ class Leader:
             conn.track_cids(others.jobs)
 
         return install
+
+    def _forget(self, sub: Subscriber) -> None:
+        """A dropped subscriber: commits are no longer encoded for it."""
+        with self._sub_lock:
+            self._subs[sub.job] = [s for s in self._subs[sub.job] if s is not sub]
 
     def _send_others(self, frames: list[bytes]) -> None:
         targets = self._subs[-1]
@@ -442,12 +448,13 @@ class Leader:
             pass
 
     def _serve(self, conn: Conn) -> None:
-        keep = False
+        keep = replying = False
         try:
             action = self._read_request(conn)
             if isinstance(action, Refuse):
                 self._refuse(conn, action)
             elif isinstance(action, ServeSync):
+                replying = True
                 self._serve_sync(conn, action)
             elif isinstance(action, ServeSub):
                 keep = True
@@ -457,7 +464,10 @@ class Leader:
             log.info("connection from %s failed: %s", conn.peer, e)
         except Exception:
             log.exception("error serving %s", conn.peer)
-            self._refuse(conn, Refuse("internal error in the leader; see its log", "internal"))
+            if replying:  # an ERROR inside a reply would read as garbage: cut it short
+                conn.abort()
+            else:
+                self._refuse(conn, Refuse("internal error in the leader; see its log", "internal"))
         finally:
             if not keep:
                 conn.close()
@@ -496,9 +506,10 @@ class Leader:
             return action
 
     def _subscribe(self, conn: Conn, k: int) -> None:
-        conn.send_all(wire.encode_subreply_start(), self.request_timeout)
-        sub = Subscriber(conn, k)
-        self._streamer.add(sub)  # registered before any commit can queue for it
+        # Registered before the follower can see SUBREPLY: its final SYNC starts
+        # after that, so every commit is in the SYNC reply or on this stream.
+        sub = Subscriber(conn, k, wire.encode_subreply_start())
+        self._streamer.add(sub)
         self._subs[k] = [*(s for s in self._subs[k] if not s.dead), sub]
         if k == self.njob - 1 and self._others is not None:
             self._others.wake()  # poll at the streaming rate from now on

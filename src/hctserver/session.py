@@ -232,7 +232,14 @@ class StopRequested:
     pass
 
 
-FollowerEvent = SyncDone | Subscribed | StreamEnded | RequestFailed | BackoffOver | StopRequested
+@dataclass(frozen=True)
+class HoleSeen:
+    """Entries wait above a hole that the streams have not filled for a while."""
+
+
+FollowerEvent = (
+    SyncDone | Subscribed | StreamEnded | RequestFailed | BackoffOver | StopRequested | HoleSeen
+)
 
 
 # --- actions: what to do --------------------------------------------------------
@@ -382,6 +389,9 @@ class FollowerSession:
             self._stream_ended(ev)
         elif isinstance(ev, RequestFailed):
             self._failed(ev)
+        elif isinstance(ev, HoleSeen):
+            if self.phase is Phase.STREAMING and not self._plan:
+                self._plan.append(Sync(final=True))  # ask for what the streams lost
         elif self.phase is Phase.BACKING_OFF:  # BackoffOver
             self._catch_up()
 

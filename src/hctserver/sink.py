@@ -83,8 +83,8 @@ class Sink:
         """Entries to apply; ``hashes`` as for :meth:`Applier.add_many`."""
         if not entries:
             return
-        threaded = self._threaded()
         with self._cond:
+            threaded = self._threaded()
             while threaded and self._bytes >= self.limit and self.error is None:
                 if self._closed:
                     return
@@ -183,7 +183,7 @@ class Sink:
     def close(self) -> None:
         """Stop: the apply thread ends, what it had not applied is dropped
         (the follower asks for it again), a batch being applied is rolled back."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+        self._closed = True  # before the lock: an inline apply may hold it
         self.applier.interrupt()
+        with self._cond:
+            self._cond.notify_all()

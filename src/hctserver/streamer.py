@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import ConnectionLostError
 from .transport import Conn, Poller
@@ -30,11 +30,11 @@ class Subscriber:
 
     __slots__ = ("conn", "dead", "job", "pending", "pending_bytes")
 
-    def __init__(self, conn: Conn, job: int) -> None:
+    def __init__(self, conn: Conn, job: int, first: bytes = b"") -> None:
         self.conn = conn
         self.job = job
-        self.pending: deque[bytes | memoryview] = deque()
-        self.pending_bytes = 0
+        self.pending: deque[bytes | memoryview] = deque([first] if first else ())
+        self.pending_bytes = len(first)
         self.dead = False
 
     @property
@@ -45,9 +45,15 @@ class Subscriber:
 class Streamer:
     """Owns every subscriber connection; see the module's docstring."""
 
-    def __init__(self, limit: int, coalesce: float = 0.003) -> None:
+    def __init__(
+        self,
+        limit: int,
+        coalesce: float = 0.003,
+        on_drop: Callable[[Subscriber], None] | None = None,
+    ) -> None:
         self.limit = limit
         self.coalesce = coalesce
+        self.on_drop = on_drop  # told of every subscriber dropped
         self.lock = threading.Lock()
         self.subs: list[Subscriber] = []
         self._dirty: set[Subscriber] = set()
@@ -57,9 +63,13 @@ class Streamer:
         self.dropped = 0
 
     def add(self, sub: Subscriber) -> None:
+        """Own ``sub`` from now on; what it already has queued goes out first."""
         with self.lock:
             self.subs.append(sub)
             self._poller.add(sub.conn, sub)
+            if sub.pending:
+                self._dirty.add(sub)
+        self._poller.wake()
 
     def push(self, subs: Sequence[Subscriber], frame: bytes) -> None:
         """Queue ``frame`` for each subscriber; never blocks on a socket."""
@@ -155,6 +165,8 @@ class Streamer:
         self.dropped += 1
         log.warning("dropped subscriber %s of job %d: %s", sub.peer, sub.job, why)
         sub.conn.close()
+        if self.on_drop is not None:
+            self.on_drop(sub)
 
     def finish(self, timeout: float) -> None:
         """After :meth:`run` returned: send what is queued (all within
