@@ -34,8 +34,8 @@ from .position import ZERO_HASH
 from .transport import TCP
 
 SIZES: dict[str, dict[str, Any]] = {
-    "quick": {"n": 30_000, "seconds": 1.5, "lag_seconds": 3.0, "rounds": 2, "app_n": 5000},
-    "full": {"n": 500_000, "seconds": 4.0, "lag_seconds": 10.0, "rounds": 3, "app_n": 20_000},
+    "quick": {"n": 30_000, "seconds": 1.5, "lag_seconds": 3.0, "rounds": 2},
+    "full": {"n": 500_000, "seconds": 4.0, "lag_seconds": 10.0, "rounds": 3},
 }
 SYNCTHREADS = (1, 2, 8)
 PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL")
@@ -397,11 +397,11 @@ def _lags(commits: dict[int, float], record: str) -> list[float]:
     return out
 
 
-def app_lag(path: str, tmp: str, n: int) -> dict[str, float]:
-    """An application process writes ``n`` transactions through
-    hctserver.connect() while a leader with no jobs serves two followers:
-    commit-to-apply lag of the other-writers stream. time.monotonic() is
-    one clock for every process of the machine."""
+def app_lag(path: str, tmp: str, seconds: float) -> dict[str, float]:
+    """An application process writes transactions through hctserver.connect()
+    as fast as it can for ``seconds`` while a leader with no jobs serves two
+    followers: commit-to-apply lag of the other-writers stream.
+    time.monotonic() is one clock for every process of the machine."""
     _leader_db(path)
     db = Database(path)
     leader = Leader(db, [], port=0)
@@ -414,7 +414,7 @@ def app_lag(path: str, tmp: str, n: int) -> dict[str, float]:
             _wait_ready(ch)
         out = os.path.join(tmp, "app-commits.json")
         app = subprocess.run(
-            [sys.executable, "-m", "hctserver.bench", "app", path, str(n), out],
+            [sys.executable, "-m", "hctserver.bench", "app", path, str(seconds), out],
             timeout=3600,
         )
         if app.returncode:
@@ -441,17 +441,21 @@ def app_lag(path: str, tmp: str, n: int) -> dict[str, float]:
 
 
 def _app_child(argv: list[str]) -> int:
-    """The bench application: ``n`` transactions as fast as it can, each
-    one's cid and commit time written to a JSON file."""
+    """The bench application: transactions as fast as it can for a number of
+    seconds, each one's cid and commit time written to a JSON file."""
     from . import connect
 
-    path, n, out = argv[0], int(argv[1]), argv[2]
+    path, seconds, out = argv[0], float(argv[1]), argv[2]
     conn = connect(path)
     times = []
-    for _ in range(n):
+    end = time.monotonic() + seconds
+    while True:
         with conn:
             conn.execute(WRITER_SQL)
-        times.append((conn.last_cid, time.monotonic()))
+        t = time.monotonic()
+        times.append((conn.last_cid, t))
+        if t >= end:
+            break
     conn.close()
     with open(out, "w") as f:
         json.dump(times, f)
@@ -542,7 +546,7 @@ def run_bench(quick: bool = False, json_path: str | None = None, entries: int | 
         r["handshake_large_ms"] = handshake_ms(big)
 
         r.update(lag(os.path.join(tmp, "lag.db"), tmp, cfg["lag_seconds"]))
-        r.update(app_lag(os.path.join(tmp, "app.db"), tmp, cfg["app_n"]))
+        r.update(app_lag(os.path.join(tmp, "app.db"), tmp, cfg["lag_seconds"]))
         r["machine"] = _machine()
         r["quick"] = quick
         r["version"] = __version__
