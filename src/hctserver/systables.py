@@ -65,13 +65,6 @@ USER_OBJECTS_WHERE = (
 Tail = tuple[int, int, bytes]
 
 
-def is_user_object(name: str, typ: str = "table") -> bool:
-    """False for SQLite's internal objects and hctserver's own."""
-    if name.startswith("sqlite_") or name in SYSTEM_TABLES:
-        return False
-    return not (typ == "trigger" and name.startswith(GUARD_PREFIX))
-
-
 def read_position(conn: apsw.Connection) -> tuple[int, bytes]:
     cid, h = max(fetchall(conn, POSITION), key=lambda r: r[0])
     return cid, bytes(h)
