@@ -137,6 +137,12 @@ def test_error_paths_are_one_line_with_documented_codes(tmp_path) -> None:
         6,
         "cannot connect to the leader.*connection refused",
     )
+    # a leader serves an existing replication database: a typo is not a new one
+    one_line_error(
+        run("leader", str(tmp_path / "typo.db"), "--port", "0"), 3, "no such database.*init"
+    )
+    assert not (tmp_path / "typo.db").exists()
+    init_db(str(tmp_path / "l.db"))
     busy = socket.create_server(("127.0.0.1", 0))
     try:
         one_line_error(

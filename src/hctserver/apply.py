@@ -24,8 +24,9 @@ from typing import Any
 import apsw
 
 from . import guard, patchset
-from .errors import ApplyError, DivergenceError, ModeError
+from .errors import ApplyError, DiskFullError, DivergenceError, ModeError, ProtocolError
 from .patchset import CHANGESET, PATCHSET
+from .policy import DataPolicy, SchemaPolicy
 from .position import Entry, Position, entry_hash, fold
 from .sqlutil import fetchone, write_transaction
 from .store import Mode, Store
@@ -265,15 +266,26 @@ class Applier:
     def _commit_batch(self, batch: list[Entry], rows: list[Any]) -> None:
         c = self._conn
         first, last = batch[0].cid, batch[-1].cid
+        schema_policy: SchemaPolicy | None = None
+        data_policy: DataPolicy | None = None
         c.execute("BEGIN IMMEDIATE")
         try:
             if batch[0].schema:
-                for _ in c.execute(batch[0].schema):
-                    pass
+                schema_policy = SchemaPolicy()
+                schema_policy.run(c, batch[0].schema)
                 guard.protect(c)
             data = patchset.merge([e.data for e in batch])
             if data:
-                apsw.Changeset.apply(data, c, flags=_NOSAVEPOINT, conflict=self._on_conflict)
+                data_policy = DataPolicy(c)
+                apsw.Changeset.apply(
+                    data,
+                    c,
+                    flags=_NOSAVEPOINT,
+                    conflict=self._on_conflict,
+                    filter=data_policy,
+                )
+                if data_policy.refused is not None:
+                    raise ProtocolError(data_policy.refused)
             if self._spilled:
                 c.executemany("DELETE FROM hct_journal WHERE cid=?", [(r[0],) for r in rows])
             c.executemany(INSERT_ENTRY, rows)
@@ -285,8 +297,31 @@ class Applier:
                 if e.cid not in self._spilled:
                     self._pending[e.cid] = e
                     self._pending_bytes += len(e.data) + len(e.schema)
-            if isinstance(exc, (apsw.Error, ValueError)):
-                where = f"cid {first}" if first == last else f"cids {first}..{last}"
+            where = f"cid {first}" if first == last else f"cids {first}..{last}"
+            if isinstance(exc, apsw.FullError):
+                raise DiskFullError(
+                    f"{self.db.path}: the disk is full; {where} were not applied and will be"
+                    " once space is freed"
+                ) from exc
+            if schema_policy is not None and schema_policy.refused is not None:
+                raise ProtocolError(
+                    f"cid {first}: the leader sent a schema change a follower does not run"
+                    f" ({schema_policy.refused}); nothing of it was applied"
+                ) from None
+            if isinstance(exc, ProtocolError) or (
+                data_policy is not None and data_policy.refused is not None
+            ):
+                refused = (data_policy.refused if data_policy is not None else None) or str(exc)
+                raise ProtocolError(
+                    f"{_culprit(batch, refused)}: the leader sent {refused}; nothing of"
+                    f" {where} was applied"
+                ) from None
+            if isinstance(exc, (apsw.CorruptError, ValueError)):
+                raise ProtocolError(
+                    f"{_corrupt(batch)}: the entry's data is not a valid session patchset"
+                    f" ({exc}); nothing of {where} was applied"
+                ) from exc
+            if isinstance(exc, apsw.Error):
                 detail = self._conflict or str(exc)
                 raise ApplyError(
                     f"cannot apply {where} to {self.db.path}: {detail}; nothing of it was"
@@ -297,11 +332,17 @@ class Applier:
     def _spill(self) -> None:
         """Store the entries waiting above a hole as unapplied journal rows."""
         ents = sorted(self._pending.values())
-        with write_transaction(self._conn) as c:
-            c.executemany(
-                INSERT_UNAPPLIED,
-                [(e.cid, e.schema, e.data, e.schemacid, e.hash()) for e in ents],
-            )
+        try:
+            with write_transaction(self._conn) as c:
+                c.executemany(
+                    INSERT_UNAPPLIED,
+                    [(e.cid, e.schema, e.data, e.schemacid, e.hash()) for e in ents],
+                )
+        except apsw.FullError as e:
+            raise DiskFullError(
+                f"{self.db.path}: the disk is full; {len(ents)} entries above the hole at cid"
+                f" {self._snapshot + 1} stay in memory"
+            ) from e
         self._spilled.update(e.cid for e in ents)
         self._pending.clear()
         self._pending_bytes = 0
@@ -313,3 +354,31 @@ def _key(row: Any, pk_columns: Any) -> str:
         return repr(tuple(row[i] for i in sorted(pk_columns)))
     except Exception:
         return "?"
+
+
+def _corrupt(batch: list[Entry]) -> str:
+    """Which entry of ``batch`` holds data SQLite cannot read ("cid N")."""
+    for e in batch:
+        if not e.data:
+            continue
+        builder = apsw.ChangesetBuilder()  # type: ignore[no-untyped-call]
+        try:
+            builder.add(e.data)
+            builder.output()
+        except (apsw.Error, ValueError):
+            return f"cid {e.cid}"
+        finally:
+            builder.close()
+    return f"cids {batch[0].cid}..{batch[-1].cid}"
+
+
+def _culprit(batch: list[Entry], refused: str) -> str:
+    """Which entry of ``batch`` touched the table named in ``refused``."""
+    for e in batch:
+        try:
+            names = {t.name for t in patchset.decode(e.data)} if e.data else set()
+        except Exception:
+            continue
+        if any(repr(n) in refused for n in names):
+            return f"cid {e.cid}"
+    return f"cids {batch[0].cid}..{batch[-1].cid}"

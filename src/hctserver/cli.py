@@ -12,6 +12,7 @@ journal, 9 verify: one database is behind the other, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from .errors import (
     ApplyError,
     BusyError,
     ConfigError,
+    DiskFullError,
     DivergenceError,
     HctError,
     IncompatibleError,
@@ -45,12 +47,16 @@ from .errors import (
     UnjournaledWriteError,
     UnsupportedStatementError,
 )
+from .follower import Follower
 from .journal import Database
+from .leader import Leader
 from .node import Node
 from .verify import Behind, compare
 
 # First match wins: TruncatedMessageError is both a ProtocolError and transient.
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (DiskFullError, 10),
+    (apsw.FullError, 10),
     (ConfigError, 2),
     (JobError, 7),
     (UnjournaledWriteError, 8),
@@ -81,6 +87,14 @@ def exit_code(e: BaseException) -> int:
 DEBUG_ENV = "HCTSERVER_DEBUG"
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    return {
+        k: p.default
+        for k, p in inspect.signature(cls).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
 def _positive_float(s: str) -> float:
     try:
         v = float(s)
@@ -96,6 +110,51 @@ def _delay(s: str) -> float:
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, not {s}")
     return v
+
+
+def _count(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {s}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {s}")
+    return v
+
+
+def _cid(s: str) -> int:
+    return _count(s)
+
+
+# Resource bounds (docs/SECURITY.md): flag -> (keyword of Leader/Follower, type, what)
+LEADER_BOUNDS = {
+    "--max-connections": ("max_connections", _count, "requests served at once"),
+    "--max-syncs": ("max_syncs", _count, "SYNC replies streamed at once"),
+    "--max-subscribers": ("max_subscribers", _count, "subscribers per stream"),
+    "--sub-buffer-bytes": ("sub_buffer_bytes", _count, "bytes queued per subscriber"),
+    "--sub-stall-timeout": ("sub_stall_timeout", _delay, "seconds a subscriber may take nothing"),
+    "--request-timeout": ("request_timeout", _delay, "seconds to send a whole request"),
+    "--send-timeout": ("send_timeout", _delay, "seconds one reply chunk may wait"),
+}
+FOLLOWER_BOUNDS = {
+    "--max-entry-bytes": ("max_size", _count, "largest entry accepted"),
+    "--max-streams": ("max_streams", _count, "most streams a leader may announce"),
+    "--queue-bytes": ("queue_bytes", _count, "bytes received and held before applying"),
+    "--io-timeout": ("io_timeout", _delay, "seconds without a whole entry before giving up"),
+    "--connect-timeout": ("connect_timeout", _delay, "seconds to connect"),
+}
+
+
+def _bounds(s: argparse.ArgumentParser, bounds: dict[str, Any], defaults: dict[str, Any]) -> None:
+    for flag, (key, kind, what) in bounds.items():
+        s.add_argument(
+            flag,
+            type=kind,
+            default=None,
+            dest=key,
+            metavar="N" if kind is _count else "S",
+            help=f"{what} (default {defaults[key]:,})",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,8 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("leader", help="serve a database to followers (until stopped)")
     node_opts(s, True)
+    _bounds(s, LEADER_BOUNDS, _defaults(Leader))
     s = sub.add_parser("follower", help="follow a leader (until stopped)")
     node_opts(s, False)
+    _bounds(s, FOLLOWER_BOUNDS, _defaults(Follower))
     s.add_argument(
         "--once",
         action="store_true",
@@ -187,7 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("verify", help="check that two databases are identical")
     s.add_argument("db1", metavar="DB1")
-    s.add_argument("db2", metavar="DB2")
+    s.add_argument("db2", metavar="DB2", nargs="?")
+    s.add_argument(
+        "--journal",
+        action="store_true",
+        help="recompute every journal hash and the chain (of DB1 alone, or of both)",
+    )
 
     s = sub.add_parser("rollback", help="discard journal entries above the first hole")
     s.add_argument("db", metavar="DB")
@@ -195,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("truncate", help="drop journal entries below a cid into the baseline")
     s.add_argument("db", metavar="DB")
     s.add_argument(
-        "--min-cid", type=int, required=True, metavar="C", help="keep entries with cid >= C"
+        "--min-cid", type=_cid, required=True, metavar="C", help="keep entries with cid >= C"
     )
 
     s = sub.add_parser("demo", help="a leader, six writers and followers, live")
@@ -267,7 +333,12 @@ def _node(a: argparse.Namespace, follower: bool) -> Node:
     }
     if follower:
         opts.update(syncthreads=a.syncthreads, syncbytes=a.syncbytes, once=a.once)
-    node = Node(a.db, **opts)
+    # a leader serves an existing replication database (`hctserver init` makes one)
+    node = Node(a.db, init=follower, **opts)
+    bounds = FOLLOWER_BOUNDS if follower else LEADER_BOUNDS
+    for key, _, _ in bounds.values():
+        if getattr(a, key) is not None:
+            node.extra[key] = getattr(a, key)
     if follower:
         node.extra["retry_max"] = a.retry_max
     for j in a.job:
@@ -375,6 +446,23 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
+    if a.db2 is None and not a.journal:
+        raise ConfigError("verify needs two databases, or --journal and one")
+    if a.journal:
+        for path in (a.db1, a.db2):
+            if path is None:
+                continue
+            db = Database(path, init=False)
+            try:
+                broken, n = db.check_journal(), db.journal_stats()[0]
+            finally:
+                db.close()
+            if broken is not None:
+                print(f"broken journal: {path}: {broken}")
+                return VERIFY_DIFFERENT
+            print(f"journal intact: {path} ({n:,} entries)")
+        if a.db2 is None:
+            return 0
     diff = compare(a.db1, a.db2)
     if diff is None:
         print(f"identical: {a.db1} and {a.db2} (cid {Database(a.db1, init=False).snapshot()})")
@@ -444,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_code(e)
     except apsw.Error as e:
         print(f"hctserver: error: SQLite: {e}", file=sys.stderr)
-        return 3
+        return 10 if isinstance(e, apsw.FullError) else 3
     except KeyboardInterrupt:
         print("hctserver: interrupted", file=sys.stderr)
         return 130

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import apsw
+
 from . import sqltext
 from .authorizer import Authorizer
 from .capture import Capture
@@ -24,7 +26,7 @@ from .errors import BusyError, ModeError, UnsupportedStatementError
 from .reshape import Reshaper
 from .sqltext import Kind, Statement
 from .store import CommitHook, Mode, Store
-from .transaction import CidTracker, Transactions
+from .transaction import CidTracker, Transactions, disk_full
 
 
 class Rows:
@@ -197,8 +199,10 @@ class JournaledConnection:
                 txs.start_writing()
             try:
                 return self._write(st, bindings)
-            except BaseException:
+            except BaseException as exc:
                 txs.failed()
+                if isinstance(exc, apsw.FullError):
+                    raise disk_full(self.db.path) from exc
                 raise
         if k is Kind.BEGIN:
             if txs.tx is not None:  # let SQLite report the nesting error
@@ -252,8 +256,10 @@ class JournaledConnection:
         try:
             rows = list(self._write(st, bindings))
             txs.commit()
-        except BaseException:
+        except BaseException as exc:
             txs.abort()
+            if isinstance(exc, apsw.FullError):
+                raise disk_full(self.db.path) from exc
             raise
         return Rows(rows)
 

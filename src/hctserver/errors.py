@@ -57,9 +57,18 @@ class JournalError(HctError):
     """A journal operation got arguments it cannot honour (e.g. truncate)."""
 
 
+class DatabaseInUseError(HctError):
+    """Another node already serves this database file."""
+
+
 class UnjournaledWriteError(HctError):
     """The database was changed behind the journal's back (a plain SQLite
     client changed its schema, or removed hctserver's guards)."""
+
+
+class DiskFullError(TransientError):
+    """The disk (or the file system's quota) is full. Nothing was written;
+    the operation can be retried once space is freed."""
 
 
 class DivergenceError(HctError):

@@ -36,10 +36,12 @@ from .errors import (
     ConnectionLostError,
     HctError,
     ProtocolError,
+    TimedOutError,
     TruncatedMessageError,
 )
 from .jobs import Job, Timeout, run_job
 from .journal import Database
+from .nodelock import NodeLock
 from .position import Entry, chain
 from .session import (
     Backoff,
@@ -73,6 +75,8 @@ from .watchdog import watch
 log = logging.getLogger("hctserver")
 
 _RECV = 1 << 20
+MAX_ENTRY_BYTES = 32 << 20  # largest entry accepted from a leader (memory: about 3x)
+MAX_STREAMS = 256  # most streams a leader may announce (one connection each)
 
 __all__ = ["Follower", "FollowerStats"]
 
@@ -94,15 +98,18 @@ class StreamReader:
         events: queue.Queue[tuple[int | None, FollowerEvent]],
         stats: FollowerStats,
         grace: float = 1.0,
+        io_timeout: float = 30.0,
     ) -> None:
         self.sink = sink
         self.events = events
         self.stats = stats
         self.grace = grace
+        self.io_timeout = io_timeout  # how long an entry may stay half received
         self.generation = 0
         self._poller = Poller()
         self._lock = threading.Lock()
         self._retired: dict[Conn, float] = {}  # connection -> when to close it
+        self._partial: dict[Conn, float] = {}  # connection -> since when half an entry waits
         self._stopped = False
         self._buf = bytearray(_RECV)
 
@@ -135,6 +142,7 @@ class StreamReader:
         """Stop reading ``conn`` and close it (the caller holds the lock)."""
         self._poller.remove(conn)
         self._retired.pop(conn, None)
+        self._partial.pop(conn, None)
         conn.close()
 
     def wake(self) -> None:
@@ -145,20 +153,38 @@ class StreamReader:
         try:
             while not stop.is_set():
                 with self._lock:
-                    due = min(self._retired.values(), default=None)
+                    due = min(
+                        (
+                            *self._retired.values(),
+                            *(t + self.io_timeout for t in self._partial.values()),
+                        ),
+                        default=None,
+                    )
                 wait = None if due is None else max(0.0, due - time.monotonic())
                 for conn, (job, dec, gen), _, _ in self._poller.poll(wait):
                     self._read(conn, job, dec, gen, mv)
                 if due is not None:
-                    now = time.monotonic()
-                    with self._lock:
-                        for conn in [c for c, t in self._retired.items() if t <= now]:
-                            self._forget(conn)
+                    self._expire(time.monotonic())
         finally:
             with self._lock:
                 self._stopped = True
             self.close_all()
             self._poller.close()
+
+    def _expire(self, now: float) -> None:
+        """Close retired streams past their grace, and streams where half an
+        entry has waited longer than ``io_timeout`` (a trickling leader)."""
+        with self._lock:
+            for conn in [c for c, t in self._retired.items() if t <= now]:
+                self._forget(conn)
+            for conn in [c for c, t in self._partial.items() if t + self.io_timeout <= now]:
+                job, _, gen = self._poller.data(conn)
+                self._forget(conn)
+                if gen == self.generation:
+                    err = TimedOutError(
+                        f"stream {job}: half an entry waited {self.io_timeout:g} s for the rest"
+                    )
+                    self.events.put((gen, StreamEnded(job, err)))
 
     def _read(self, conn: Conn, job: int, dec: wire.ReplyDecoder, gen: int, mv: memoryview) -> None:
         err: HctError | None = None
@@ -175,6 +201,11 @@ class StreamReader:
             else:
                 dec.feed(mv[:n])
                 evs = dec.next_events()
+                with self._lock:
+                    if not dec.buffered:
+                        self._partial.pop(conn, None)
+                    elif evs or conn not in self._partial:
+                        self._partial[conn] = time.monotonic()
                 entries = [e for e in evs if type(e) is Entry]
                 self.stats.sub_entries += len(entries)
                 self.sink.put(entries, n)
@@ -207,8 +238,9 @@ class Follower:
         retry_initial: float = 0.1,
         retry_max: float = 5.0,
         connect_timeout: float = 10.0,
-        io_timeout: float = 60.0,
-        max_size: int = wire.DEFAULT_MAX_SIZE,
+        io_timeout: float = 30.0,
+        max_size: int = MAX_ENTRY_BYTES,
+        max_streams: int = MAX_STREAMS,
         queue_bytes: int = 16 << 20,
         max_resubscribes: int = 20,
         commit_interval: float = 0.01,
@@ -240,6 +272,7 @@ class Follower:
         self.connect_timeout = connect_timeout
         self.io_timeout = io_timeout
         self.max_size = max_size
+        self.max_streams = max_streams
         self.queue_bytes = queue_bytes
         self.max_resubscribes = max_resubscribes
         self.commit_interval = commit_interval
@@ -262,6 +295,7 @@ class Follower:
         self._sink: Sink | None = None
         self._streams: StreamReader | None = None
         self._checkpointer = Checkpointer(db)
+        self._node_lock = NodeLock(db.path)
         self._driver: Task | None = None
         self._job_tasks: list[Task] = []
         self._active: Conn | None = None  # the connection the driver is blocked on
@@ -278,17 +312,24 @@ class Follower:
         """Start the threads; the driver does the rest (see :meth:`wait`)."""
         db = self.db
         self.trace.restart()
-        db.check_unjournaled()
-        if db.role is None and db.max_cid() == 0:
-            db.set_role("follower")  # a new replica: no application may write it
-        n = db.rollback()
+        self._node_lock.acquire("follower")
+        try:
+            db.check_unjournaled()
+            if db.role is None and db.max_cid() == 0:
+                db.set_role("follower")  # a new replica: no application may write it
+            n = db.rollback()
+        except BaseException:
+            self._node_lock.release()
+            raise
         self.trace("rollback discarded %d entries", n)
         if self.background_checkpoint:
             self._checkpointer.take_over()  # before the applier's connection opens
         ap = db.applier(**self.applier_options)
         sink = self._sink = Sink(ap, self.syncthreads > 1, self.queue_bytes, self.stats)
         self.stats.snapshot = self.stats.start_snapshot = ap.snapshot
-        streams = self._streams = StreamReader(sink, self._events, self.stats)
+        streams = self._streams = StreamReader(
+            sink, self._events, self.stats, io_timeout=self.io_timeout
+        )
         g = self.group
         stop = g.stopping
         g.spawn("hct-watchdog", watch, db, stop, self.watch_interval)
@@ -333,6 +374,7 @@ class Follower:
             self._checkpointer.final()
         if not late:
             self._cancel.close()
+        self._node_lock.release()
         self.trace("follower stopped at cid %d", self.stats.snapshot)
 
     @property
@@ -394,7 +436,7 @@ class Follower:
         sink = self._sink
         assert sink is not None
         cid = sink.position.cid
-        stuck = sink.applier.pending and cid == self._hole_at
+        stuck = sink.applier.pending and cid == self._hole_at and not self.stats.disk_full
         self._hole_at = cid
         if not stuck:
             return None
@@ -546,19 +588,28 @@ class Follower:
         # the chain, while the apply thread is inside SQLite (GIL released).
         tag = object()
         last, vh = cid, h
+        progress = time.monotonic()  # a whole message or entry arrived
         try:
             while True:
-                n = conn.recv_into(mv, self.io_timeout)
+                left = progress + self.io_timeout - time.monotonic()
+                if left <= 0:
+                    raise TimedOutError(
+                        f"no whole entry from the leader for {self.io_timeout:g} s during {what}"
+                    )
+                n = conn.recv_into(mv, left)
                 if n == 0:
                     dec.eof()
                     break
                 dec.feed(mv[:n])
                 events = dec.next_events()
+                if events:
+                    progress = time.monotonic()
                 entries = [ev for ev in events if type(ev) is Entry]
                 if len(entries) != len(events):
                     for ev in events:
                         if isinstance(ev, wire.SyncReplyStart):
                             njob = ev.njob
+                            self._check_streams(njob)
                         elif isinstance(ev, wire.ErrorReply):
                             raise leader_error(ev.message)
                 hashes, last, vh = chain(entries, last, vh, tag)
@@ -572,6 +623,13 @@ class Follower:
         except ProtocolError as e:
             raise ProtocolError(f"bad reply from the leader to {what}: {e}") from e
         return njob, dec.entry_bytes
+
+    def _check_streams(self, njob: int) -> None:
+        if njob > self.max_streams:
+            raise ProtocolError(
+                f"the leader announces {njob} streams; this follower opens at most"
+                f" {self.max_streams} (max_streams)"
+            )
 
     def _subscribe(self, job: int, again: bool) -> FollowerEvent:
         sink, streams = self._sink, self._streams

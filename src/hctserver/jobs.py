@@ -19,7 +19,7 @@ from typing import Any
 
 import apsw
 
-from .errors import BusyError, ConfigError, JobError
+from .errors import BusyError, ConfigError, DiskFullError, JobError
 
 log = logging.getLogger("hctserver")
 
@@ -65,16 +65,31 @@ JobFunction = Callable[[Any, Timeout], Any]
 
 
 def writer(db: Any, timeout: Callable[[], bool]) -> None:
-    """The original's example leader job: REPLACE random rows as fast as possible."""
+    """The original's example leader job: REPLACE random rows as fast as
+    possible; "database is locked" is retried at once, a full disk after a
+    growing pause (the job carries on when space returns)."""
     ensure_t1(db)
+    pause = 0.0
     while not timeout():
         try:
             db.execute("BEGIN CONCURRENT")
             db.execute(WRITER_SQL)
             db.execute("COMMIT")
+            if pause:
+                log.warning("the disk has space again: the writer goes on")
+                pause = 0.0
         except (BusyError, apsw.BusyError):
             if db.in_transaction:
                 db.execute("ROLLBACK")
+        except (DiskFullError, apsw.FullError) as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if not pause:
+                log.error("writer: %s; retrying every 5 s at most", e)
+            pause = min(5.0, pause * 2 or 0.1)
+            wait = getattr(timeout, "wait", None)
+            if wait is not None:
+                wait(pause)
 
 
 def monitor(db: Any, timeout: Timeout) -> None:
@@ -159,6 +174,8 @@ def run_job(
     except SystemExit as e:
         if e.code not in (None, 0):
             raise JobError(f"job {index} ({job.name}) exited with {e.code!r}") from e
+    except (DiskFullError, apsw.FullError) as e:
+        raise DiskFullError(f"job {index} ({job.name}): the disk is full: {e}") from e
     except BaseException as e:
         raise JobError(f"job {index} ({job.name}): {type(e).__name__}: {e}") from e
     finally:

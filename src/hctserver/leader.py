@@ -34,6 +34,7 @@ from .checkpoint import Checkpointer
 from .errors import ConfigError, ConnectionLostError, TimedOutError
 from .jobs import Job, Timeout, run_job
 from .journal import Database
+from .nodelock import NodeLock
 from .position import Position
 from .session import (
     BUSY,
@@ -53,6 +54,8 @@ from .watchdog import watch
 log = logging.getLogger("hctserver")
 
 _SEND_CHUNK = 1 << 20
+_SYNC_ROWS = 2048  # rows read per short read transaction of a SYNC reply
+_MIN_EVICT_AGE = 0.5  # a connection that has not sent its request in this long may be cut
 
 
 class CidSet:
@@ -163,9 +166,11 @@ class Leader:
         seconds: float = 0,
         max_subscribers: int = 16,
         sub_buffer_bytes: int = 64 << 20,
-        request_timeout: float = 10.0,
-        send_timeout: float = 60.0,
+        request_timeout: float = 5.0,
+        send_timeout: float = 30.0,
         max_connections: int = 64,
+        max_syncs: int = 2,
+        sub_stall_timeout: float = 10.0,
         background_checkpoint: bool = True,
         linger: float = 1.0,
         linger_max: float = 30.0,
@@ -196,15 +201,20 @@ class Leader:
         self.group = TaskGroup("leader")
         self._draining = False
         self._last_accept = 0.0
-        self._streamer = Streamer(sub_buffer_bytes, on_drop=self._forget)
+        self._streamer = Streamer(
+            sub_buffer_bytes, stall_timeout=sub_stall_timeout, on_drop=self._forget
+        )
         self._subs: list[list[Subscriber]] = [[] for _ in range(self.njob)]
         self._sub_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._syncs = threading.BoundedSemaphore(max_syncs)  # SYNC replies at once
+        self._reading: dict[Conn, float] = {}  # connection -> when it came (request unread)
         self._serving: set[Conn] = set()  # requests being served
         self._served = threading.Condition()  # notified when one ends
         self._waker = Waker()
         self._listener: Listener | None = None
         self._checkpointer = Checkpointer(db)
+        self._node_lock = NodeLock(db.path)
         self._others: OtherWriters | None = None
         self._job_tasks: list[Task] = []
         self._run_tasks: list[Task] = []
@@ -255,10 +265,15 @@ class Leader:
 
     def start(self) -> None:
         db = self.db
-        db.check_unjournaled()
-        db.set_mode(Mode.LEADER)
-        self._listener = self.transport.listen(self.host, self.port)
-        db.set_role("leader")
+        self._node_lock.acquire("leader")
+        try:
+            db.check_unjournaled()
+            db.set_mode(Mode.LEADER)
+            self._listener = self.transport.listen(self.host, self.port)
+            db.set_role("leader")
+        except BaseException:
+            self._node_lock.release()
+            raise
         if self.background_checkpoint:
             self._checkpointer.take_over()  # before the jobs' connections open
         self.port = self._listener.port
@@ -373,6 +388,7 @@ class Leader:
         if self.background_checkpoint:
             self._checkpointer.final()
         self._waker.close()
+        self._node_lock.release()
         self.trace("leader stopped")
         log.info("leader stopped at cid %d", self.db.snapshot())
 
@@ -427,13 +443,26 @@ class Leader:
                     conn.close()
                 return
             self._last_accept = time.monotonic()
-            if not self._slots.acquire(blocking=False):
+            if not self._slots.acquire(blocking=False) and not self._make_room():
                 self._refuse(conn, Refuse(BUSY, "busy"))
                 conn.close()
                 continue
             with self._served:
                 self._serving.add(conn)
+                self._reading[conn] = time.monotonic()
             self.group.spawn(f"hct-serve-{conn.peer}", self._serve, conn)
+
+    def _make_room(self) -> bool:
+        """Every request slot is taken: cut off the connection that has taken
+        longest to send its request (a real follower sends it at once), and
+        take its slot when it is freed, within a second."""
+        with self._served:
+            slow = min(self._reading.items(), key=lambda kv: kv[1], default=None)
+        if slow is None or time.monotonic() - slow[1] < _MIN_EVICT_AGE:
+            return False
+        log.info("every request slot is taken: cutting off %s, the slowest", slow[0].peer)
+        slow[0].abort()
+        return self._slots.acquire(timeout=1.0)
 
     def _refuse(self, conn: Conn, r: Refuse) -> None:
         self.refused += 1
@@ -473,6 +502,7 @@ class Leader:
                 conn.close()
             with self._served:
                 self._serving.discard(conn)
+                self._reading.pop(conn, None)
                 self._served.notify_all()
             self._slots.release()
 
@@ -495,6 +525,8 @@ class Leader:
             got = session.receive_data(memoryview(buf)[:n])
             if got is None:
                 continue
+            with self._served:
+                self._reading.pop(conn, None)
             if isinstance(got, Refuse):
                 return got
             if isinstance(got, wire.SyncRequest):
@@ -517,21 +549,34 @@ class Leader:
         self.trace("SUB: job %d subscribed by %s", k, conn.peer)
 
     def _serve_sync(self, conn: Conn, action: ServeSync) -> None:
+        """The journal after ``action.after``, up to the newest cid when the
+        request came, read in chunks of short read transactions: a follower
+        that reads slowly (or not at all) pins nothing in the WAL, and is
+        cut off once one chunk has waited ``send_timeout`` for it."""
         conn.send_all(wire.encode_syncreply_start(action.njob), self.send_timeout)
-        first = last = n = 0
+        after = action.after
+        n = 0
         buf = bytearray()
         reader = JournalReader(self.db)
         try:
-            rows = reader.raw_entries(action.after)
-            while True:
-                k, cid = wire.frame_entries(buf, rows, _SEND_CHUNK)
-                if not k:
-                    break
-                if not n:
-                    first = action.after + 1
-                    self.trace("SYNC: first CID = %d", first)
-                n += k
-                last = cid
+            upto = reader.newest()
+            while after < upto:
+                # reading and framing take a slot (at most max_syncs at once: the
+                # writers keep the interpreter); waiting on a slow reader does not
+                if not self._syncs.acquire(timeout=self.send_timeout):
+                    raise TimedOutError(f"no SYNC slot for {self.send_timeout:g} s")
+                try:
+                    while after < upto and len(buf) < _SEND_CHUNK:
+                        rows = reader.raw_chunk(after, upto, _SYNC_ROWS)
+                        if not rows:
+                            upto = after  # truncated meanwhile: the follower sees the gap
+                            break
+                        k, after = wire.frame_entries(buf, iter(rows), 1 << 62)
+                        if not n:
+                            self.trace("SYNC: first CID = %d", rows[0][0])
+                        n += k
+                finally:
+                    self._syncs.release()
                 if len(buf) >= _SEND_CHUNK:
                     conn.send_all(buf, self.send_timeout)
                     buf.clear()
@@ -542,4 +587,4 @@ class Leader:
         conn.shutdown_write()
         self.syncs_served += 1
         log.debug("SYNC from %s at cid %d: %d entries", conn.peer, action.after, n)
-        self.trace("SYNC: last CID = %d (%d entries to %s)", last, n, conn.peer)
+        self.trace("SYNC: last CID = %d (%d entries to %s)", after, n, conn.peer)

@@ -59,10 +59,13 @@ class Node:
     above the first hole, as the original does.
     """
 
-    def __init__(self, path: str | os.PathLike[str], **options: Any) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, init: bool = True, **options: Any) -> None:
+        """``init=False``: the database must exist (a leader's, made by
+        ``hctserver init``). A follower never adopts a plain SQLite file that
+        holds tables: it would write into it."""
         self.options = dict(DEFAULTS)
         self.configure(**options)
-        self.db = Database(path)
+        self.db = Database(path, init=init, adopt=not self.options["follower"])
         self.db.rollback()
         self.jobs: list[Job] = []
         self.extra: dict[str, Any] = {}

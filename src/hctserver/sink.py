@@ -13,12 +13,18 @@ much lag for a low cost per entry.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from .apply import Applier
+from .errors import DiskFullError
 from .position import Entry, Position
+
+log = logging.getLogger("hctserver")
+
+_FULL_RETRY_MAX = 5.0  # seconds between attempts while the disk is full
 
 
 @dataclass
@@ -33,6 +39,7 @@ class FollowerStats:
     start_snapshot: int = 0
     resubscribes: int = 0
     reconnects: int = 0
+    disk_full: bool = False
 
 
 class Sink:
@@ -61,6 +68,7 @@ class Sink:
         self._flushing = False
         self._busy = False
         self._closed = False
+        self._stopping = threading.Event()
         self.error: BaseException | None = None
 
     @property
@@ -117,7 +125,23 @@ class Sink:
         ap = self.applier
         for entries, hashes in chunks:
             ap.add_many(entries, hashes)
-        self.stats.snapshot = ap.apply()
+        delay = 0.1
+        while True:
+            try:
+                self.stats.snapshot = ap.apply()
+            except DiskFullError as e:
+                # keep the entries and try again: the disk may get space back
+                if not self.stats.disk_full:
+                    self.stats.disk_full = True
+                    log.error("%s; retrying every %g s at most", e, _FULL_RETRY_MAX)
+                if self._stopping.wait(delay):
+                    raise
+                delay = min(_FULL_RETRY_MAX, delay * 2)
+                continue
+            if self.stats.disk_full:
+                self.stats.disk_full = False
+                log.warning("the disk has space again: applying resumed at cid %d", ap.snapshot)
+            return
 
     def _ready(self) -> bool:
         if not self._threaded():
@@ -184,6 +208,7 @@ class Sink:
         """Stop: the apply thread ends, what it had not applied is dropped
         (the follower asks for it again), a batch being applied is rolled back."""
         self._closed = True  # before the lock: an inline apply may hold it
+        self._stopping.set()
         self.applier.interrupt()
         with self._cond:
             self._cond.notify_all()

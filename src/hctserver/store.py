@@ -24,7 +24,7 @@ from typing import Any
 
 import apsw
 
-from . import guard
+from . import faults, guard
 from .append import append_entry
 from .errors import (
     ConfigError,
@@ -33,7 +33,7 @@ from .errors import (
     NotReplicationDatabaseError,
     UnjournaledWriteError,
 )
-from .position import ZERO_HASH, Entry, Position
+from .position import ZERO_HASH, Entry, Position, entry_hash, fold
 from .sqlutil import fetchall, fetchone, table_rows_patchset, write_transaction
 from .systables import (
     BASELINE,
@@ -54,6 +54,7 @@ log = logging.getLogger("hctserver")
 CommitHook = Callable[[int, str, bytes, int], None]
 
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+WAL_SIZE_LIMIT = 64 << 20  # bytes the WAL file is cut back to once checkpointed
 ROLES = ("leader", "follower")
 
 
@@ -118,6 +119,7 @@ class Store:
         path: str | os.PathLike[str],
         *,
         init: bool = True,
+        adopt: bool = True,
         synchronous: str = "NORMAL",
         wal: bool = True,
         busy_timeout: float = 5.0,
@@ -146,10 +148,11 @@ class Store:
         # the checkpointer wants the writer lock: writers let it have it first
         self.checkpoint_wanted = False
         self.share = file_share(self.path)
-        if not init and not os.path.exists(self.path):
+        if not init and not _exists(self.path):
             raise NotReplicationDatabaseError(
                 f"{self.path}: no such database (create it with `hctserver init`)"
             )
+        self.adopt = adopt
         self._conn = self.open_connection()
         try:
             self._setup(init)
@@ -169,9 +172,11 @@ class Store:
         the entries.
         """
         try:
-            conn = apsw.Connection(self.path)
+            conn = apsw.Connection(self.path, vfs=faults.vfs_name())
             conn.set_busy_timeout(int(self.busy_timeout * 1000))
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            # after a checkpoint lets the WAL start over, cut its file back to this
+            conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             if self.background_checkpoints:
                 conn.execute("PRAGMA wal_autocheckpoint=0")
             if apply:
@@ -179,7 +184,8 @@ class Store:
                 conn.execute("PRAGMA foreign_keys=OFF")
             guard.allow(conn)
         except apsw.CantOpenError as e:
-            raise NotReplicationDatabaseError(f"{self.path}: cannot open: {e}") from None
+            why = "permission denied" if _denied(self.path) else str(e)
+            raise NotReplicationDatabaseError(f"{self.path}: cannot open: {why}") from None
         except apsw.NotADBError:
             raise NotReplicationDatabaseError(f"{self.path}: not an SQLite database") from None
         return conn
@@ -214,6 +220,16 @@ class Store:
             raise NotReplicationDatabaseError(
                 f"{self.path}: not a replication database (no hct_journal/hct_baseline);"
                 " run `hctserver init` on it first"
+            )
+        if (
+            not present
+            and not self.adopt
+            and fetchall(c, f"SELECT 1 FROM sqlite_schema WHERE {USER_OBJECTS_WHERE} LIMIT 1")
+        ):
+            raise NotReplicationDatabaseError(
+                f"{self.path} holds tables but is not a replication database, and a follower"
+                " would write into it: replicate into a new file instead, or make this one"
+                f" a leader's database with `hctserver init {self.path}`"
             )
         if self.wal:
             c.execute("PRAGMA journal_mode=WAL").fetchall()
@@ -385,6 +401,35 @@ class Store:
             "journal_bytes": size,
         }
 
+    def check_journal(self) -> str | None:
+        """Recompute every applied entry's hash and the version-hash chain from
+        the baseline; None if all match, else what the first bad row is.
+        (An edit to an old row's ``schema``, ``data``, ``hash`` or ``vhash``
+        shows here; a position check at SYNC sees only the newest row.)"""
+        conn = self.open_connection()
+        try:
+            conn.execute("BEGIN")
+            bcid, _, h = fetchone(conn, "SELECT cid, schemacid, hash FROM hct_baseline")
+            h, expect = bytes(h), bcid + 1
+            for cid, schema, data, schemacid, eh, vh in conn.execute(
+                "SELECT cid, schema, data, schemacid, hash, vhash FROM hct_journal"
+                " WHERE vhash IS NOT NULL ORDER BY cid"
+            ):
+                if cid != expect:
+                    return f"cid {expect} is missing (the next applied row is cid {cid})"
+                if entry_hash(cid, schema, data, schemacid) != eh:
+                    return (
+                        f"cid {cid}: its hash column does not match its schema, data and"
+                        " schemacid (the row was edited)"
+                    )
+                h = fold(h, eh)
+                if bytes(vh) != h:
+                    return f"cid {cid}: its vhash does not follow from the rows before it"
+                expect += 1
+            return None
+        finally:
+            conn.close()
+
     # --- changing the journal ---------------------------------------------
 
     def rollback(self) -> int:
@@ -495,6 +540,28 @@ class Store:
                 self._cond.wait(left)
 
 
+def _exists(path: str) -> bool:
+    """Whether ``path`` exists; a path we may not look at raises a clear error
+    (os.path.exists would call it missing)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        raise NotReplicationDatabaseError(
+            f"{path}: cannot open: permission denied (check the file's and its"
+            " directories' permissions for this user)"
+        ) from None
+    return True
+
+
+def _denied(path: str) -> bool:
+    parent = os.path.dirname(path) or "."
+    return not os.access(parent, os.W_OK | os.X_OK) or (
+        os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK)
+    )
+
+
 class JournalReader:
     """A read connection of its own on the journal, for streaming entries out
     (a leader's SYNC replies and its stream of other writers' commits)."""
@@ -513,6 +580,16 @@ class JournalReader:
     def newest(self) -> int:
         """The newest applied cid (the baseline's if the journal is empty)."""
         return read_position(self.conn)[0]
+
+    def raw_chunk(self, after: int, upto: int, rows: int) -> list[tuple[Any, ...]]:
+        """Up to ``rows`` of :meth:`raw_entries`, read and released at once: a
+        read transaction that lasts one query, never a send to a slow peer."""
+        return fetchall(
+            self.conn,
+            "SELECT cid, schemacid, CAST(schema AS BLOB), data FROM hct_journal"
+            " WHERE cid>? AND cid<=? AND vhash IS NOT NULL ORDER BY cid LIMIT ?",
+            (after, upto, rows),
+        )
 
     def raw_entries(self, after: int, upto: int | None = None) -> Iterator[tuple[Any, ...]]:
         """(cid, schemacid, schema as bytes, data) of the applied entries with

@@ -3,10 +3,12 @@
 A commit hook encodes an entry once and appends it to the queue of every
 subscriber of that stream without blocking (:meth:`Streamer.push`). The
 streamer thread writes the queues out with non-blocking sends, gathering
-commits for a few milliseconds between rounds. A subscriber whose queue
-exceeds ``limit`` bytes is dropped (its follower can resync), as is one
-whose connection failed, so the commit rate never depends on the slowest
-follower.
+commits for a few milliseconds between rounds. A subscriber is dropped (its
+follower can resync) when its queue exceeds ``limit`` bytes, when it has
+had data waiting for ``stall_timeout`` seconds without taking any, when it
+sends more than a few bytes (followers send nothing after SUB), or when its
+connection fails: the commit rate never depends on the slowest follower,
+and a subscriber that does not read cannot hold its slot for long.
 """
 
 from __future__ import annotations
@@ -23,18 +25,21 @@ from .transport import Conn, Poller
 log = logging.getLogger("hctserver")
 
 _SEND_CHUNK = 1 << 20
+_MAX_HEARD = 4096  # bytes a subscriber may send before it is taken for hostile
 
 
 class Subscriber:
     """One follower's SUB connection and what is queued for it."""
 
-    __slots__ = ("conn", "dead", "job", "pending", "pending_bytes")
+    __slots__ = ("conn", "dead", "heard", "job", "moved", "pending", "pending_bytes")
 
     def __init__(self, conn: Conn, job: int, first: bytes = b"") -> None:
         self.conn = conn
         self.job = job
         self.pending: deque[bytes | memoryview] = deque([first] if first else ())
         self.pending_bytes = len(first)
+        self.moved = time.monotonic()  # when it last took bytes (or had none to take)
+        self.heard = 0  # bytes it sent us
         self.dead = False
 
     @property
@@ -49,10 +54,12 @@ class Streamer:
         self,
         limit: int,
         coalesce: float = 0.003,
+        stall_timeout: float = 10.0,
         on_drop: Callable[[Subscriber], None] | None = None,
     ) -> None:
         self.limit = limit
         self.coalesce = coalesce
+        self.stall_timeout = stall_timeout
         self.on_drop = on_drop  # told of every subscriber dropped
         self.lock = threading.Lock()
         self.subs: list[Subscriber] = []
@@ -79,6 +86,8 @@ class Streamer:
             for s in subs:
                 if s.dead:
                     continue
+                if not s.pending:
+                    s.moved = time.monotonic()  # the wait starts now, not at its last send
                 s.pending.append(frame)
                 s.pending_bytes += n
                 self._dirty.add(s)
@@ -96,7 +105,11 @@ class Streamer:
             with self.lock:
                 self._woken = False
                 pending = bool(self._dirty)
-            for _conn, sub, readable, writable in self._poller.poll(0 if pending else None):
+                stuck = [s.moved for s in self.subs if s.pending]
+            wait = 0.0 if pending else None
+            if stuck and not pending:
+                wait = max(0.0, min(stuck) + self.stall_timeout - time.monotonic()) + 0.01
+            for _conn, sub, readable, writable in self._poller.poll(wait):
                 if readable and self._closed_by_peer(sub):
                     continue
                 if writable:
@@ -107,6 +120,8 @@ class Streamer:
                 dirty, self._dirty = self._dirty, set()
             for sub in dirty:
                 self._flush(sub)
+            if stuck:
+                self._drop_stalled()
             if dirty and self.coalesce:
                 stop.wait(self.coalesce)  # let commits gather: fewer, larger sends
 
@@ -120,7 +135,22 @@ class Streamer:
         if n == 0:
             self._drop(sub, "the follower closed the connection")
             return True
+        sub.heard += n or 0
+        if sub.heard > _MAX_HEARD:
+            self._drop(sub, f"it sent {sub.heard} bytes after SUB (followers send nothing)")
+            return True
         return False
+
+    def _drop_stalled(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            stalled = [s for s in self.subs if s.pending and now - s.moved > self.stall_timeout]
+        for sub in stalled:
+            self._drop(
+                sub,
+                f"it took nothing of {sub.pending_bytes} queued bytes for"
+                f" {self.stall_timeout:g} s; it can resync",
+            )
 
     def _flush(self, sub: Subscriber) -> None:
         if sub.dead:
@@ -143,6 +173,8 @@ class Streamer:
                 return
             with self.lock:
                 sub.pending_bytes -= sent
+                if sent:
+                    sub.moved = time.monotonic()
                 if sent < len(chunk):
                     sub.pending.appendleft(memoryview(chunk)[sent:])
                     if not sub.dead:

@@ -19,7 +19,7 @@ from . import guard, patchset
 from .append import Appended, append_entry
 from .authorizer import Authorizer
 from .capture import Capture
-from .errors import BusyError, UnsupportedStatementError
+from .errors import BusyError, DiskFullError, UnsupportedStatementError
 from .sqltext import Statement
 from .store import CommitHook, Mode, Store
 from .systables import read_tail
@@ -153,12 +153,14 @@ class Transactions:
                     with self.auth.bypass():
                         guard.protect(self.conn)
             self.conn.execute(release or "COMMIT")
-        except BaseException:
+        except BaseException as exc:
             share.tail = None  # unknown now; and shapes may be stale too
             share.schema_epoch += 1
             if entry is not None and self.tracker is not None:
                 self.tracker.discard(entry.cid)  # before ROLLBACK frees the cid
             self.abort()
+            if isinstance(exc, apsw.FullError):
+                raise disk_full(self.db.path) from exc
             raise
         if entry is not None:
             self.last_cid = entry.cid
@@ -258,3 +260,10 @@ class Transactions:
         except BaseException:
             self.failed()
             raise
+
+
+def disk_full(path: str) -> DiskFullError:
+    """What a transaction that met a full disk raises (instead of apsw.FullError)."""
+    return DiskFullError(
+        f"{path}: the disk is full; the transaction was rolled back: free space and retry it"
+    )

@@ -382,6 +382,9 @@ class Poller:
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self._sel.unregister(conn)
 
+    def data(self, conn: Conn) -> Any:
+        return self._conns[conn]
+
     def __contains__(self, conn: Conn) -> bool:
         return conn in self._conns
 

@@ -36,7 +36,8 @@ SUBREPLY = 5
 NAMES = {SYNC: "SYNC", SUB: "SUB", ERROR: "ERROR", SYNCREPLY: "SYNCREPLY", SUBREPLY: "SUBREPLY"}
 
 MIN_ENTRY = 17  # two i64 and the schema's NUL
-DEFAULT_MAX_SIZE = 1 << 30  # largest entry or error message accepted
+DEFAULT_MAX_SIZE = 1 << 30  # largest entry the decoders accept unless told otherwise
+MAX_ERROR = 1 << 16  # largest ERROR message accepted
 
 INCOMPATIBLE = "incompatible database version"
 
@@ -313,9 +314,11 @@ class ReplyDecoder(_Decoder):
             elif self._state == _WANT_ERROR_LEN:
                 (n,) = _i32.unpack_from(buf, p)
                 self._pos += 4
-                if n < 0 or n > maxsize:
+                if n < 0 or n > min(maxsize, MAX_ERROR):
                     self._state = _DONE
-                    raise SizeLimitError(f"ERROR message length {n} is out of range")
+                    raise SizeLimitError(
+                        f"ERROR message length {n} is out of range (at most {MAX_ERROR})"
+                    )
                 self._state, self._need = _WANT_ERROR_BODY, n
             elif self._state == _WANT_ERROR_BODY:
                 raw = bytes(buf[p : p + self._need])
