@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import queue
+import socket
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -117,3 +119,42 @@ def assert_identical(leader: str, *followers: str) -> None:
     for f in followers:
         assert dbdump.everything(f) == want, f
         assert Database(f, init=False).position() == lp
+
+
+class FakeLeader:
+    """Answers every request with canned bytes, then closes; a SUB is answered
+    with ``sub_reply`` instead, if given, and kept open. ``reply`` may be a
+    list: the n-th request gets its n-th item (the last one from then on)."""
+
+    def __init__(self, reply: bytes | list[bytes], sub_reply: bytes | None = None) -> None:
+        self.replies = reply if isinstance(reply, list) else [reply]
+        self.served = 0
+        self.sub_reply = sub_reply
+        self.kept: list[socket.socket] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                request = conn.recv(64)
+                if self.sub_reply is not None and request[:4] == struct.pack("<i", 2):
+                    conn.sendall(self.sub_reply)
+                    self.kept.append(conn)
+                    continue
+                with conn:
+                    self.served += 1
+                    conn.sendall(self.replies[min(self.served - 1, len(self.replies) - 1)])
+            except OSError:
+                conn.close()  # the follower went away (or refused what it got)
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.kept:
+            c.close()

@@ -24,11 +24,16 @@ class Procs:
         self.procs: list[subprocess.Popen[str]] = []
         self.files: dict[int, str] = {}
 
-    def start(self, *args: str, stdin: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    def start(
+        self,
+        *args: str,
+        stdin: int | None = subprocess.DEVNULL,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[str]:
         n = len(self.procs)
         out = os.path.join(self.logs, f"proc{n}.out")
         with open(out, "w") as fo, open(out[:-4] + ".err", "w") as fe:
-            p = subprocess.Popen(list(args), stdin=stdin, stdout=fo, stderr=fe, text=True)
+            p = subprocess.Popen(list(args), stdin=stdin, stdout=fo, stderr=fe, text=True, env=env)
         self.procs.append(p)
         self.files[p.pid] = out[:-4]
         return p
@@ -41,9 +46,11 @@ class Procs:
         with open(self.files[p.pid] + ".out") as f:
             return f.read()
 
-    def leader(self, db: str, *args: str, port: int = 0) -> tuple[subprocess.Popen[str], int]:
+    def leader(
+        self, db: str, *args: str, port: int = 0, env: dict[str, str] | None = None
+    ) -> tuple[subprocess.Popen[str], int]:
         """``hctserver leader`` on ``port`` (0: any); returns it and its port."""
-        p = self.start(*HCT, "leader", db, "--port", str(port), *args)
+        p = self.start(*HCT, "leader", db, "--port", str(port), *args, env=env)
         deadline = time.monotonic() + 60
         while True:
             m = re.search(r"leader on 127\.0\.0\.1:(\d+)", self.stderr(p))
@@ -53,8 +60,10 @@ class Procs:
                 raise AssertionError(f"the leader did not start: {self.stderr(p)}")
             time.sleep(0.02)
 
-    def follower(self, db: str, port: int, *args: str) -> subprocess.Popen[str]:
-        return self.start(*HCT, "follower", db, "--port", str(port), *args)
+    def follower(
+        self, db: str, port: int, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[str]:
+        return self.start(*HCT, "follower", db, "--port", str(port), *args, env=env)
 
     def close(self) -> None:
         for p in self.procs:

@@ -19,6 +19,7 @@ from hctserver.errors import ConnectionLostError, IncompatibleError, PeerError, 
 import dbdump
 from helpers import replay, wait_until
 from nodes import (
+    FakeLeader,
     assert_identical,
     follower_node,
     gated_writer,
@@ -233,42 +234,6 @@ def test_a_subscriber_that_never_reads_is_dropped(tmp_path) -> None:
 
 
 # --- a follower facing a misbehaving leader ---------------------------------------------
-
-
-class FakeLeader:
-    """Answers every request with canned bytes, then closes; a SUB is answered
-    with ``sub_reply`` instead, if given, and kept open. ``reply`` may be a
-    list: the n-th request gets its n-th item (the last one from then on)."""
-
-    def __init__(self, reply: bytes | list[bytes], sub_reply: bytes | None = None) -> None:
-        self.replies = reply if isinstance(reply, list) else [reply]
-        self.served = 0
-        self.sub_reply = sub_reply
-        self.kept: list[socket.socket] = []
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            request = conn.recv(64)
-            if self.sub_reply is not None and request[:4] == struct.pack("<i", 2):
-                conn.sendall(self.sub_reply)
-                self.kept.append(conn)
-                continue
-            with conn:
-                conn.sendall(self.replies[min(self.served, len(self.replies) - 1)])
-                self.served += 1
-
-    def close(self) -> None:
-        self.sock.close()
-        for c in self.kept:
-            c.close()
 
 
 def _entries_bytes(src: str, upto: int) -> bytes:

@@ -412,8 +412,8 @@ class Store:
             bcid, _, h = fetchone(conn, "SELECT cid, schemacid, hash FROM hct_baseline")
             h, expect = bytes(h), bcid + 1
             for cid, schema, data, schemacid, eh, vh in conn.execute(
-                "SELECT cid, schema, data, schemacid, hash, vhash FROM hct_journal"
-                " WHERE vhash IS NOT NULL ORDER BY cid"
+                "SELECT cid, CAST(schema AS BLOB), CAST(data AS BLOB), schemacid, hash, vhash"
+                " FROM hct_journal WHERE vhash IS NOT NULL ORDER BY cid"
             ):
                 if cid != expect:
                     return f"cid {expect} is missing (the next applied row is cid {cid})"
