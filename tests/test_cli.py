@@ -323,3 +323,25 @@ def test_every_command_and_flag_is_documented() -> None:
                 if opt not in ("-h", "--help"):
                     assert opt in doc, f"{name} {opt} is not in docs/CLI.md"
     assert "--version" in doc
+
+
+def test_every_bound_is_in_security_md_with_its_default() -> None:
+    from hctserver.cli import FOLLOWER_BOUNDS, LEADER_BOUNDS, defaults_of
+    from hctserver.follower import Follower
+    from hctserver.leader import Leader
+
+    doc = (ROOT / "docs" / "SECURITY.md").read_text()
+    rows = {line.split("|")[-2].strip(" `"): line for line in doc.splitlines() if "| `--" in line}
+    for bounds, cls in ((LEADER_BOUNDS, Leader), (FOLLOWER_BOUNDS, Follower)):
+        defaults = defaults_of(cls)
+        for flag, (key, _, _) in bounds.items():
+            assert flag in rows, f"{flag} is not in docs/SECURITY.md's tables"
+            value = defaults[key]
+            shown = (
+                f"{value >> 20} MiB"
+                if isinstance(value, int) and value >= 1 << 20
+                else f"{value:g} s"
+                if isinstance(value, float)
+                else str(value)
+            )
+            assert f"| {shown} |" in rows[flag], (flag, shown, rows[flag])

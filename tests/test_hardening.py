@@ -644,7 +644,9 @@ def test_1_a_full_disk_is_reported_and_both_nodes_resume(tmp_path) -> None:
         control.write_text("ok")
         wait_until(lambda: snapshot_of(lp) > full_at + 2000, 60, "the leader writing again")
         wait_until(lambda: snapshot_of(fp) > full_at + 1000, 60, "the follower applying again")
-        assert "space again" in procs.stderr(leader) and "space again" in procs.stderr(follower)
+        for node in (leader, follower):  # whatever met the full disk says it is over
+            said = procs.stderr(node)
+            assert "space again" in said or "work again" in said, said
         stop(leader)
         assert leader.returncode == 0, procs.stderr(leader)
         final = Database(lp, init=False).snapshot()

@@ -4,8 +4,9 @@ While a :class:`Checkpointer` runs, connections the store opens leave
 checkpoints to it (``wal_autocheckpoint=0``). Most of the copying overlaps
 with the writers; the last frames are copied holding the writer lock, so
 that the WAL can start over (a checkpoint racing with appends never
-completes). A failing checkpoint (a full disk, a busy reader) is logged once
-per kind of error and retried with backoff; it never stops the loop.
+completes), waiting up to 200 ms for readers of the WAL to move on. A
+failing checkpoint (a full disk, a busy reader) is logged once per kind of
+error and retried with backoff; it never stops the loop.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from .sqlutil import fetchone
 from .store import Store
 
 log = logging.getLogger("hctserver")
+
+_READER_WAIT_MS = 200
 
 
 class Checkpointer:
@@ -43,11 +46,14 @@ class Checkpointer:
         db = self.db
         db.background_checkpoints = True
         conn = db.open_connection()
+        conn.set_busy_timeout(_READER_WAIT_MS)  # how long RESTART waits for readers
         delay = self.interval
         try:
             while not stop.wait(delay):
                 try:
                     self._pass(conn)
+                    if delay > self.interval:
+                        log.warning("WAL checkpoints of %s work again", db.path)
                     delay = self.interval
                 except apsw.Error as e:
                     self.failures += 1
@@ -74,7 +80,12 @@ class Checkpointer:
         try:
             if lock.acquire(timeout=1.0):
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    # RESTART waits (briefly: readers are short) until no reader
+                    # uses the WAL, so that the next commit starts it over and
+                    # journal_size_limit cuts the file back
+                    busy, _, _ = fetchone(conn, "PRAGMA wal_checkpoint(RESTART)")
+                    if busy:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 finally:
                     lock.release()
         finally:

@@ -89,7 +89,7 @@ def exit_code(e: BaseException) -> int:
 DEBUG_ENV = "HCTSERVER_DEBUG"
 
 
-def _defaults(cls: type) -> dict[str, Any]:
+def defaults_of(cls: type) -> dict[str, Any]:
     return {
         k: p.default
         for k, p in inspect.signature(cls).parameters.items()
@@ -213,10 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("leader", help="serve a database to followers (until stopped)")
     node_opts(s, True)
-    _bounds(s, LEADER_BOUNDS, _defaults(Leader))
+    _bounds(s, LEADER_BOUNDS, defaults_of(Leader))
     s = sub.add_parser("follower", help="follow a leader (until stopped)")
     node_opts(s, False)
-    _bounds(s, FOLLOWER_BOUNDS, _defaults(Follower))
+    _bounds(s, FOLLOWER_BOUNDS, defaults_of(Follower))
     s.add_argument(
         "--once",
         action="store_true",

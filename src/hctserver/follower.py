@@ -592,11 +592,14 @@ class Follower:
         try:
             while True:
                 left = progress + self.io_timeout - time.monotonic()
-                if left <= 0:
+                try:
+                    if left <= 0:
+                        raise TimedOutError("deadline passed")
+                    n = conn.recv_into(mv, left)
+                except TimedOutError:
                     raise TimedOutError(
                         f"no whole entry from the leader for {self.io_timeout:g} s during {what}"
-                    )
-                n = conn.recv_into(mv, left)
+                    ) from None
                 if n == 0:
                     dec.eof()
                     break
