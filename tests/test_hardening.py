@@ -660,3 +660,51 @@ def test_1_a_full_disk_is_reported_and_both_nodes_resume(tmp_path) -> None:
         assert Database(path, init=False).check_journal() is None
         assert wal_size(path) < 64 << 20
     assert_identical(lp, fp)
+
+
+def test_background_checks_survive_a_failing_read(tmp_path) -> None:
+    """The watchdog and the other-writers stream retry a read that failed
+    instead of stopping the node."""
+    from hctserver.errors import UnjournaledWriteError
+    from hctserver.watchdog import watch
+
+    class Flaky:
+        path = "flaky.db"
+        calls = 0
+
+        def check_unjournaled(self) -> None:
+            self.calls += 1
+            if self.calls <= 2:
+                raise apsw.BusyError("database is locked")
+            raise UnjournaledWriteError("found")
+
+    flaky = Flaky()
+    with pytest.raises(UnjournaledWriteError):
+        watch(flaky, threading.Event(), 0.01)  # type: ignore[arg-type]
+    assert flaky.calls == 3
+
+    lp = str(tmp_path / "l.db")
+    init_db(lp, 2)
+    leader = leader_node(lp, [], poll_interval=0.002)
+    try:
+        others = leader.runner.other_writers  # broken on purpose below
+        real = others.catch_up
+        broken = [2]
+
+        def catch_up() -> None:
+            if broken[0]:
+                broken[0] -= 1
+                raise apsw.IOError("disk I/O error")
+            real()
+
+        others.catch_up = catch_up
+        f = follower_node(str(tmp_path / "f.db"), leader.port)
+        streams_soon(f)
+        app = leader.db.connect()
+        app.execute("INSERT INTO t1 VALUES(5, 'after', 'failures')")
+        app.close()
+        assert f.db.wait_for(4, timeout=30) and broken[0] == 0
+    finally:
+        leader.close()
+    f.wait(30)
+    f.close()

@@ -29,6 +29,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import apsw
+
 from . import wire
 from .checkpoint import Checkpointer
 from .errors import ConfigError, ConnectionLostError, TimedOutError
@@ -107,11 +109,23 @@ class OtherWriters:
 
     def run(self, stop: threading.Event, poll: float) -> None:
         self._reader = JournalReader(self.db)
+        failing = False
         while not stop.is_set():
             self._wake.wait(poll if self._targets() else self.idle_poll)
             self._wake.clear()
-            if not stop.is_set():
+            if stop.is_set():
+                break
+            try:
                 self.catch_up()
+            except apsw.Error as e:  # a read that failed (busy, I/O): try again next pass
+                if not failing:
+                    log.warning("reading new commits of %s failed (%s); retrying", self.db.path, e)
+                failing = True
+                stop.wait(self.idle_poll)
+                continue
+            if failing:
+                log.warning("reading new commits of %s works again", self.db.path)
+                failing = False
 
     def catch_up(self) -> None:
         """One pass: everything committed since the last one."""
@@ -260,6 +274,11 @@ class Leader:
     @property
     def error(self) -> BaseException | None:
         return self.group.error
+
+    @property
+    def other_writers(self) -> OtherWriters | None:
+        """The stream of commits no job made (None before :meth:`start`)."""
+        return self._others
 
     # --- life cycle ------------------------------------------------------------
 
