@@ -12,7 +12,7 @@ from typing import Any
 
 import apsw
 
-from hctserver import Database
+from hctserver import Database, wire
 from hctserver.jobs import WRITER_SQL, writer
 from hctserver.node import Node
 
@@ -124,11 +124,19 @@ def assert_identical(leader: str, *followers: str) -> None:
 class FakeLeader:
     """Answers every request with canned bytes, then closes; a SUB is answered
     with ``sub_reply`` instead, if given, and kept open. ``reply`` may be a
-    list: the n-th request gets its n-th item (the last one from then on)."""
+    list: the n-th request gets its n-th item (the last one from then on).
+
+    As the original leader does, it answers a SYNC from a cid below its
+    history (the feedback extension's probe, cid -1) with ``incompatible
+    database version``, and closes a connection whose message type it does
+    not know without a word (the original asserts): ``probes`` and
+    ``unknown`` count them."""
 
     def __init__(self, reply: bytes | list[bytes], sub_reply: bytes | None = None) -> None:
         self.replies = reply if isinstance(reply, list) else [reply]
         self.served = 0
+        self.probes = 0
+        self.unknown = 0
         self.sub_reply = sub_reply
         self.kept: list[socket.socket] = []
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -144,6 +152,16 @@ class FakeLeader:
                 return
             try:
                 request = conn.recv(64)
+                kind = struct.unpack_from("<i", request)[0] if len(request) >= 4 else 0
+                if kind not in (1, 2):
+                    self.unknown += 1
+                    conn.close()
+                    continue
+                if kind == 1 and len(request) >= 12 and struct.unpack_from("<q", request, 4)[0] < 0:
+                    self.probes += 1
+                    with conn:
+                        conn.sendall(wire.encode_error(wire.INCOMPATIBLE))
+                    continue
                 if self.sub_reply is not None and request[:4] == struct.pack("<i", 2):
                     conn.sendall(self.sub_reply)
                     self.kept.append(conn)

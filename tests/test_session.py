@@ -63,6 +63,7 @@ class MemLeader:
         self.njob = njob
         self.max_subscribers = max_subscribers
         self.draining = False
+        self.feedback = False  # the feedback extension (tested on its own)
         self.up = True
         self.streams: dict[int, list[bytearray]] = {k: [] for k in range(njob)}
         self.busy_subs = 0  # answer this many SUBs with "retry later"

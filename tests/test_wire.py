@@ -117,9 +117,9 @@ def test_entry_validation_errors() -> None:
         sub(struct.pack("<iqq", 19, 7, 0) + b"\xff\x00x")
     with pytest.raises(UnknownMessageTypeError, match="unexpected reply type to SUB - 4"):
         sub_type(wire.SUB, 4)
-    with pytest.raises(UnknownMessageTypeError, match="unknown message type 9"):
+    with pytest.raises(UnknownMessageTypeError, match="unknown message type 10"):
         d = wire.RequestDecoder()
-        d.feed(struct.pack("<i", 9))
+        d.feed(struct.pack("<i", 10))
         d.next_events()
 
 

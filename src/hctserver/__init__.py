@@ -4,8 +4,9 @@ from .errors import HctError
 from .journal import Database, connect
 from .position import Entry, Position, entry_hash, fold
 from .store import Mode
+from .version import VERSION
 
-__version__ = "0.2.0"
+__version__ = VERSION
 
 __all__ = [
     "Database",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import apsw
 
@@ -28,11 +29,21 @@ class Checkpointer:
     """Checkpoints ``db``'s WAL every ``interval`` seconds; takes the writer
     lock for a full pass once ``frames`` frames have gathered."""
 
-    def __init__(self, db: Store, interval: float = 0.1, frames: int = 16000) -> None:
+    def __init__(
+        self,
+        db: Store,
+        interval: float = 0.1,
+        frames: int = 16000,
+        position: Callable[[], int] | None = None,
+    ) -> None:
         self.db = db
         self.interval = interval
         self.frames = frames
         self.failures = 0
+        # A checkpoint syncs the WAL first: every commit made before it started
+        # is then on disk. ``durable`` is the snapshot (from ``position``) then.
+        self.position = position
+        self.durable = -1
         self._seen: set[str] = set()
 
     def take_over(self) -> None:
@@ -51,7 +62,9 @@ class Checkpointer:
         try:
             while not stop.wait(delay):
                 try:
+                    before = self.position() if self.position is not None else -1
                     self._pass(conn)
+                    self.durable = before
                     if delay > self.interval:
                         log.warning("WAL checkpoints of %s work again", db.path)
                     delay = self.interval

@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
@@ -51,7 +50,10 @@ from .errors import (
 from .follower import Follower
 from .journal import Database
 from .leader import Leader
+from .logs import FORMATS, LEVELS
+from .logs import configure as configure_logging
 from .node import Node
+from .top import read_status, run_top
 from .verify import Behind, compare
 
 # First match wins: TruncatedMessageError is both a ProtocolError and transient.
@@ -87,6 +89,7 @@ def exit_code(e: BaseException) -> int:
 
 
 DEBUG_ENV = "HCTSERVER_DEBUG"
+log = logging.getLogger("hctserver")
 
 
 def defaults_of(cls: type) -> dict[str, Any]:
@@ -205,9 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
             " writer, monitor, snapshot (repeatable)",
         )
         s.add_argument(
+            "--http",
+            metavar="ADDR",
+            help="serve /status, /metrics and /health on HOST:PORT (PORT alone: loopback)",
+        )
+        s.add_argument(
+            "--health-max-lag",
+            type=_delay,
+            default=10.0,
+            metavar="S",
+            help="a follower lagging more than S seconds is unhealthy (default 10)",
+        )
+        s.add_argument(
+            "--log-level",
+            choices=LEVELS,
+            default="info",
+            help="least severe log lines printed on stderr (default info)",
+        )
+        s.add_argument(
+            "--log-format", choices=FORMATS, default="text", help="text (default) or json lines"
+        )
+        s.add_argument(
             "--verbose",
             action="store_true",
-            help="print hct_testserver debug lines (stdout) and INFO log lines (stderr)",
+            help="also print the original's hct_testserver debug lines (stdout)",
         )
         s.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
@@ -244,9 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeat SYNC while replies shrink and stay above B bytes",
     )
 
-    s = sub.add_parser("status", help="show a database's replication state")
-    s.add_argument("db", metavar="DB")
+    s = sub.add_parser(
+        "status", help="show a database's replication state, or a running node's (URL)"
+    )
+    s.add_argument(
+        "db",
+        metavar="DB|URL",
+        help="a database file, or a running node's HTTP address (http://HOST:PORT)",
+    )
     s.add_argument("--json", action="store_true", help="print JSON")
+
+    s = sub.add_parser("top", help="a live view of running nodes (their --http addresses)")
+    s.add_argument("urls", metavar="URL", nargs="+", help="http://HOST:PORT of each node")
+    s.add_argument(
+        "--interval", type=_delay, default=1.0, metavar="S", help="refresh every S seconds"
+    )
+    s.add_argument(
+        "--count", type=int, default=0, metavar="N", help="stop after N refreshes (0: Ctrl-C)"
+    )
 
     s = sub.add_parser("verify", help="check that two databases are identical")
     s.add_argument("db1", metavar="DB1")
@@ -312,18 +351,8 @@ def cmd_init(a: argparse.Namespace) -> int:
 
 
 def _logging(a: argparse.Namespace) -> None:
-    if a.verbose:
-        h = logging.StreamHandler(sys.stdout)
-        h.setFormatter(logging.Formatter("%(message)s"))
-        trace = logging.getLogger("hctserver.trace")
-        trace.addHandler(h)
-        trace.setLevel(logging.DEBUG)
-        trace.propagate = False
-    if not a.quiet:
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter("hctserver: %(message)s"))
-        logging.getLogger("hctserver").addHandler(h)
-        logging.getLogger("hctserver").setLevel(logging.INFO if a.verbose else logging.WARNING)
+    level = "error" if a.quiet else a.log_level
+    configure_logging(level, a.log_format, trace=a.verbose)
 
 
 def _node(a: argparse.Namespace, follower: bool) -> Node:
@@ -332,6 +361,8 @@ def _node(a: argparse.Namespace, follower: bool) -> Node:
         "host": a.host,
         "seconds": a.seconds,
         "follower": follower,
+        "http": a.http,
+        "health_max_lag": a.health_max_lag,
     }
     if follower:
         opts.update(syncthreads=a.syncthreads, syncbytes=a.syncbytes, once=a.once)
@@ -377,28 +408,27 @@ def _serve(node: Node, a: argparse.Namespace, role: str) -> int:
     with _Signals(node) as sig:
         try:
             node.start()
-            if not a.quiet:
-                print(f"hctserver: {_banner(node, a, role)}", file=sys.stderr, flush=True)
+            log.info("%s", _banner(node, a, role))
             if role == "follower" and not a.quiet and sys.stderr.isatty():
                 _progress(node)
             node.wait()
             cid = node.db.snapshot()
         finally:
             node.close()
-    if not a.quiet:
-        how = f"stopped by {sig.received}" if sig.received else "done"
-        print(f"hctserver: {role} {how} at cid {cid}", file=sys.stderr)
+    how = f"stopped by {sig.received}" if sig.received else "done"
+    log.info("%s %s at cid %d", role, how, cid)
     return 0
 
 
 def _banner(node: Node, a: argparse.Namespace, role: str) -> str:
+    http = f"; HTTP on {node.http_url}" if node.http_url else ""
     if role == "follower":
         mode = "until it ends its run" if a.once else "until stopped"
-        return f"follower of {a.host}:{node.port} ({mode})"
+        return f"follower of {a.host}:{node.port} ({mode}){http}"
     if node.jobs:
-        return f"leader on {a.host}:{node.port} running {len(node.jobs)} jobs"
+        return f"leader on {a.host}:{node.port} running {len(node.jobs)} jobs{http}"
     until = f"for {a.seconds:g} s" if a.seconds else "until stopped"
-    return f"leader on {a.host}:{node.port} serving {until}"
+    return f"leader on {a.host}:{node.port} serving {until}{http}"
 
 
 def cmd_leader(a: argparse.Namespace) -> int:
@@ -416,35 +446,69 @@ def _progress(node: Node) -> None:
     from rich.console import Console
     from rich.live import Live
 
-    f = node.runner
-    assert f is not None
-    stats = f.stats  # type: ignore[union-attr]
     console = Console(stderr=True, highlight=False)
-    t0 = time.monotonic()
+    doc = node.status()
     with Live(console=console, transient=True, refresh_per_second=8) as live:
-        while stats.phase in ("starting", "sync") and not node.wait(0.125):
-            dt = max(time.monotonic() - t0, 1e-6)
+        while doc["state"] in ("connecting", "catching up") and not node.wait(0.125):
+            doc = node.status()
+            c = doc["catchup"]
+            total = f"/{c['total']:,}" if c["total"] is not None else ""
+            eta = f", ETA {c['eta_s']:,.0f} s" if c["eta_s"] is not None else ""
             live.update(
-                f"catching up: {stats.sync_entries:,} entries, {stats.sync_bytes / 1e6:,.1f} MB,"
-                f" {stats.sync_entries / dt:,.0f} entries/s, applied up to cid {stats.snapshot:,}"
+                f"catching up: {c['done']:,}{total} entries, {c['rate_per_s']:,.0f} entries/s{eta},"
+                f" applied up to cid {doc['snapshot']:,}"
             )
-    if stats.phase not in ("starting", "sync"):
-        console.print(
-            f"caught up: {stats.sync_entries:,} entries in {time.monotonic() - t0:.1f} s; streaming"
-        )
+    c = doc["catchup"]
+    if doc["state"] == "streaming" and c["seconds"] is not None:
+        console.print(f"caught up: {c['done']:,} entries in {c['seconds']:.1f} s; streaming")
 
 
 def cmd_status(a: argparse.Namespace) -> int:
+    if "://" in a.db:
+        doc = read_status(a.db)
+        if a.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            _print_flat(doc)
+        return 0
     db = Database(a.db, init=False)
     st = db.status()
     st.pop("mode")  # a property of a running node, not of the file
     if a.json:
         print(json.dumps(st, indent=2))
         return 0
-    width = max(len(k) for k in st)
-    for k, v in st.items():
-        print(f"{k.replace('_', ' '):<{width}}  {'-' if v is None else v}")
+    _print_flat(st)
     return 0
+
+
+def _print_flat(doc: dict[str, Any], prefix: str = "") -> None:
+    """``key  value`` lines; nested documents as ``outer.inner``, lists of
+    documents one per line."""
+    rows: list[tuple[str, str]] = []
+
+    def walk(d: dict[str, Any], pre: str) -> None:
+        for k, v in d.items():
+            key = f"{pre}{k.replace('_', ' ')}"
+            if isinstance(v, dict):
+                walk(v, f"{key}.")
+            elif isinstance(v, list) and v and isinstance(v[0], dict):
+                for i, item in enumerate(v):
+                    walk(item, f"{key}[{i}].")
+            elif isinstance(v, list):
+                rows.append((key, ", ".join(str(x) for x in v) or "-"))
+            else:
+                rows.append((key, "-" if v is None else str(v)))
+
+    walk(doc, prefix)
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def cmd_top(a: argparse.Namespace) -> int:
+    if a.count < 0:
+        raise ConfigError("--count must be 0 (until Ctrl-C) or more")
+    return run_top(a.urls, a.interval, a.count)
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
@@ -517,6 +581,7 @@ COMMANDS = {
     "leader": cmd_leader,
     "follower": cmd_follower,
     "status": cmd_status,
+    "top": cmd_top,
     "verify": cmd_verify,
     "rollback": cmd_rollback,
     "truncate": cmd_truncate,

@@ -24,6 +24,7 @@ from .jobs import T1_SQL, writer
 from .journal import Database
 from .leader import Leader
 from .node import Node
+from .top import Rates, view
 from .verify import compare
 
 
@@ -80,8 +81,6 @@ def _demo(
     db.close()
 
     leader = Node(lpath, port=0)  # the demo ends the jobs itself, see below
-    commit_times: dict[int, float] = {}
-    leader.db.add_commit_hook(lambda cid, *_: commit_times.__setitem__(cid, time.monotonic()))
     for _ in range(6):
         leader.job(writer)
     leader.job(_silent_monitor)
@@ -103,23 +102,17 @@ def _demo(
     last = (t0, 0)
     leader_done = False
     stopping = False
+    top = Rates()
+    doc = leader.status()
 
-    def view() -> Table:
-        t = Table(title=f"hctserver demo  t={time.monotonic() - t0:5.1f}s")
-        for col in ("node", "cid", "commits/s", "lag (cids)", "lag (ms)"):
-            t.add_column(col, justify="right" if col != "node" else "left")
-        rate = rates[-1][1] if rates else 0.0
-        t.add_row("leader", f"{last[1]:,}", f"{rate:,.0f}", "", "")
-        for f in fs:
-            if f.proc is None:
-                t.add_row(f.name, "waiting", "", "", "")
-            elif f.snapshot < 0:
-                t.add_row(f.name, "starting", "", "", "")
-            else:
-                t.add_row(f.name, f"{f.snapshot:,}", "", f"{f.lag_cids:,}", f"{f.lag_ms:,.0f}")
-        return t
+    def title() -> str:
+        return f"hctserver demo  t={time.monotonic() - t0:5.1f}s  (lag as the leader sees it)"
 
-    live = Live(view(), console=console, refresh_per_second=4) if tty else None
+    live = (
+        Live(view([("leader", doc)], top, title()), console=console, refresh_per_second=4)
+        if tty
+        else None
+    )
     next_print = t0
     with live if live is not None else contextlib.nullcontext():
         while True:
@@ -127,29 +120,30 @@ def _demo(
             for f in fs:
                 if f.proc is None and now - t0 >= f.start_at:
                     f.proc = _spawn(f.path, leader.port)
-            cid = max(commit_times) if commit_times else 0
+            if not leader_done:
+                doc = leader.status()  # what /status serves: the same source as `top`
+            cid = doc["snapshot"]
             if now - last[0] >= 0.5:
                 rates.append((now - t0, (cid - last[1]) / (now - last[0])))
                 last = (now, cid)
+            by_name = {r["name"]: r for r in doc["followers"] if r["feedback"]}
             for f in fs:
-                if f.proc is None:
+                r = by_name.get(f.path)
+                if r is None or r["lag_ms"] is None:
                     continue
-                f.snapshot = _snapshot(f.path)
-                f.lag_cids = max(0, cid - f.snapshot) if f.snapshot >= 0 else cid
-                waiting = commit_times.get(f.snapshot + 1) if f.snapshot < cid else None
-                f.lag_ms = (now - waiting) * 1000 if waiting is not None else 0.0
+                f.snapshot, f.lag_cids, f.lag_ms = r["applied_cid"], r["lag_cids"], r["lag_ms"]
                 f.peak_lag_ms = max(f.peak_lag_ms, f.lag_ms) if now - t0 > 1 else f.peak_lag_ms
                 f.samples.append((now - t0, f.lag_ms))
             if live is not None:
-                live.update(view())
+                live.update(view([("leader", doc)], top, title()))
             elif now >= next_print:
                 next_print = now + 1.0
                 console.print(
                     f"t={now - t0:4.1f}s leader cid {cid:,}; "
                     + "; ".join(
-                        f"{f.name} {f.snapshot:,} (lag {f.lag_cids:,})"
+                        f"{f.name} {f.snapshot:,} (lag {f.lag_cids:,} cids, {f.lag_ms:,.0f} ms)"
                         for f in fs
-                        if f.proc is not None
+                        if f.proc is not None and f.snapshot >= 0
                     )
                 )
             late = now - t0 >= seconds + 60  # do not wait for ever on a follower that cannot start

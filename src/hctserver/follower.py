@@ -43,6 +43,7 @@ from .jobs import Job, Timeout, run_job
 from .journal import Database
 from .nodelock import NodeLock
 from .position import Entry, chain
+from .reporter import Reporter
 from .session import (
     Backoff,
     BackoffOver,
@@ -248,6 +249,8 @@ class Follower:
         watch_interval: float = 0.25,
         hole_timeout: float = 1.0,
         applier_options: dict[str, Any] | None = None,
+        feedback: bool = True,
+        name: str | None = None,
         trace: Trace | None = None,
         transport: Transport | None = None,
     ) -> None:
@@ -294,8 +297,12 @@ class Follower:
         self._cancel = Waker()  # wakes a connect in progress when stopping
         self._sink: Sink | None = None
         self._streams: StreamReader | None = None
-        self._checkpointer = Checkpointer(db)
+        self._checkpointer = Checkpointer(db, position=lambda: self.stats.snapshot)
         self._node_lock = NodeLock(db.path)
+        self.feedback = feedback
+        self.reporter = Reporter(name or db.path, self._positions)
+        self._hello_done = False
+        self.started_at = time.monotonic()
         self._driver: Task | None = None
         self._job_tasks: list[Task] = []
         self._active: Conn | None = None  # the connection the driver is blocked on
@@ -337,6 +344,8 @@ class Follower:
             g.spawn("hct-checkpoint", self._checkpointer.run, stop)
         g.spawn("hct-apply", sink.work, on_stop=sink.close)
         g.spawn("hct-sub-reader", streams.run, stop, on_stop=streams.wake)
+        if self.feedback:
+            g.spawn("hct-report", self.reporter.run, stop, on_stop=self.reporter.wake)
         self._driver = g.spawn(
             "hct-follower", self._drive, on_stop=self._interrupt, ends_group=True
         )
@@ -381,6 +390,16 @@ class Follower:
     def queued_events(self) -> int:
         """Events waiting for the driver (for status displays and tests)."""
         return self._events.qsize()
+
+    def _positions(self) -> tuple[int, int, int]:
+        """(applied, durable, received) cids, for the leader."""
+        st = self.stats
+        applied = st.snapshot
+        if self.db.synchronous in ("FULL", "EXTRA"):
+            durable = applied
+        else:  # synchronous=NORMAL: on disk once a checkpoint synced the WAL
+            durable = min(applied, self._checkpointer.durable)
+        return applied, durable, max(applied, st.received_cid)
 
     def _interrupt(self) -> None:
         """Wake the driver wherever it waits."""
@@ -450,6 +469,8 @@ class Follower:
         if stop.is_set():
             raise _Stopped
         if isinstance(act, Sync):
+            if not act.final and not self._hello_done:
+                self._begin_session()
             return self._sync(act.final)
         if isinstance(act, Subscribe):
             return self._subscribe(act.job, act.again)
@@ -462,17 +483,24 @@ class Follower:
         elif isinstance(act, StartJobs):
             self._start_jobs()
         elif isinstance(act, Streaming):
-            self.stats.phase = "stream"
+            st = self.stats
+            st.phase = "stream"
+            st.catchup_seconds = time.monotonic() - st.catchup_t0
             log.info(
-                "streaming from %s:%d at cid %d (%d streams)",
+                "caught up: streaming from %s:%d at cid %d (%d streams; catch-up of %d"
+                " entries took %.1f s)",
                 self.host,
                 self.port,
                 sink.position.cid,
                 self.njob,
+                sink.position.cid - st.catchup_from,
+                st.catchup_seconds,
             )
         elif isinstance(act, CloseStreams):
             self._streams.retire_all()
         elif isinstance(act, Backoff):
+            self._hello_done = False
+            self.reporter.detach()
             self.stats.phase = "backoff"
             self.stats.reconnects = self.session.reconnects
             log.warning(
@@ -547,6 +575,36 @@ class Follower:
                 self._active = None
         if not keep:
             conn.close()
+
+    def _begin_session(self) -> None:
+        """A new session with the leader: offer feedback (the extension's
+        probe; a leader without it refuses and is sent nothing more), then
+        say where the catch-up starts and, if the leader told us, where it ends."""
+        self._hello_done = True
+        st = self.stats
+        st.catchup_from, st.catchup_t0, st.catchup_seconds = st.snapshot, time.monotonic(), None
+        st.phase = "sync"
+        if self.feedback:
+            try:
+                conn = self.transport.connect(
+                    self.host, self.port, self.connect_timeout, self._cancel
+                )
+            except HctError:
+                if self.group.stopping.is_set():
+                    raise _Stopped from None
+                conn = None  # the SYNC will fail the same way and say why
+            if conn is not None:
+                self.reporter.hello(conn)
+        newest = self.reporter.view.newest
+        if newest >= 0:
+            log.info(
+                "catching up from cid %d to cid %d (%d entries)",
+                st.snapshot,
+                newest,
+                max(0, newest - st.snapshot),
+            )
+        else:
+            log.info("catching up from cid %d", st.snapshot)
 
     def _sync(self, final: bool) -> FollowerEvent:
         """One SYNC exchange; entries go to the sink as they arrive."""
@@ -643,7 +701,9 @@ class Follower:
             return RequestFailed(job, e)
         keep = False
         try:
-            conn.send_all(wire.encode_sub(job), self.io_timeout)
+            fid = self.reporter.view.follower_id
+            request = wire.encode_subx(job, fid) if fid else wire.encode_sub(job)
+            conn.send_all(request, self.io_timeout)
             dec = wire.ReplyDecoder(wire.SUB, self.max_size)
             buf = bytearray(4096)
             while True:

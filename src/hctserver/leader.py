@@ -34,6 +34,8 @@ import apsw
 from . import wire
 from .checkpoint import Checkpointer
 from .errors import ConfigError, ConnectionLostError, TimedOutError
+from .feedbackhub import FeedbackHub
+from .followers import CommitClock, FollowerTable
 from .jobs import Job, Timeout, run_job
 from .journal import Database
 from .nodelock import NodeLock
@@ -43,6 +45,7 @@ from .session import (
     LeaderSession,
     NoRequest,
     Refuse,
+    ServeFeedback,
     ServeSub,
     ServeSync,
 )
@@ -91,9 +94,16 @@ class OtherWriters:
     all: a new subscriber's final SYNC covers them."""
 
     def __init__(
-        self, db: Database, after: int, targets: Any, send: Any, idle_poll: float = 0.1
+        self,
+        db: Database,
+        after: int,
+        targets: Any,
+        send: Any,
+        idle_poll: float = 0.1,
+        clock: CommitClock | None = None,
     ) -> None:
         self.db = db
+        self.clock = clock or CommitClock()
         self.jobs = CidSet()
         self.last = after
         self.streamed = 0
@@ -133,6 +143,7 @@ class OtherWriters:
         if reader is None or not reader.changed():
             return
         hi = reader.newest()
+        self.clock.note(hi)
         if hi <= self.last:
             return
         others = self.jobs.others(self.last + 1, hi)
@@ -191,6 +202,8 @@ class Leader:
         poll_interval: float = 0.005,
         watch_interval: float = 0.25,
         flush_timeout: float = 3.0,
+        feedback: bool = True,
+        max_feedback: int = 64,
         trace: Trace | None = None,
         transport: Transport | None = None,
     ) -> None:
@@ -234,8 +247,16 @@ class Leader:
         self._run_tasks: list[Task] = []
         self._named: dict[str, Task] = {}
         self._closed = False
+        self.started_at = time.monotonic()
+        self.start_cid = 0
         self.syncs_served = 0
+        self.sync_bytes = 0
         self.refused = 0
+        self.refused_by: dict[str, int] = {}
+        self.clock = CommitClock()
+        self.followers = FollowerTable(self.clock)
+        self._feedback = feedback
+        self._hub = FeedbackHub(self.followers, lambda: self.clock.newest, max_feedback)
 
     # --- what the rules see (session.LeaderView) -------------------------------------
 
@@ -258,6 +279,10 @@ class Leader:
     def hash_at(self, cid: int) -> bytes | None:
         return self.db.hash_at(cid)
 
+    @property
+    def feedback(self) -> bool:
+        return self._feedback and not self._hub.full()
+
     def live_subscribers(self, job: int) -> int:
         return sum(1 for s in self._subs[job] if not s.dead)
 
@@ -265,6 +290,26 @@ class Leader:
         """Live subscribers per stream (the last one: other writers)."""
         with self._sub_lock:
             return [self.live_subscribers(k) for k in range(self.njob)]
+
+    def subscriptions(self) -> list[dict[str, Any]]:
+        """Every live subscriber: its stream, peer, feedback id and bytes."""
+        with self._sub_lock:
+            subs = [s for k in range(self.njob) for s in self._subs[k] if not s.dead]
+        return [
+            {
+                "stream": s.job,
+                "peer": s.peer,
+                "follower": s.follower,
+                "queued_bytes": s.pending_bytes,
+                "sent_bytes": s.sent,
+            }
+            for s in subs
+        ]
+
+    @property
+    def sent_bytes(self) -> int:
+        """Bytes sent on streams and in SYNC replies."""
+        return self._streamer.bytes_sent + self.sync_bytes
 
     @property
     def dropped(self) -> int:
@@ -296,6 +341,8 @@ class Leader:
         if self.background_checkpoint:
             self._checkpointer.take_over()  # before the jobs' connections open
         self.port = self._listener.port
+        self.start_cid = db.snapshot()
+        self.clock.note(self.start_cid)
         g = self.group
         stop = g.stopping
         self._named["watchdog"] = g.spawn("hct-watchdog", watch, db, stop, self.watch_interval)
@@ -305,11 +352,15 @@ class Leader:
             "hct-streamer", self._streamer.run, stop, on_stop=self._streamer.wake
         )
         others = self._others = OtherWriters(
-            db, db.snapshot(), lambda: self._subs[-1], self._send_others
+            db, db.snapshot(), lambda: self._subs[-1], self._send_others, clock=self.clock
         )
         self._named["others"] = g.spawn(
             "hct-others", others.run, stop, self.poll_interval, on_stop=others.wake
         )
+        if self._feedback:
+            self._named["feedback"] = g.spawn(
+                "hct-feedback", self._hub.run, stop, on_stop=self._hub.wake
+            )
         self._named["accept"] = g.spawn("hct-accept", self._accept_loop, on_stop=self._waker.wake)
         for i, job in enumerate(self.jobs):
             t = g.spawn(
@@ -441,8 +492,10 @@ class Leader:
 
         return install
 
-    def _forget(self, sub: Subscriber) -> None:
-        """A dropped subscriber: commits are no longer encoded for it."""
+    def _forget(self, sub: Subscriber, gone: bool) -> None:
+        """A subscriber dropped (or ``gone``): commits are no longer encoded for it."""
+        if sub.follower and not gone:
+            self.followers.dropped(sub.follower)
         with self._sub_lock:
             self._subs[sub.job] = [s for s in self._subs[sub.job] if s is not sub]
 
@@ -485,6 +538,7 @@ class Leader:
 
     def _refuse(self, conn: Conn, r: Refuse) -> None:
         self.refused += 1
+        self.refused_by[r.reason] = self.refused_by.get(r.reason, 0) + 1
         if r.reason in ("incompatible", "ahead", "protocol"):
             log.warning("refused %s: %s", conn.peer, r.detail or r.message)
         else:
@@ -505,6 +559,9 @@ class Leader:
                 replying = True
                 self._serve_sync(conn, action)
             elif isinstance(action, ServeSub):
+                keep = True
+            elif isinstance(action, ServeFeedback):
+                self._hub.accept(conn, self.request_timeout, self.db.snapshot())
                 keep = True
             elif isinstance(action, NoRequest):
                 log.info("%s connected and closed without a request", conn.peer)
@@ -553,13 +610,13 @@ class Leader:
             with self._sub_lock:  # the check and the registration are one step
                 action = session.decide(got)
                 if isinstance(action, ServeSub):
-                    self._subscribe(conn, action.job)
+                    self._subscribe(conn, action.job, action.follower)
             return action
 
-    def _subscribe(self, conn: Conn, k: int) -> None:
+    def _subscribe(self, conn: Conn, k: int, follower: int = 0) -> None:
         # Registered before the follower can see SUBREPLY: its final SYNC starts
         # after that, so every commit is in the SYNC reply or on this stream.
-        sub = Subscriber(conn, k, wire.encode_subreply_start())
+        sub = Subscriber(conn, k, wire.encode_subreply_start(), follower)
         self._streamer.add(sub)
         self._subs[k] = [*(s for s in self._subs[k] if not s.dead), sub]
         if k == self.njob - 1 and self._others is not None:
@@ -598,12 +655,14 @@ class Leader:
                     self._syncs.release()
                 if len(buf) >= _SEND_CHUNK:
                     conn.send_all(buf, self.send_timeout)
+                    self.sync_bytes += len(buf)
                     buf.clear()
         finally:
             reader.close()
         buf += wire.END_OF_ENTRIES
         conn.send_all(buf, self.send_timeout)
         conn.shutdown_write()
+        self.sync_bytes += len(buf)
         self.syncs_served += 1
         log.debug("SYNC from %s at cid %d: %d entries", conn.peer, action.after, n)
         self.trace("SYNC: last CID = %d (%d entries to %s)", after, n, conn.peer)

@@ -16,7 +16,10 @@ Tcl (``hct_testserver``)               Python (``hctserver.node.Node``)
 Options: ``port`` (21212), ``host`` ("127.0.0.1"), ``seconds`` (0 = never),
 ``follower`` (False), ``syncthreads`` (1, from 1 to 16), ``syncbytes`` (0),
 and ours: ``once`` (False: a follower runs until stopped, reconnecting when
-it loses its leader; True: the original's run, which ends with the leader's).
+it loses its leader; True: the original's run, which ends with the leader's),
+``http`` (None; ``"HOST:PORT"`` or ``"PORT"`` serves ``/status``, ``/metrics``
+and ``/health`` there, loopback by default) and ``health_max_lag`` (10 s: a
+follower lagging more is unhealthy).
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ from typing import Any
 
 from .errors import ConfigError
 from .follower import Follower
+from .httpserver import HttpEndpoint, Routes, parse_address
 from .jobs import Job, JobFunction
 from .journal import Database
 from .leader import Leader
+from .metrics import Metrics
+from .status import health, node_status
 from .trace import Trace
 
 DEFAULTS: dict[str, Any] = {
@@ -39,6 +45,8 @@ DEFAULTS: dict[str, Any] = {
     "syncthreads": 1,
     "syncbytes": 0,
     "once": False,
+    "http": None,
+    "health_max_lag": 10.0,
 }
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -49,6 +57,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "syncthreads": (int,),
     "syncbytes": (int,),
     "once": (bool,),
+    "http": (str, type(None)),
+    "health_max_lag": (int, float),
 }
 
 
@@ -70,6 +80,7 @@ class Node:
         self.jobs: list[Job] = []
         self.extra: dict[str, Any] = {}
         self._node: Leader | Follower | None = None
+        self._http: HttpEndpoint | None = None
 
     def configure(self, **options: Any) -> dict[str, Any]:
         """Set options; returns the whole configuration."""
@@ -128,6 +139,39 @@ class Node:
             )
             self._node = leader
             leader.start()
+        if o["http"] is not None:
+            self._serve_http(o["http"])
+
+    def _serve_http(self, address: str) -> None:
+        runner = self._node
+        assert runner is not None
+        host, port = parse_address(address)
+        metrics = Metrics(
+            lambda: node_status(runner), "leader" if isinstance(runner, Leader) else "follower"
+        )
+        max_lag = float(self.options["health_max_lag"])
+        routes = Routes(
+            lambda: node_status(runner), metrics.render, lambda: health(runner, max_lag)
+        )
+        try:
+            ep = self._http = HttpEndpoint(host, port, routes)
+        except BaseException:
+            runner.close()
+            raise
+        g = runner.group
+        g.spawn("hct-http", ep.serve, on_stop=ep.stop)
+        if metrics.sampler is not None:
+            g.spawn("hct-lag-sampler", metrics.sampler.run, g.stopping)
+
+    @property
+    def http_url(self) -> str | None:
+        """The HTTP endpoint's base URL (its real port), if ``http`` is set."""
+        return None if self._http is None else self._http.url
+
+    def status(self) -> dict[str, Any]:
+        """The running node's ``/status`` document."""
+        assert self._node is not None, "start() first"
+        return node_status(self._node)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the run to end; raises the node's first error. False if
@@ -155,6 +199,8 @@ class Node:
         stays consistent. Errors stay in :attr:`error`."""
         if self._node is not None:
             self._node.close(timeout)
+        if self._http is not None:
+            self._http.close()
         self.db.close()
 
 
@@ -167,6 +213,10 @@ def _check(name: str, value: Any) -> None:
         raise ConfigError(f"port must be between 0 and 65535, not {value}")
     if name == "syncthreads" and not 1 <= num <= 16:
         raise ConfigError(f"syncthreads must be between 1 and 16, not {value}")
+    if name == "http" and isinstance(value, str):
+        parse_address(value)
+    if name == "health_max_lag" and not (0 < num < float("inf")):
+        raise ConfigError(f"health_max_lag must be a finite number of seconds > 0, not {value}")
     if name in ("seconds", "syncbytes") and not num >= 0:
         raise ConfigError(f"{name} must be >= 0, not {value}")
     if name == "seconds" and num == float("inf"):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import wire
+from . import feedback, wire
 from .errors import (
     HctError,
     IncompatibleError,
@@ -57,6 +57,11 @@ class LeaderView(Protocol):
 
     def live_subscribers(self, job: int) -> int: ...
 
+    @property
+    def feedback(self) -> bool:
+        """Does this leader take feedback channels (the extension's probe)?"""
+        ...
+
 
 @dataclass(frozen=True)
 class Refuse:
@@ -78,9 +83,17 @@ class ServeSync:
 
 @dataclass(frozen=True)
 class ServeSub:
-    """Send SUBREPLY, then every commit of job ``job`` as it happens."""
+    """Send SUBREPLY, then every commit of job ``job`` as it happens.
+    ``follower``: the feedback extension's id of the subscriber (0: none)."""
 
     job: int
+    follower: int = 0
+
+
+@dataclass(frozen=True)
+class ServeFeedback:
+    """The feedback extension's probe: send ACCEPT and keep the connection
+    as the follower's feedback channel (:mod:`hctserver.feedback`)."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +101,7 @@ class NoRequest:
     """The peer closed without asking anything: just close."""
 
 
-LeaderAction = Refuse | ServeSync | ServeSub | NoRequest
+LeaderAction = Refuse | ServeSync | ServeSub | ServeFeedback | NoRequest
 Request = wire.SyncRequest | wire.SubRequest
 
 
@@ -134,6 +147,8 @@ class LeaderSession:
         if v.draining:
             return Refuse(DRAINING, "draining")
         if isinstance(req, wire.SyncRequest):
+            if v.feedback and feedback.is_probe(req.cid, req.hash):
+                return ServeFeedback()
             snap = v.position()
             if req.cid > snap.cid:
                 return Refuse(
@@ -158,7 +173,7 @@ class LeaderSession:
                 f"too many subscribers for job {k} (the limit is {v.max_subscribers}); {RETRY}",
                 "too-many-subscribers",
             )
-        return ServeSub(k)
+        return ServeSub(k, req.follower)
 
 
 # ===================================================================================

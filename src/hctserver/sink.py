@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,11 @@ class FollowerStats:
     resubscribes: int = 0
     reconnects: int = 0
     disk_full: bool = False
+    received_cid: int = 0  # the newest cid received
+    applied_at: float = 0.0  # when the applier last committed (time.monotonic())
+    catchup_from: int = 0  # the snapshot when this session's catch-up began
+    catchup_t0: float = 0.0  # and when (time.monotonic())
+    catchup_seconds: float | None = None  # how long it took, once streaming
 
 
 class Sink:
@@ -101,6 +107,9 @@ class Sink:
             if self._closed:
                 return
             self._items.append((entries, hashes))
+            top = max(entries[0].cid, entries[-1].cid)  # stream batches are nearly in order
+            if top > self.stats.received_cid:
+                self.stats.received_cid = top
             self._count += len(entries)
             self._bytes += nbytes
             if threaded:
@@ -129,6 +138,7 @@ class Sink:
         while True:
             try:
                 self.stats.snapshot = ap.apply()
+                self.stats.applied_at = time.monotonic()
             except DiskFullError as e:
                 # keep the entries and try again: the disk may get space back
                 if not self.stats.disk_full:

@@ -140,6 +140,7 @@ class Store:
         self._hooks: tuple[CommitHook, ...] = ()
         self._listeners: tuple[Callable[[int], None], ...] = ()
         self._lock = threading.Lock()  # guards self._conn
+        self._totals = JournalTotals()  # under self._lock
         self._cond = threading.Condition()  # signalled when the snapshot moves
         self._known_snapshot = 0
         self._data_version = -1
@@ -384,17 +385,30 @@ class Store:
         return n, size
 
     def status(self) -> dict[str, Any]:
-        pos = self.position()
-        bcid, bschemacid, _ = self.baseline()
-        n, size = self.journal_stats()
+        """The file's state at one moment (one read transaction). Journal
+        totals are counted once and then only for new rows, so this is cheap
+        enough for a scrape every second on a journal of millions of rows."""
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN")
+            try:
+                cid, h = read_position(c)
+                rows = fetchall(
+                    c, "SELECT max(cid) FROM hct_journal UNION ALL SELECT cid FROM hct_baseline"
+                )
+                top = int(max(r[0] for r in rows if r[0] is not None))
+                bcid, bschemacid, _ = fetchone(c, "SELECT cid, schemacid, hash FROM hct_baseline")
+                n, size = self._totals.read(c, bcid, cid)
+            finally:
+                c.execute("COMMIT")
         return {
             "path": self.path,
             "mode": self._mode.value,
             "role": self.role,
-            "snapshot": pos.cid,
-            "max_cid": self.max_cid(),
-            "first_hole": self.first_hole(),
-            "hash": pos.hash.hex(),
+            "snapshot": cid,
+            "max_cid": top,
+            "first_hole": cid + 1 if top > cid else None,
+            "hash": bytes(h).hex(),
             "baseline_cid": bcid,
             "baseline_schemacid": bschemacid,
             "journal_entries": n,
@@ -560,6 +574,39 @@ def _denied(path: str) -> bool:
     return not os.access(parent, os.W_OK | os.X_OK) or (
         os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK)
     )
+
+
+_ROW_BYTES = "coalesce(sum(length(CAST(schema AS BLOB))+length(data)),0)"
+
+
+class JournalTotals:
+    """Rows and bytes of the journal, counted in full once and then only for
+    the applied rows added since (rows above a hole are few: counted each
+    time). A new baseline or a lower snapshot (truncate, rollback) counts
+    again from scratch."""
+
+    def __init__(self) -> None:
+        self._key = (-1, -1)  # (baseline cid, snapshot) the totals below cover
+        self._rows = self._bytes = 0
+
+    def read(self, c: apsw.Connection, baseline: int, snapshot: int) -> tuple[int, int]:
+        """Inside the caller's read transaction."""
+        base, upto = self._key
+        if base != baseline or snapshot < upto:
+            base, upto, self._rows, self._bytes = baseline, -1, 0, 0
+        if snapshot > upto:
+            n, size = fetchone(
+                c,
+                f"SELECT count(*), {_ROW_BYTES} FROM hct_journal WHERE cid>? AND cid<=?",
+                (upto, snapshot),
+            )
+            self._rows += n
+            self._bytes += size
+        self._key = (base, snapshot)
+        n, size = fetchone(
+            c, f"SELECT count(*), {_ROW_BYTES} FROM hct_journal WHERE cid>?", (snapshot,)
+        )
+        return self._rows + n, self._bytes + size
 
 
 class JournalReader:

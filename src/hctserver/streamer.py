@@ -31,11 +31,23 @@ _MAX_HEARD = 4096  # bytes a subscriber may send before it is taken for hostile
 class Subscriber:
     """One follower's SUB connection and what is queued for it."""
 
-    __slots__ = ("conn", "dead", "heard", "job", "moved", "pending", "pending_bytes")
+    __slots__ = (
+        "conn",
+        "dead",
+        "follower",
+        "heard",
+        "job",
+        "moved",
+        "pending",
+        "pending_bytes",
+        "sent",
+    )
 
-    def __init__(self, conn: Conn, job: int, first: bytes = b"") -> None:
+    def __init__(self, conn: Conn, job: int, first: bytes = b"", follower: int = 0) -> None:
         self.conn = conn
         self.job = job
+        self.follower = follower  # the feedback extension's id, 0 if none
+        self.sent = 0  # bytes sent to it
         self.pending: deque[bytes | memoryview] = deque([first] if first else ())
         self.pending_bytes = len(first)
         self.moved = time.monotonic()  # when it last took bytes (or had none to take)
@@ -55,12 +67,12 @@ class Streamer:
         limit: int,
         coalesce: float = 0.003,
         stall_timeout: float = 10.0,
-        on_drop: Callable[[Subscriber], None] | None = None,
+        on_drop: Callable[[Subscriber, bool], None] | None = None,
     ) -> None:
         self.limit = limit
         self.coalesce = coalesce
         self.stall_timeout = stall_timeout
-        self.on_drop = on_drop  # told of every subscriber dropped
+        self.on_drop = on_drop  # told of every subscriber dropped (and if it left)
         self.lock = threading.Lock()
         self.subs: list[Subscriber] = []
         self._dirty: set[Subscriber] = set()
@@ -68,6 +80,7 @@ class Streamer:
         self._woken = False
         self._scratch = bytearray(4096)
         self.dropped = 0
+        self.bytes_sent = 0
 
     def add(self, sub: Subscriber) -> None:
         """Own ``sub`` from now on; what it already has queued goes out first."""
@@ -130,10 +143,10 @@ class Streamer:
         try:
             n = sub.conn.try_recv_into(self._scratch)
         except ConnectionLostError as e:
-            self._drop(sub, str(e))
+            self._drop(sub, str(e), gone=True)
             return True
         if n == 0:
-            self._drop(sub, "the follower closed the connection")
+            self._drop(sub, "the follower closed the connection", gone=True)
             return True
         sub.heard += n or 0
         if sub.heard > _MAX_HEARD:
@@ -173,6 +186,8 @@ class Streamer:
                 return
             with self.lock:
                 sub.pending_bytes -= sent
+                sub.sent += sent
+                self.bytes_sent += sent
                 if sent:
                     sub.moved = time.monotonic()
                 if sent < len(chunk):
@@ -184,7 +199,9 @@ class Streamer:
             if not sub.dead:
                 self._poller.watch(sub.conn, write=False)
 
-    def _drop(self, sub: Subscriber, why: str) -> None:
+    def _drop(self, sub: Subscriber, why: str, gone: bool = False) -> None:
+        """Stop streaming to ``sub``; ``gone``: the follower left (not a
+        fault of ours or its, logged at INFO)."""
         with self.lock:
             if sub.dead:
                 return
@@ -194,11 +211,14 @@ class Streamer:
             if sub in self.subs:
                 self.subs.remove(sub)
             self._poller.remove(sub.conn)
-        self.dropped += 1
-        log.warning("dropped subscriber %s of job %d: %s", sub.peer, sub.job, why)
+        if gone:
+            log.info("subscriber %s of stream %d left: %s", sub.peer, sub.job, why)
+        else:
+            self.dropped += 1
+            log.warning("dropped subscriber %s of stream %d: %s", sub.peer, sub.job, why)
         sub.conn.close()
         if self.on_drop is not None:
-            self.on_drop(sub)
+            self.on_drop(sub, gone)
 
     def finish(self, timeout: float) -> None:
         """After :meth:`run` returned: send what is queued (all within

@@ -32,6 +32,7 @@ SUB = 2
 ERROR = 3
 SYNCREPLY = 4
 SUBREPLY = 5
+SUBX = 9  # SUB with the follower's id: only after the feedback extension's ACCEPT
 
 NAMES = {SYNC: "SYNC", SUB: "SUB", ERROR: "ERROR", SYNCREPLY: "SYNCREPLY", SUBREPLY: "SUBREPLY"}
 
@@ -45,6 +46,7 @@ _i32 = struct.Struct("<i")
 _ii = struct.Struct("<ii")
 _iq = struct.Struct("<iq")
 _iqq = struct.Struct("<iqq")
+_iiq = struct.Struct("<iiq")
 _qq = struct.Struct("<qq")
 
 END_OF_ENTRIES = _i32.pack(0)
@@ -61,6 +63,7 @@ class SyncRequest(NamedTuple):
 
 class SubRequest(NamedTuple):
     job: int
+    follower: int = 0  # the feedback extension's id (SUBX); 0 for a plain SUB
 
 
 class ErrorReply(NamedTuple):
@@ -95,6 +98,10 @@ def encode_sync(cid: int, hash_: bytes) -> bytes:
 
 def encode_sub(job: int) -> bytes:
     return _ii.pack(SUB, job)
+
+
+def encode_subx(job: int, follower: int) -> bytes:
+    return _iiq.pack(SUBX, job, follower)
 
 
 def encode_error(message: str) -> bytes:
@@ -164,6 +171,7 @@ _WANT_NJOB = 5
 _WANT_SIZE = 6
 _WANT_ENTRY = 7
 _DONE = 8
+_WANT_SUBX_BODY = 9
 
 
 class _Decoder:
@@ -219,6 +227,8 @@ class RequestDecoder(_Decoder):
                     self._state, self._need = _WANT_SYNC_BODY, 8 + HASH_SIZE
                 elif t == SUB:
                     self._state, self._need = _WANT_SUB_BODY, 4
+                elif t == SUBX:
+                    self._state, self._need = _WANT_SUBX_BODY, 12
                 else:
                     self._state = _DONE
                     raise UnknownMessageTypeError(
@@ -228,6 +238,10 @@ class RequestDecoder(_Decoder):
                 cid = struct.unpack_from("<q", buf, p)[0]
                 out.append(SyncRequest(cid, bytes(buf[p + 8 : p + 8 + HASH_SIZE])))
                 self._pos += 8 + HASH_SIZE
+                self._state = _DONE
+            elif self._state == _WANT_SUBX_BODY:
+                out.append(SubRequest(*_iq.unpack_from(buf, p)))
+                self._pos += 12
                 self._state = _DONE
             else:
                 out.append(SubRequest(_i32.unpack_from(buf, p)[0]))

@@ -1,0 +1,153 @@
+"""The follower's end of the feedback channel (:mod:`hctserver.feedback`).
+
+At the start of each session with a leader the follower's driver calls
+:meth:`Reporter.hello` on a connection of its own: a leader with the
+extension answers ACCEPT and the connection stays open; any other answer
+(the original's ``incompatible database version``, a close, silence)
+means no feedback until the next session, and nothing else is sent. The
+reporter's thread then sends a REPORT every ``interval`` seconds and reads
+the leader's STATE replies: its newest cid and this follower's lag as the
+leader sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import feedback, wire
+from .errors import HctError, PeerError, TimedOutError
+from .transport import Conn
+
+log = logging.getLogger("hctserver")
+
+__all__ = ["LeaderView", "Reporter"]
+
+_ERROR = wire.ERROR.to_bytes(4, "little")
+
+
+@dataclass
+class LeaderView:
+    """What the follower last heard from its leader over the channel."""
+
+    follower_id: int = 0  # 0: no channel (the leader does not take feedback)
+    newest: int = -1  # the leader's newest cid; -1 unknown
+    lag_ms: float | None = None  # this follower's lag as the leader sees it
+    heard_at: float | None = None
+
+
+class Reporter:
+    """See the module's docstring. ``position()`` returns (applied, durable,
+    received) cids."""
+
+    def __init__(
+        self,
+        name: str,
+        position: Callable[[], tuple[int, int, int]],
+        interval: float = 0.2,
+        timeout: float = 5.0,
+    ) -> None:
+        self.name = name
+        self.position = position
+        self.interval = interval
+        self.timeout = timeout
+        self.view = LeaderView()
+        self._lock = threading.Lock()
+        self._conn: Conn | None = None
+        self._decoder = feedback.Decoder(frozenset({feedback.STATE}))
+        self._buf = bytearray(4096)
+        self._wake = threading.Event()
+
+    @property
+    def active(self) -> bool:
+        return self._conn is not None
+
+    def hello(self, conn: Conn) -> int:
+        """Send the probe on ``conn`` (a new connection to the leader). Returns
+        the follower's id, and keeps ``conn``, if the leader accepts; else 0
+        (``conn`` closed)."""
+        self.detach()
+        dec = feedback.Decoder(frozenset({feedback.ACCEPT}))
+        try:
+            conn.send_all(wire.encode_sync(feedback.PROBE_CID, feedback.PROBE_HASH), self.timeout)
+            deadline = time.monotonic() + self.timeout
+            got = bytearray()
+            while True:
+                n = conn.recv_into(self._buf, max(0.01, deadline - time.monotonic()))
+                if n == 0:
+                    raise PeerError("the leader closed the connection")
+                got += self._buf[:n]
+                if len(got) < 4:
+                    continue
+                if got[:4] == _ERROR:  # the original's answer: an ERROR
+                    err = wire.ReplyDecoder(wire.SYNC)
+                    err.feed(got)
+                    ev = err.next_events()
+                    if ev:
+                        raise PeerError(f"it answered {ev[0]}")
+                    continue
+                msgs = dec.feed(got)
+                got.clear()
+                if msgs:
+                    acc = feedback.check_accept(msgs[0])  # type: ignore[arg-type]
+                    break
+        except HctError as e:
+            conn.close()
+            log.info("the leader does not take feedback (%s); not reporting", e)
+            return 0
+        with self._lock:
+            self._conn = conn
+            self._decoder = feedback.Decoder(frozenset({feedback.STATE}))
+            self.view = LeaderView(acc.follower_id, acc.newest, None, time.monotonic())
+        self._wake.set()
+        log.info("reporting the position to the leader (follower id %d)", acc.follower_id)
+        return int(acc.follower_id)
+
+    def detach(self) -> None:
+        """Close the channel (the session with this leader ended)."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+            self.view = LeaderView(0, self.view.newest, None, self.view.heard_at)
+        if conn is not None:
+            conn.close()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                self._wake.wait(self.interval)
+                self._wake.clear()
+                if stop.is_set():
+                    break
+                conn = self._conn
+                if conn is None:
+                    continue
+                try:
+                    self._exchange(conn)
+                except HctError as e:
+                    if self._conn is conn:
+                        log.info("feedback channel to the leader closed (%s)", e)
+                        self.detach()
+        finally:
+            self.detach()
+
+    def _exchange(self, conn: Conn) -> None:
+        applied, durable, received = self.position()
+        conn.send_all(feedback.encode_report(applied, durable, received, self.name), self.timeout)
+        try:
+            n = conn.recv_into(self._buf, min(self.interval / 2, 0.05))
+        except TimedOutError:
+            return
+        if n == 0:
+            raise PeerError("the leader closed it")
+        for m in self._decoder.feed(memoryview(self._buf)[:n]):
+            assert isinstance(m, feedback.State)
+            with self._lock:
+                if self._conn is conn:
+                    lag = None if m.lag_us < 0 else m.lag_us / 1000
+                    self.view = LeaderView(self.view.follower_id, m.newest, lag, time.monotonic())
