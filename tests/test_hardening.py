@@ -369,26 +369,34 @@ def test_6_a_leader_sending_a_byte_at_a_time_is_cut_off(tmp_path) -> None:
     srv = socket.create_server(("127.0.0.1", 0))
     port = srv.getsockname()[1]
 
-    def trickle() -> None:
-        with srv:
-            conn, _ = srv.accept()
-            conn.recv(64)
-            try:
-                for b in reply:
-                    conn.sendall(bytes([b]))
-                    time.sleep(0.5)  # the attack itself: a byte every half second
-            except OSError:
-                pass
-            finally:
-                conn.close()
+    def trickle(conn: socket.socket) -> None:
+        conn.recv(64)
+        try:
+            for b in reply:
+                conn.sendall(bytes([b]))
+                time.sleep(0.5)  # the attack itself: a byte every half second
+        except OSError:
+            pass
+        finally:
+            conn.close()
 
-    threading.Thread(target=trickle, daemon=True).start()
+    def serve() -> None:
+        with srv:
+            while True:
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return
+                threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
     t0 = time.monotonic()
     f = follower_node(str(tmp_path / "f.db"), port, extra={"io_timeout": 2.0})
     with pytest.raises(TimedOutError, match="no whole entry from the leader for 2 s"):
         f.wait(30)
     assert time.monotonic() - t0 < 10
     f.close()
+    srv.close()
 
 
 def _big_entries(n: int, size: int) -> bytes:

@@ -27,8 +27,13 @@ def test_configure_validates_every_option(tmp_path) -> None:
         "syncthreads": 1,
         "syncbytes": 0,
         "once": False,
+        "http": None,
+        "health_max_lag": 10.0,
     }
     for bad, match in [
+        ({"http": "nope"}, "--http takes HOST:PORT or PORT"),
+        ({"http": "127.0.0.1:99999"}, "port must be between 0 and 65535"),
+        ({"health_max_lag": 0}, "health_max_lag must be a finite number"),
         ({"colour": 1}, "unknown option 'colour'"),
         ({"port": "80"}, "option port takes int"),
         ({"port": 70000}, "port must be between 0 and 65535"),

@@ -24,12 +24,15 @@ from bisect import bisect_left
 from typing import Any
 
 import apsw
+from rich.console import Console
+from rich.table import Table
 
 from . import __version__, wire
 from .checkpoint import Checkpointer
 from .jobs import T1_SQL, WRITER_SQL, Job, Timeout, writer
 from .journal import Database
 from .leader import Leader
+from .node import serve_http
 from .position import ZERO_HASH
 from .transport import TCP
 
@@ -139,8 +142,25 @@ class _Timed:
         self.rate = self.commits / dt if dt else 0.0
 
 
-def journaled_rate(path: str, seconds: float, followers: int = 0, tmp: str = "") -> float:
-    """The writer loop through one leader job, with ``followers`` live followers."""
+_SCRAPER = """
+import sys, time, urllib.request
+url, stop = sys.argv[1], time.monotonic() + float(sys.argv[2])
+while time.monotonic() < stop:
+    t = time.monotonic()
+    try:
+        urllib.request.urlopen(url, timeout=5).read()
+    except OSError:
+        pass
+    time.sleep(max(0.0, 1.0 - (time.monotonic() - t)))
+"""
+
+
+def journaled_rate(
+    path: str, seconds: float, followers: int = 0, tmp: str = "", scraped: bool = False
+) -> float:
+    """The writer loop through one leader job, with ``followers`` live followers;
+    ``scraped``: with the HTTP endpoint on and a Prometheus-like client (its own
+    process) fetching ``/metrics`` every second."""
     _leader_db(path)
     gate = threading.Event()
     job = _Timed(gate, seconds)
@@ -148,19 +168,32 @@ def journaled_rate(path: str, seconds: float, followers: int = 0, tmp: str = "")
     leader = Leader(db, [Job(job, "writer")], port=0, seconds=0)
     leader.start()
     children = []
+    endpoint = None
     try:
+        if scraped:
+            endpoint = serve_http(leader, "127.0.0.1:0")
+            children.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", _SCRAPER, endpoint.url + "/metrics", str(seconds + 5)],
+                    text=True,
+                )
+            )
         for i in range(followers):
             children.append(
                 _spawn(os.path.join(tmp, f"rate-f{i}-{time.time_ns()}.db"), leader.port, ready=True)
             )
-        for ch in children:
+        for ch in children[1 if scraped else 0 :]:
             _wait_ready(ch)
         gate.set()
         leader.wait()
     finally:
         leader.stop()
+        if scraped and children:
+            children[0].kill()
         for ch in children:
             ch.wait(120)
+        if endpoint is not None:
+            endpoint.close()
         db.close()
     return job.rate
 
@@ -508,7 +541,7 @@ def run_bench(quick: bool = False, json_path: str | None = None, entries: int | 
         )
         r["leader_floor_commits_per_s"] = statistics.median(floor)
         r["leader_floor_ratio"] = r["leader_floor_commits_per_s"] / r["leader_plain_commits_per_s"]
-        _say(f"  commit rates: plain {plain}, journaled {jour}, floor {floor}")
+        _say(f"  commit rates: plain {_nums(plain)}, journaled {_nums(jour)}, floor {_nums(floor)}")
         alone, with2 = [], []
         for i in range(cfg["rounds"]):
             alone.append(journaled_rate(os.path.join(tmp, f"alone{i}.db"), secs))
@@ -516,7 +549,15 @@ def run_bench(quick: bool = False, json_path: str | None = None, entries: int | 
         r["leader_alone_commits_per_s"] = statistics.median(alone)
         r["leader_with_2_followers_commits_per_s"] = statistics.median(with2)
         r["leader_followers_ratio"] = statistics.median(with2) / statistics.median(alone)
-        _say(f"  with followers: alone {alone}, with 2 {with2}")
+        _say(f"  with followers: alone {_nums(alone)}, with 2 {_nums(with2)}")
+        bare, scraped = [], []
+        for i in range(cfg["rounds"]):
+            bare.append(journaled_rate(os.path.join(tmp, f"bare{i}.db"), secs))
+            scraped.append(journaled_rate(os.path.join(tmp, f"scr{i}.db"), secs, scraped=True))
+        r["leader_http_off_commits_per_s"] = statistics.median(bare)
+        r["leader_scraped_commits_per_s"] = statistics.median(scraped)
+        r["metrics_overhead_ratio"] = statistics.median(scraped) / statistics.median(bare)
+        _say(f"  /metrics every second: off {_nums(bare)}, scraped {_nums(scraped)}")
 
         big = os.path.join(tmp, "big.db")
         r["build_journal_commits_per_s"] = build_journal(big, n)
@@ -552,7 +593,7 @@ def run_bench(quick: bool = False, json_path: str | None = None, entries: int | 
         r["version"] = __version__
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(table(r))
+    Console(width=max(100, Console().width)).print(table(r))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(r, f, indent=2, sort_keys=True)
@@ -568,28 +609,36 @@ TARGETS = {
     "lag_final_cids": ("<=", 1000),
     "lag_p99_ms": ("<=", 50),
     "app_lag_p99_ms": ("<=", 100),
+    "metrics_overhead_ratio": (">=", 0.97),
 }
 
 
-def table(r: dict[str, Any]) -> str:
-    rows = [("metric", "value", "target")]
+def _nums(values: list[float]) -> str:
+    return ", ".join(f"{v:,.0f}" for v in values)
+
+
+def table(r: dict[str, Any]) -> Table:
+    t = Table(title=f"hctserver bench ({'quick' if r.get('quick') else 'full'})")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_column("target")
     for k in sorted(r):
         v = r[k]
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
-        t = TARGETS.get(k)
         tgt = ""
-        if t:
-            ok = v >= t[1] if t[0] == ">=" else v <= t[1]
-            tgt = f"{t[0]} {t[1]:g}  {'met' if ok else 'NOT met'}"
+        t_ = TARGETS.get(k)
+        ok: bool | None = None
+        if t_:
+            ok = v >= t_[1] if t_[0] == ">=" else v <= t_[1]
+            tgt = f"{t_[0]} {t_[1]:g}"
         if k == "handshake_large_ms":
             lim = 2 * r["handshake_small_ms"] + 5
-            tgt = f"<= {lim:.1f}  {'met' if v <= lim else 'NOT met'}"
-        rows.append((k, f"{v:,.3f}" if isinstance(v, float) and v < 100 else f"{v:,.0f}", tgt))
-    w = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = [" | ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
-    lines.insert(1, "-+-".join("-" * x for x in w))
-    return "\n".join(lines)
+            ok, tgt = v <= lim, f"<= {lim:.1f}"
+        if ok is not None:
+            tgt += "  [green]met[/]" if ok else "  [bold red]NOT met[/]"
+        t.add_row(k, f"{v:,.3f}" if isinstance(v, float) and v < 100 else f"{v:,.0f}", tgt)
+    return t
 
 
 def _machine() -> dict[str, Any]:

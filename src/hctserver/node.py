@@ -34,7 +34,7 @@ from .jobs import Job, JobFunction
 from .journal import Database
 from .leader import Leader
 from .metrics import Metrics
-from .status import health, node_status
+from .status import HEALTH_MAX_LAG, health, node_status
 from .trace import Trace
 
 DEFAULTS: dict[str, Any] = {
@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "syncbytes": 0,
     "once": False,
     "http": None,
-    "health_max_lag": 10.0,
+    "health_max_lag": HEALTH_MAX_LAG,
 }
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -145,23 +145,11 @@ class Node:
     def _serve_http(self, address: str) -> None:
         runner = self._node
         assert runner is not None
-        host, port = parse_address(address)
-        metrics = Metrics(
-            lambda: node_status(runner), "leader" if isinstance(runner, Leader) else "follower"
-        )
-        max_lag = float(self.options["health_max_lag"])
-        routes = Routes(
-            lambda: node_status(runner), metrics.render, lambda: health(runner, max_lag)
-        )
         try:
-            ep = self._http = HttpEndpoint(host, port, routes)
+            self._http = serve_http(runner, address, float(self.options["health_max_lag"]))
         except BaseException:
             runner.close()
             raise
-        g = runner.group
-        g.spawn("hct-http", ep.serve, on_stop=ep.stop)
-        if metrics.sampler is not None:
-            g.spawn("hct-lag-sampler", metrics.sampler.run, g.stopping)
 
     @property
     def http_url(self) -> str | None:
@@ -202,6 +190,26 @@ class Node:
         if self._http is not None:
             self._http.close()
         self.db.close()
+
+
+def serve_http(
+    runner: Leader | Follower, address: str, health_max_lag: float = HEALTH_MAX_LAG
+) -> HttpEndpoint:
+    """Serve a started leader's or follower's ``/status``, ``/metrics`` and
+    ``/health`` on ``address`` (``HOST:PORT`` or ``PORT``), in threads of
+    its task group (they stop with it); close the endpoint after the node."""
+    host, port = parse_address(address)
+    role = "leader" if isinstance(runner, Leader) else "follower"
+    metrics = Metrics(lambda: node_status(runner), role)
+    routes = Routes(
+        lambda: node_status(runner), metrics.render, lambda: health(runner, health_max_lag)
+    )
+    ep = HttpEndpoint(host, port, routes)
+    g = runner.group
+    g.spawn("hct-http", ep.serve, on_stop=ep.stop)
+    if metrics.sampler is not None:
+        g.spawn("hct-lag-sampler", metrics.sampler.run, g.stopping)
+    return ep
 
 
 def _check(name: str, value: Any) -> None:
