@@ -5,11 +5,14 @@ and top."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import socket
 import subprocess
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -292,3 +295,43 @@ def test_log_lines_have_time_and_level_and_json(tmp_path) -> None:
             re.M,
         ), text
         assert re.search(r"INFO +caught up: streaming", text), text
+
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def test_the_probe_against_the_original_c_leader(tmp_path) -> None:
+    """The real C leader answers the feedback probe as any SYNC it cannot
+    match, and goes on serving: the extension costs it nothing."""
+    fixture = REFERENCE / "testfixture"
+    if not os.access(fixture, os.X_OK):
+        pytest.skip("the original C system is not built here (../shared/reference)")
+    port = free_port()
+    with processes(str(tmp_path)) as procs:
+        c = procs.start(
+            str(fixture),
+            str(REFERENCE / "leader.tcl"),
+            str(tmp_path / "c.db"),
+            str(port),
+            "20",
+            "1",
+        )
+
+        def answer(request: bytes) -> bytes:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    s.sendall(request)
+                    out = b""
+                    while chunk := s.recv(65536):
+                        out += chunk
+                    return out
+            except OSError:
+                return b""
+
+        probe = wire.encode_sync(feedback.PROBE_CID, feedback.PROBE_HASH)
+        got: list[bytes] = []
+        wait_until(lambda: got.append(answer(probe)) or bool(got[-1]), timeout=30, what="C up")
+        assert got[-1] == wire.encode_error(wire.INCOMPATIBLE)
+        assert answer(probe) == wire.encode_error(wire.INCOMPATIBLE)  # still serving
+        assert c.poll() is None, procs.stdout(c) + procs.stderr(c)
+        c.kill()

@@ -13,7 +13,12 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -200,6 +205,7 @@ class Metrics:
     """A registry of its own per node (several nodes may share a process)."""
 
     def __init__(self, status: Status, role: str) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(NodeCollector(status))
         self.sampler: LagSampler | None = None

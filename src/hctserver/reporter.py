@@ -75,11 +75,12 @@ class Reporter:
             conn.send_all(wire.encode_sync(feedback.PROBE_CID, feedback.PROBE_HASH), self.timeout)
             deadline = time.monotonic() + self.timeout
             got = bytearray()
+            buf = bytearray(512)  # not self._buf: the reporter thread may be using it
             while True:
-                n = conn.recv_into(self._buf, max(0.01, deadline - time.monotonic()))
+                n = conn.recv_into(buf, max(0.01, deadline - time.monotonic()))
                 if n == 0:
                     raise PeerError("the leader closed the connection")
-                got += self._buf[:n]
+                got += buf[:n]
                 if len(got) < 4:
                     continue
                 if got[:4] == _ERROR:  # the original's answer: an ERROR

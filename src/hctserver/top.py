@@ -35,7 +35,7 @@ class Rates:
 
 def _n(v: Any) -> str:
     if v is None:
-        return "-"
+        return ""
     if isinstance(v, float):
         return f"{v:,.1f}"
     return f"{v:,}" if isinstance(v, int) else str(v)
@@ -56,46 +56,28 @@ def view(
             continue
         role = doc["role"]
         if role == "leader":
-            r = rates.rate(name, doc["commits"], now)
+            counter, lag_c, lag_ms = "commits", None, None
             reporting = sum(1 for f in doc["followers"] if f["feedback"])
-            t.add_row(
-                name,
-                role,
-                doc["state"],
-                _n(doc["snapshot"]),
-                _n(r),
-                "",
-                "",
-                f"{len(doc['followers'])} follower(s), {reporting} reporting",
-            )
-            for f in doc["followers"]:
-                label = f["name"] or f["address"]
-                t.add_row(
-                    f"  └ {label}",
-                    "follower",
-                    "reporting" if f["feedback"] else "no feedback",
-                    _n(f["applied_cid"]),
-                    "",
-                    _n(f["lag_cids"]),
-                    _n(f["lag_ms"]),
-                    f"streams {len(f['streams'])}, queued {f['queued_bytes']:,} B",
-                )
+            note = f"{len(doc['followers'])} follower(s), {reporting} reporting"
         else:
-            r = rates.rate(name, doc["applied_entries"], now)
+            counter, lag_c, lag_ms = "applied_entries", doc["lag_cids"], doc["lag_ms"]
             c = doc["catchup"]
             note = f"leader {doc['leader']}"
             if doc["state"] == "catching up" and c["total"]:
                 eta = f", ETA {c['eta_s']:.0f} s" if c["eta_s"] is not None else ""
                 note = f"catch-up {c['done']:,}/{c['total']:,}{eta}"
+        r = rates.rate(name, doc[counter], now)
+        t.add_row(name, role, doc["state"], _n(doc["snapshot"]), _n(r), _n(lag_c), _n(lag_ms), note)
+        for f in doc["followers"] if role == "leader" else ():
             t.add_row(
-                name,
-                role,
-                doc["state"],
-                _n(doc["snapshot"]),
-                _n(r),
-                _n(doc["lag_cids"]),
-                _n(doc["lag_ms"]),
-                note,
+                f"  └ {f['name'] or f['address']}",
+                "follower",
+                "reporting" if f["feedback"] else "no feedback",
+                _n(f["applied_cid"]),
+                "",
+                _n(f["lag_cids"]),
+                _n(f["lag_ms"]),
+                f"streams {len(f['streams'])}, queued {f['queued_bytes']:,} B",
             )
     return t
 
