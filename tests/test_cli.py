@@ -310,6 +310,8 @@ def test_demo_runs_and_verifies(tmp_path) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
     assert "all followers identical to the leader" in p.stdout
     assert p.stdout.count("identical") >= 3  # two verdicts and the closing line
+    # the live lines show each follower's lag as the leader sees it (feedback)
+    assert re.search(r"follower 1 [\d,]+ \(lag [\d,]+ cids, [\d,]+ ms\)", p.stdout), p.stdout
 
 
 def test_every_command_and_flag_is_documented() -> None:
