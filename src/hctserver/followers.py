@@ -72,6 +72,7 @@ class FollowerInfo:
     received: int = -1
     reported_at: float | None = None
     lag_s: float | None = None  # at its last report
+    lag_cids: int | None = None  # at its last report (the same moment as lag_s)
     drops: int = 0
     reports: int = 0
 
@@ -100,12 +101,13 @@ class FollowerTable:
         """Record a report; returns the follower's lag in seconds."""
         t = time.monotonic() if now is None else now
         lag = self.clock.lag(r.applied, t)
+        behind = max(0, self.clock.newest - r.applied)
         with self._lock:
             info = self._rows.get(fid)
             if info is not None:
                 info.name = r.name
                 info.applied, info.durable, info.received = r.applied, r.durable, r.received
-                info.reported_at, info.lag_s = t, lag
+                info.reported_at, info.lag_s, info.lag_cids = t, lag, behind
                 info.reports += 1
         return lag
 
@@ -124,16 +126,18 @@ class FollowerTable:
             return len(self._rows)
 
     def rows(self, newest: int, now: float | None = None) -> list[dict[str, Any]]:
-        """Each follower's state; the lag of one whose last report is older
-        than :data:`STALE_REPORT` grows with time, as its silence does."""
+        """Each follower's state. The lag is the one computed at its last
+        report (cids and time of one moment); for a follower whose last
+        report is older than :data:`STALE_REPORT` it grows with time, as its
+        silence does, against ``newest``."""
         t = time.monotonic() if now is None else now
         with self._lock:
             infos = list(self._rows.values())
         out = []
         for f in infos:
-            lag = f.lag_s
+            lag, behind = f.lag_s, f.lag_cids
             if f.reported_at is not None and t - f.reported_at > STALE_REPORT:
-                lag = self.clock.lag(f.applied, t)
+                lag, behind = self.clock.lag(f.applied, t), max(0, newest - f.applied)
             out.append(
                 {
                     "id": f.id,
@@ -143,7 +147,7 @@ class FollowerTable:
                     "applied_cid": f.applied,
                     "durable_cid": f.durable,
                     "received_cid": f.received,
-                    "lag_cids": max(0, newest - f.applied) if f.applied >= 0 else None,
+                    "lag_cids": behind,
                     "lag_ms": None if lag is None else round(lag * 1000, 1),
                     "report_age_ms": (
                         None if f.reported_at is None else round((t - f.reported_at) * 1000, 1)
