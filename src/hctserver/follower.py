@@ -586,15 +586,14 @@ class Follower:
         st.phase = "sync"
         if self.feedback:
             try:
-                conn = self.transport.connect(
-                    self.host, self.port, self.connect_timeout, self._cancel
-                )
+                conn = self._open()  # the active connection: a stop aborts it
             except HctError:
-                if self.group.stopping.is_set():
-                    raise _Stopped from None
                 conn = None  # the SYNC will fail the same way and say why
             if conn is not None:
-                self.reporter.hello(conn)
+                try:
+                    self.reporter.hello(conn)
+                finally:
+                    self._release(conn, keep=True)  # the reporter owns it (or closed it)
         newest = self.reporter.view.newest
         if newest >= 0:
             log.info(
