@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -335,3 +336,37 @@ def test_the_probe_against_the_original_c_leader(tmp_path) -> None:
         assert answer(probe) == wire.encode_error(wire.INCOMPATIBLE)  # still serving
         assert c.poll() is None, procs.stdout(c) + procs.stderr(c)
         c.kill()
+
+
+def _endpoint(**kw: Any) -> Any:
+    from hctserver.httpserver import HttpEndpoint, Routes
+
+    ep = HttpEndpoint(
+        "127.0.0.1", 0, Routes(lambda: {"ok": 1}, lambda: b"m 1\n", lambda: (True, "ok")), **kw
+    )
+    t = threading.Thread(target=ep.serve, daemon=True)
+    t.start()
+    return ep, t
+
+
+def test_http_clients_are_bounded(tmp_path) -> None:
+    """A client that trickles its request is cut off at the deadline; past
+    the limit of clients at once, the next one gets 503 at once; the
+    endpoint then serves normally."""
+    ep, t = _endpoint(max_clients=2, deadline=0.5)
+    try:
+        slow = [socket.create_connection(("127.0.0.1", ep.port)) for _ in range(2)]
+        for s in slow:
+            s.sendall(b"G")  # and nothing more
+        wait_until(lambda: get(ep.url + "/health")[0] == 503, timeout=5, what="503 when full")
+        for s in slow:
+            s.settimeout(5)
+            assert s.recv(100) == b""  # cut off by the deadline, not by its 5 s read timeout
+            s.close()
+        wait_until(lambda: get(ep.url + "/health")[0] == 200, timeout=5, what="served again")
+        assert json.loads(get(ep.url + "/status")[1]) == {"ok": 1}
+        assert get(ep.url + "/nope")[0] == 404
+    finally:
+        ep.stop()
+        t.join(5)
+        ep.close()

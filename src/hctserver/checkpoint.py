@@ -63,8 +63,8 @@ class Checkpointer:
             while not stop.wait(delay):
                 try:
                     before = self.position() if self.position is not None else -1
-                    self._pass(conn)
-                    self.durable = before
+                    if self._pass(conn):
+                        self.durable = before
                     if delay > self.interval:
                         log.warning("WAL checkpoints of %s work again", db.path)
                     delay = self.interval
@@ -84,10 +84,12 @@ class Checkpointer:
             db.background_checkpoints = False
             conn.close()
 
-    def _pass(self, conn: apsw.Connection) -> None:
-        _, in_wal, _copied = fetchone(conn, "PRAGMA wal_checkpoint(PASSIVE)")
+    def _pass(self, conn: apsw.Connection) -> bool:
+        """One pass; True if it copied the whole WAL (which it synced first):
+        every commit made before the pass is then on disk."""
+        _, in_wal, copied = fetchone(conn, "PRAGMA wal_checkpoint(PASSIVE)")
         if in_wal < self.frames:
-            return
+            return bool(copied == in_wal)
         lock = self.db.share
         self.db.checkpoint_wanted = True  # writers let us have the lock
         try:
@@ -99,10 +101,12 @@ class Checkpointer:
                     busy, _, _ = fetchone(conn, "PRAGMA wal_checkpoint(RESTART)")
                     if busy:
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    return not busy
                 finally:
                     lock.release()
         finally:
             self.db.checkpoint_wanted = False
+        return False
 
     def final(self) -> bool:
         """Copy the whole WAL into the database and empty it (TRUNCATE), or as

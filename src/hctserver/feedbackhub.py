@@ -2,9 +2,11 @@
 every channel (one poller), records each REPORT in the
 :class:`~hctserver.followers.FollowerTable` and answers with STATE.
 
-Bounded like the streams: at most ``max_channels`` channels, a channel
-silent for ``idle_timeout`` seconds is closed, one that sends garbage or
-stops reading its STATE replies (more than 4 KiB waiting) is dropped.
+Bounded like the streams: at most ``max_channels`` channels; a channel
+silent for ``idle_timeout`` seconds (followers report every 0.2 s) is
+closed, and one that sends garbage or stops reading its STATE replies
+(more than 4 KiB waiting) is dropped. Only the newest REPORT of a burst is
+recorded and answered.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class FeedbackHub:
         table: FollowerTable,
         newest: Callable[[], int],
         max_channels: int = 64,
-        idle_timeout: float = 30.0,
+        idle_timeout: float = 5.0,
     ) -> None:
         self.table = table
         self.newest = newest
@@ -53,34 +55,43 @@ class FeedbackHub:
         self._lock = threading.Lock()
         self._channels: dict[Conn, _Channel] = {}
         self._buf = bytearray(4096)
+        self._opening = 0  # ACCEPTs being sent
         self._closed = False
 
-    def full(self) -> bool:
-        with self._lock:
-            return len(self._channels) >= self.max_channels
-
     def accept(self, conn: Conn, timeout: float, newest: int) -> int:
-        """A follower's probe was accepted: send ACCEPT, then own ``conn``.
-        Returns the follower's id."""
+        """A follower's probe: send ACCEPT and own ``conn`` from then on;
+        returns the follower's id. With every channel taken (or the hub
+        closed) it closes ``conn`` without a word and returns 0: to the
+        follower, a leader without feedback."""
+        with self._lock:
+            if self._closed or len(self._channels) + self._opening >= self.max_channels:
+                conn.close()
+                return 0
+            self._opening += 1
         info = self.table.add(conn.peer)
         try:
             conn.send_all(feedback.encode_accept(info.id, newest), timeout)
         except BaseException:
             self.table.remove(info.id)
+            with self._lock:
+                self._opening -= 1
             raise
         with self._lock:
+            self._opening -= 1
             if self._closed:
                 self.table.remove(info.id)
                 conn.close()
-                return info.id
+                return 0
             self._channels[conn] = _Channel(conn, info)
             self._poller.add(conn, None)
-        self._poller.wake()
+            self._poller.wake()  # under the lock: close() has not run
         log.info("follower %d at %s reports its position", info.id, conn.peer)
         return info.id
 
     def wake(self) -> None:
-        self._poller.wake()
+        with self._lock:
+            if not self._closed:
+                self._poller.wake()
 
     def run(self, stop: threading.Event) -> None:
         try:
@@ -111,11 +122,12 @@ class FeedbackHub:
         if n == 0:
             raise ConnectionLostError("the follower closed its feedback channel")
         ch.heard = time.monotonic()
-        newest = self.newest()
-        for r in ch.decoder.feed(memoryview(self._buf)[:n]):
+        reports = ch.decoder.feed(memoryview(self._buf)[:n])
+        if reports:  # only the newest of a burst counts (and is answered)
+            r = reports[-1]
             assert isinstance(r, feedback.Report)
             lag = self.table.report(ch.info.id, r, ch.heard)
-            ch.out += feedback.encode_state(newest, int(lag * 1e6))
+            ch.out += feedback.encode_state(self.newest(), int(lag * 1e6))
         if len(ch.out) > _MAX_OUT:
             raise ConnectionLostError("the follower does not read its STATE replies")
 
@@ -129,12 +141,15 @@ class FeedbackHub:
         with self._lock:
             if self._channels.pop(ch.conn, None) is None:
                 return
-            self._poller.remove(ch.conn)
-        self.table.remove(ch.info.id)
-        ch.conn.close()
+        self._forget(ch)
         log.info(
             "follower %d at %s: feedback channel closed (%s)", ch.info.id, ch.info.address, why
         )
+
+    def _forget(self, ch: _Channel) -> None:
+        self._poller.remove(ch.conn)
+        self.table.remove(ch.info.id)
+        ch.conn.close()
 
     def close(self) -> None:
         with self._lock:
@@ -143,8 +158,6 @@ class FeedbackHub:
             self._closed = True
             chans = list(self._channels.values())
             self._channels.clear()
-        for ch in chans:
-            self._poller.remove(ch.conn)
-            self.table.remove(ch.info.id)
-            ch.conn.close()
-        self._poller.close()
+            for ch in chans:
+                self._forget(ch)
+            self._poller.close()

@@ -381,6 +381,8 @@ class Follower:
             self._sink.applier.close()
         if self.background_checkpoint and "hct-checkpoint" not in late:
             self._checkpointer.final()
+        if "hct-report" not in late:
+            self.reporter.close()
         if not late:
             self._cancel.close()
         self._node_lock.release()
@@ -390,6 +392,12 @@ class Follower:
     def queued_events(self) -> int:
         """Events waiting for the driver (for status displays and tests)."""
         return self._events.qsize()
+
+    def local_lag(self) -> float:
+        """Seconds the oldest entry received and not yet applied has waited
+        (the follower's own view of its lag, without the leader's)."""
+        sink = self._sink
+        return 0.0 if sink is None else sink.arrivals.lag(self.stats.snapshot)
 
     def _positions(self) -> tuple[int, int, int]:
         """(applied, durable, received) cids, for the leader."""
@@ -700,7 +708,9 @@ class Follower:
             return RequestFailed(job, e)
         keep = False
         try:
-            fid = self.reporter.view.follower_id
+            # SUBX only in the session that got ACCEPT: a resubscribe may meet a
+            # new leader (the original asserts on a type it does not know)
+            fid = 0 if again else self.reporter.view.follower_id
             request = wire.encode_subx(job, fid) if fid else wire.encode_sub(job)
             conn.send_all(request, self.io_timeout)
             dec = wire.ReplyDecoder(wire.SUB, self.max_size)

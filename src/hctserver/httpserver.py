@@ -4,15 +4,18 @@
 The standard library's ``http.server``: three read-only GET routes need no
 framework, and it adds no dependency. Bounded like the replication port:
 at most ``max_clients`` requests at once (the next is answered 503 at
-once), a 5 s socket timeout per request, request lines and headers as
-``http.server`` limits them (64 KiB, 100 headers).
+once), a deadline of :data:`REQUEST_DEADLINE` seconds for each whole
+request and its reply (and 5 s for any one read), request lines and
+headers as ``http.server`` limits them (64 KiB, 100 headers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -22,6 +25,7 @@ from .errors import ConfigError, ConnectError
 log = logging.getLogger("hctserver")
 
 CONTENT_METRICS = "text/plain; version=0.0.4; charset=utf-8"
+REQUEST_DEADLINE = 10.0  # seconds for a whole request and its reply
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -55,7 +59,7 @@ class Routes:
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
-    timeout = 5.0  # per request: a client that trickles is cut off
+    timeout = 5.0  # per read; the server cuts off a request past its deadline
     protocol_version = "HTTP/1.0"
 
     def do_GET(self) -> None:
@@ -92,10 +96,25 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, addr: tuple[str, int], routes: Routes, max_clients: int) -> None:
+    def __init__(
+        self, addr: tuple[str, int], routes: Routes, max_clients: int, deadline: float
+    ) -> None:
         self.routes = routes
+        self.deadline = deadline
         self.slots = threading.BoundedSemaphore(max_clients)
+        self.active: dict[Any, float] = {}  # request socket -> its deadline
+        self.active_lock = threading.Lock()
         super().__init__(addr, _Handler)
+
+    def service_actions(self) -> None:
+        """Between polls of the listener: cut off requests past their
+        deadline (a client that trickles its request or reads slowly)."""
+        now = time.monotonic()
+        with self.active_lock:
+            late = [r for r, t in self.active.items() if t < now]
+        for r in late:
+            with contextlib.suppress(OSError):
+                r.shutdown(2)  # SHUT_RDWR: the handler's read or write fails
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.slots.acquire(blocking=False):
@@ -105,12 +124,16 @@ class _Server(ThreadingHTTPServer):
                 pass
             self.shutdown_request(request)
             return
+        with self.active_lock:
+            self.active[request] = time.monotonic() + self.deadline
         super().process_request(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self.active_lock:
+                self.active.pop(request, None)
             self.slots.release()
 
 
@@ -118,9 +141,16 @@ class HttpEndpoint:
     """Listens at once (so the port is known); :meth:`serve` answers until
     :meth:`stop` (from another thread)."""
 
-    def __init__(self, host: str, port: int, routes: Routes, max_clients: int = 16) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        routes: Routes,
+        max_clients: int = 16,
+        deadline: float = REQUEST_DEADLINE,
+    ) -> None:
         try:
-            self._server = _Server((host, port), routes, max_clients)
+            self._server = _Server((host, port), routes, max_clients, deadline)
         except OSError as e:
             raise ConfigError(
                 f"cannot listen for HTTP on {host}:{port}: {e.strerror or e}"

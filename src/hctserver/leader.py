@@ -281,7 +281,7 @@ class Leader:
 
     @property
     def feedback(self) -> bool:
-        return self._feedback and not self._hub.full()
+        return self._feedback
 
     def live_subscribers(self, job: int) -> int:
         return sum(1 for s in self._subs[job] if not s.dead)
@@ -457,6 +457,7 @@ class Leader:
         g.join(until(1.0))
         if self.background_checkpoint:
             self._checkpointer.final()
+        self._hub.close()  # also when feedback is off or run() never ran
         self._waker.close()
         self._node_lock.release()
         self.trace("leader stopped")
@@ -610,7 +611,8 @@ class Leader:
             with self._sub_lock:  # the check and the registration are one step
                 action = session.decide(got)
                 if isinstance(action, ServeSub):
-                    self._subscribe(conn, action.job, action.follower)
+                    fid = action.follower if self.followers.known(action.follower) else 0
+                    self._subscribe(conn, action.job, fid)
             return action
 
     def _subscribe(self, conn: Conn, k: int, follower: int = 0) -> None:

@@ -9,6 +9,7 @@ its unit; docs/OPERATIONS.md lists them with their meaning.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,6 +24,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+log = logging.getLogger("hctserver")
+
 STATES = ("connecting", "catching up", "streaming", "backing off", "stopped")
 
 Status = Callable[[], dict[str, Any]]
@@ -187,36 +190,49 @@ class NodeCollector(Collector):
 
 
 class LagSampler:
-    """Observes a follower's lag into the histogram every ``interval`` seconds."""
+    """Observes a follower's lag into the histogram every ``interval``
+    seconds. ``lag()`` is cheap (no file access); a failure is logged once
+    and never stops the node."""
 
-    def __init__(self, status: Status, histogram: Histogram, interval: float = 0.25) -> None:
-        self.status = status
+    def __init__(
+        self, lag: Callable[[], float | None], histogram: Histogram, interval: float = 0.25
+    ) -> None:
+        self.lag = lag
         self.histogram = histogram
         self.interval = interval
 
     def run(self, stop: threading.Event) -> None:
+        failed = False
         while not stop.wait(self.interval):
-            doc = self.status()
-            if doc["state"] == "streaming" and doc["lag_ms"] is not None:
-                self.histogram.observe(doc["lag_ms"] / 1000)
+            try:
+                seconds = self.lag()
+            except Exception as e:
+                if not failed:
+                    log.warning("sampling the lag failed (%s); the histogram skips it", e)
+                failed = True
+                continue
+            if seconds is not None:
+                self.histogram.observe(seconds)
 
 
 class Metrics:
     """A registry of its own per node (several nodes may share a process)."""
 
-    def __init__(self, status: Status, role: str) -> None:
+    def __init__(
+        self, status: Status, role: str, lag: Callable[[], float | None] | None = None
+    ) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(NodeCollector(status))
         self.sampler: LagSampler | None = None
-        if role == "follower":
+        if lag is not None:
             hist = Histogram(
                 "hctserver_lag_seconds",
                 "The follower's lag, sampled four times a second while streaming",
                 buckets=LAG_BUCKETS,
                 registry=self.registry,
             )
-            self.sampler = LagSampler(status, hist)
+            self.sampler = LagSampler(lag, hist)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

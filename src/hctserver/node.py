@@ -34,7 +34,7 @@ from .jobs import Job, JobFunction
 from .journal import Database
 from .leader import Leader
 from .metrics import Metrics
-from .status import HEALTH_MAX_LAG, health, node_status
+from .status import HEALTH_MAX_LAG, follower_lag, health, node_status
 from .trace import Trace
 
 DEFAULTS: dict[str, Any] = {
@@ -199,8 +199,10 @@ def serve_http(
     ``/health`` on ``address`` (``HOST:PORT`` or ``PORT``), in threads of
     its task group (they stop with it); close the endpoint after the node."""
     host, port = parse_address(address)
-    role = "leader" if isinstance(runner, Leader) else "follower"
-    metrics = Metrics(lambda: node_status(runner), role)
+    if isinstance(runner, Leader):
+        metrics = Metrics(lambda: node_status(runner), "leader")
+    else:
+        metrics = Metrics(lambda: node_status(runner), "follower", lambda: _streaming_lag(runner))
     routes = Routes(
         lambda: node_status(runner), metrics.render, lambda: health(runner, health_max_lag)
     )
@@ -210,6 +212,12 @@ def serve_http(
     if metrics.sampler is not None:
         g.spawn("hct-lag-sampler", metrics.sampler.run, g.stopping)
     return ep
+
+
+def _streaming_lag(follower: Follower) -> float | None:
+    """The follower's lag in seconds while it streams (for the histogram)."""
+    state, _, lag_ms, _ = follower_lag(follower)
+    return lag_ms / 1000 if state == "streaming" and lag_ms is not None else None
 
 
 def _check(name: str, value: Any) -> None:

@@ -59,42 +59,21 @@ class Reporter:
         self._conn: Conn | None = None
         self._decoder = feedback.Decoder(frozenset({feedback.STATE}))
         self._buf = bytearray(4096)
+        self._dead: list[Conn] = []  # channels detached, closed by the reporter thread
         self._wake = threading.Event()
 
     @property
     def active(self) -> bool:
+        """Is a feedback channel open?"""
         return self._conn is not None
 
     def hello(self, conn: Conn) -> int:
         """Send the probe on ``conn`` (a new connection to the leader). Returns
-        the follower's id, and keeps ``conn``, if the leader accepts; else 0
-        (``conn`` closed)."""
+        the follower's id, and keeps ``conn``, if the leader accepts within
+        ``timeout`` seconds; else 0 (``conn`` closed)."""
         self.detach()
-        dec = feedback.Decoder(frozenset({feedback.ACCEPT}))
         try:
-            conn.send_all(wire.encode_sync(feedback.PROBE_CID, feedback.PROBE_HASH), self.timeout)
-            deadline = time.monotonic() + self.timeout
-            got = bytearray()
-            buf = bytearray(512)  # not self._buf: the reporter thread may be using it
-            while True:
-                n = conn.recv_into(buf, max(0.01, deadline - time.monotonic()))
-                if n == 0:
-                    raise PeerError("the leader closed the connection")
-                got += buf[:n]
-                if len(got) < 4:
-                    continue
-                if got[:4] == _ERROR:  # the original's answer: an ERROR
-                    err = wire.ReplyDecoder(wire.SYNC)
-                    err.feed(got)
-                    ev = err.next_events()
-                    if ev:
-                        raise PeerError(f"it answered {ev[0]}")
-                    continue
-                msgs = dec.feed(got)
-                got.clear()
-                if msgs:
-                    acc = feedback.check_accept(msgs[0])  # type: ignore[arg-type]
-                    break
+            acc = self._await_accept(conn)
         except HctError as e:
             conn.close()
             log.info("the leader does not take feedback (%s); not reporting", e)
@@ -107,37 +86,84 @@ class Reporter:
         log.info("reporting the position to the leader (follower id %d)", acc.follower_id)
         return int(acc.follower_id)
 
-    def detach(self) -> None:
-        """Close the channel (the session with this leader ended)."""
+    def _await_accept(self, conn: Conn) -> feedback.Accept:
+        """The leader's answer to the probe: ACCEPT, or an error saying why not
+        (the original's ERROR, a close, garbage, or nothing in time)."""
+        conn.send_all(wire.encode_sync(feedback.PROBE_CID, feedback.PROBE_HASH), self.timeout)
+        deadline = time.monotonic() + self.timeout
+        got = bytearray()
+        buf = bytearray(512)  # not self._buf: the reporter thread may be using it
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimedOutError(f"no answer to the probe within {self.timeout:g} s")
+            n = conn.recv_into(buf, left)
+            if n == 0:
+                raise PeerError("the leader closed the connection")
+            got += buf[:n]
+            if len(got) < 4:
+                continue
+            if got[:4] == _ERROR:  # the original's answer (decided once, from the start)
+                err = wire.ReplyDecoder(wire.SYNC)
+                err.feed(got)
+                ev = err.next_events()
+                if ev:
+                    raise PeerError(f"it answered {ev[0]}")
+                continue
+            msgs = feedback.Decoder(frozenset({feedback.ACCEPT})).feed(got)
+            if msgs:
+                msg = msgs[0]
+                assert isinstance(msg, feedback.Accept)
+                return feedback.check_accept(msg)
+
+    def detach(self, expected: Conn | None = None) -> None:
+        """Close the channel (the session with this leader ended); with
+        ``expected``, only if that is still the channel."""
         with self._lock:
-            conn, self._conn = self._conn, None
-            self.view = LeaderView(0, self.view.newest, None, self.view.heard_at)
-        if conn is not None:
-            conn.close()
+            conn = self._conn
+            if conn is None or (expected is not None and conn is not expected):
+                return
+            self._conn = None
+            self.view = LeaderView()
+        conn.abort()  # wakes the reporter thread if it waits on it; it closes it
+        self._dead.append(conn)
+        self._wake.set()
 
     def wake(self) -> None:
         self._wake.set()
+
+    def close(self) -> None:
+        """Close the channel for good (the follower stopped)."""
+        self.detach()
+        self._close_dead()
 
     def run(self, stop: threading.Event) -> None:
         try:
             while not stop.is_set():
                 self._wake.wait(self.interval)
                 self._wake.clear()
+                self._close_dead()
                 if stop.is_set():
                     break
-                conn = self._conn
+                with self._lock:
+                    conn, dec = self._conn, self._decoder
                 if conn is None:
                     continue
                 try:
-                    self._exchange(conn)
+                    self._exchange(conn, dec)
                 except HctError as e:
                     if self._conn is conn:
                         log.info("feedback channel to the leader closed (%s)", e)
-                        self.detach()
+                    self.detach(expected=conn)
         finally:
             self.detach()
+            self._close_dead()
 
-    def _exchange(self, conn: Conn) -> None:
+    def _close_dead(self) -> None:
+        while self._dead:
+            self._dead.pop().close()
+
+    def _exchange(self, conn: Conn, dec: feedback.Decoder) -> None:
         applied, durable, received = self.position()
         conn.send_all(feedback.encode_report(applied, durable, received, self.name), self.timeout)
         try:
@@ -146,7 +172,7 @@ class Reporter:
             return
         if n == 0:
             raise PeerError("the leader closed it")
-        for m in self._decoder.feed(memoryview(self._buf)[:n]):
+        for m in dec.feed(memoryview(self._buf)[:n]):
             assert isinstance(m, feedback.State)
             with self._lock:
                 if self._conn is conn:

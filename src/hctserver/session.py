@@ -147,8 +147,12 @@ class LeaderSession:
         if v.draining:
             return Refuse(DRAINING, "draining")
         if isinstance(req, wire.SyncRequest):
-            if v.feedback and feedback.is_probe(req.cid, req.hash):
-                return ServeFeedback()
+            if feedback.is_probe(req.cid, req.hash):
+                if v.feedback:
+                    return ServeFeedback()
+                # answered as the original answers it, counted apart
+                why = "a feedback probe (feedback is off)"
+                return Refuse(wire.INCOMPATIBLE, "feedback-off", why)
             snap = v.position()
             if req.cid > snap.cid:
                 return Refuse(

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from .apply import Applier
 from .errors import DiskFullError
+from .followers import CommitClock
 from .position import Entry, Position
 
 log = logging.getLogger("hctserver")
@@ -42,7 +42,6 @@ class FollowerStats:
     reconnects: int = 0
     disk_full: bool = False
     received_cid: int = 0  # the newest cid received
-    applied_at: float = 0.0  # when the applier last committed (time.monotonic())
     catchup_from: int = 0  # the snapshot when this session's catch-up began
     catchup_t0: float = 0.0  # and when (time.monotonic())
     catchup_seconds: float | None = None  # how long it took, once streaming
@@ -60,6 +59,7 @@ class Sink:
         min_batch: int = 40_000,
     ) -> None:
         self.applier = applier
+        self.arrivals = CommitClock()  # when each cid arrived: the local view of lag
         self.pipelined = pipelined
         self.limit = max(1, queue_bytes)
         self.stats = stats
@@ -110,6 +110,7 @@ class Sink:
             top = max(entries[0].cid, entries[-1].cid)  # stream batches are nearly in order
             if top > self.stats.received_cid:
                 self.stats.received_cid = top
+                self.arrivals.note(top)
             self._count += len(entries)
             self._bytes += nbytes
             if threaded:
@@ -138,7 +139,6 @@ class Sink:
         while True:
             try:
                 self.stats.snapshot = ap.apply()
-                self.stats.applied_at = time.monotonic()
             except DiskFullError as e:
                 # keep the entries and try again: the disk may get space back
                 if not self.stats.disk_full:

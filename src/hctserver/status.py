@@ -116,24 +116,29 @@ _STATES = {
 }
 
 
+def follower_lag(follower: Follower) -> tuple[str, int, float | None, str]:
+    """(state, lag in cids, lag in ms or None, its source) without touching
+    the file: the leader's view while the feedback channel is fresh, else
+    the follower's own (entries received and not yet applied)."""
+    st = follower.stats
+    snap = st.snapshot
+    state = _STATES.get(st.phase, st.phase)
+    view = follower.reporter.view
+    newest = max(view.newest, st.received_cid, snap)
+    fresh = view.heard_at is not None and time.monotonic() - view.heard_at < 2.0
+    if fresh and view.lag_ms is not None:
+        return state, newest - snap, view.lag_ms, "leader"
+    lag_ms = round(follower.local_lag() * 1000, 1) if state == "streaming" else None
+    return state, newest - snap, lag_ms, "local"
+
+
 def follower_status(follower: Follower) -> dict[str, Any]:
     doc = {"role": "follower", **_file(follower)}
     st = follower.stats
     now = time.monotonic()
     snap = doc["snapshot"]
-    state = _STATES.get(st.phase, st.phase)
     view = follower.reporter.view
-    fresh = view.heard_at is not None and now - view.heard_at < 2.0
-    newest = max(view.newest, st.received_cid, snap)
-    if fresh and view.lag_ms is not None:
-        lag_ms: float | None = view.lag_ms
-        source = "leader"
-    else:
-        source = "local"
-        behind = st.received_cid > snap
-        lag_ms = round((now - st.applied_at) * 1000, 1) if behind and st.applied_at else 0.0
-        if state != "streaming":
-            lag_ms = None
+    state, lag_cids, lag_ms, source = follower_lag(follower)
     done = max(0, snap - st.catchup_from)
     total = max(0, view.newest - st.catchup_from) if view.newest >= 0 else None
     elapsed = (st.catchup_seconds if st.catchup_seconds is not None else now - st.catchup_t0) or 0
@@ -155,8 +160,8 @@ def follower_status(follower: Follower) -> dict[str, Any]:
                 "seconds": None if st.catchup_seconds is None else round(st.catchup_seconds, 3),
             },
             "received_cid": st.received_cid,
-            "leader_cid": newest,
-            "lag_cids": max(0, newest - snap),
+            "leader_cid": max(view.newest, st.received_cid, snap),
+            "lag_cids": max(0, lag_cids),
             "lag_ms": lag_ms,
             "lag_source": source,
             "applied_entries": max(0, snap - st.start_snapshot),
@@ -186,10 +191,9 @@ def health(runner: Leader | Follower, max_lag: float = HEALTH_MAX_LAG) -> tuple[
         if runner.draining:
             return False, "the leader is shutting down"
         return True, f"leader serving on {runner.host}:{runner.port}"
-    doc = follower_status(runner)
-    if doc["state"] != "streaming":
-        return False, f"follower is {doc['state']} (leader {doc['leader']})"
-    lag = doc["lag_ms"]
+    state, _, lag, _ = follower_lag(runner)
+    if state != "streaming":
+        return False, f"follower is {state} (leader {runner.host}:{runner.port})"
     if lag is not None and lag > max_lag * 1000:
         return False, f"follower lags {lag / 1000:.1f} s (more than {max_lag:g} s)"
-    return True, f"follower streaming at cid {doc['snapshot']}, lag {lag} ms"
+    return True, f"follower streaming at cid {runner.stats.snapshot}, lag {lag} ms"

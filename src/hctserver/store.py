@@ -140,7 +140,9 @@ class Store:
         self._hooks: tuple[CommitHook, ...] = ()
         self._listeners: tuple[Callable[[int], None], ...] = ()
         self._lock = threading.Lock()  # guards self._conn
-        self._totals = JournalTotals()  # under self._lock
+        self._totals = JournalTotals()  # under self._status_lock
+        self._status_lock = threading.Lock()
+        self._status_conn: apsw.Connection | None = None
         self._cond = threading.Condition()  # signalled when the snapshot moves
         self._known_snapshot = 0
         self._data_version = -1
@@ -194,6 +196,10 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+        with self._status_lock:
+            if self._status_conn is not None:
+                self._status_conn.close()
+                self._status_conn = None
 
     def __enter__(self) -> Store:
         return self
@@ -388,8 +394,11 @@ class Store:
         """The file's state at one moment (one read transaction). Journal
         totals are counted once and then only for new rows, so this is cheap
         enough for a scrape every second on a journal of millions of rows."""
-        with self._lock:
-            c = self._conn
+        with self._status_lock:  # a connection of its own: a first count of a
+            # large journal holds up no one else
+            if self._status_conn is None:
+                self._status_conn = self.open_connection()
+            c = self._status_conn
             c.execute("BEGIN")
             try:
                 cid, h = read_position(c)

@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import HctError
@@ -52,7 +53,7 @@ def view(
         t.add_column(col, justify="left" if col in ("node", "role", "state", "note") else "right")
     for name, doc in docs:
         if isinstance(doc, str):
-            t.add_row(name, "?", "unreachable", "", "", "", "", doc)
+            t.add_row(name, "?", "unreachable", "", "", "", "", escape(doc))
             continue
         role = doc["role"]
         if role == "leader":
@@ -70,7 +71,7 @@ def view(
         t.add_row(name, role, doc["state"], _n(doc["snapshot"]), _n(r), _n(lag_c), _n(lag_ms), note)
         for f in doc["followers"] if role == "leader" else ():
             t.add_row(
-                f"  └ {f['name'] or f['address']}",
+                f"  └ {escape(f['name'] or f['address'])}",  # a peer's text: not markup
                 "follower",
                 "reporting" if f["feedback"] else "no feedback",
                 _n(f["applied_cid"]),
