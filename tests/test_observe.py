@@ -116,8 +116,12 @@ def test_a_cluster_seen_through_http(tmp_path) -> None:
         assert len({s.labels["follower"] for s in lags}) == 2
         assert len(m["hctserver_follower_lag_seconds"]) == 2
         assert value(m, "hctserver_followers_reporting") == 2
+        wait_until(  # the histogram is sampled four times a second while streaming
+            lambda: scrape(furls[0])["hctserver_lag_seconds_count"][0].value > 0,
+            timeout=10,
+            what="lag samples",
+        )
         fm = scrape(furls[0])
-        assert fm["hctserver_lag_seconds_count"][0].value > 0  # the histogram is sampled
         assert fm["hctserver_state"] and any(
             s.labels["state"] == "streaming" and s.value == 1 for s in fm["hctserver_state"]
         )
