@@ -127,10 +127,6 @@ class Decoder:
             del buf[: 8 + n]
         return out
 
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
 
 def check_accept(msg: Accept) -> Accept:
     if msg.version < 1 or msg.follower_id <= 0:

@@ -384,10 +384,7 @@ class Store:
 
     def journal_stats(self) -> tuple[int, int]:
         """(number of journal rows, total bytes of schema and data)."""
-        n, size = self._query(
-            "SELECT count(*), coalesce(sum(length(CAST(schema AS BLOB))+length(data)),0)"
-            " FROM hct_journal"
-        )[0]
+        n, size = self._query(f"SELECT count(*), {_ROW_BYTES} FROM hct_journal")[0]
         return n, size
 
     def status(self) -> dict[str, Any]:
