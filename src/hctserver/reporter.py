@@ -24,13 +24,13 @@ from .transport import Conn
 
 log = logging.getLogger("hctserver")
 
-__all__ = ["LeaderView", "Reporter"]
+__all__ = ["HeardFromLeader", "Reporter"]
 
 _ERROR = wire.ERROR.to_bytes(4, "little")
 
 
 @dataclass
-class LeaderView:
+class HeardFromLeader:
     """What the follower last heard from its leader over the channel."""
 
     follower_id: int = 0  # 0: no channel (the leader does not take feedback)
@@ -54,7 +54,7 @@ class Reporter:
         self.position = position
         self.interval = interval
         self.timeout = timeout
-        self.view = LeaderView()
+        self.view = HeardFromLeader()
         self._lock = threading.Lock()
         self._conn: Conn | None = None
         self._decoder = feedback.Decoder(frozenset({feedback.STATE}))
@@ -81,7 +81,7 @@ class Reporter:
         with self._lock:
             self._conn = conn
             self._decoder = feedback.Decoder(frozenset({feedback.STATE}))
-            self.view = LeaderView(acc.follower_id, acc.newest, None, time.monotonic())
+            self.view = HeardFromLeader(acc.follower_id, acc.newest, None, time.monotonic())
         self._wake.set()
         log.info("reporting the position to the leader (follower id %d)", acc.follower_id)
         return int(acc.follower_id)
@@ -124,7 +124,7 @@ class Reporter:
             if conn is None or (expected is not None and conn is not expected):
                 return
             self._conn = None
-            self.view = LeaderView()
+            self.view = HeardFromLeader()
         conn.abort()  # wakes the reporter thread if it waits on it; it closes it
         self._dead.append(conn)
         self._wake.set()
@@ -177,4 +177,6 @@ class Reporter:
             with self._lock:
                 if self._conn is conn:
                     lag = None if m.lag_us < 0 else m.lag_us / 1000
-                    self.view = LeaderView(self.view.follower_id, m.newest, lag, time.monotonic())
+                    self.view = HeardFromLeader(
+                        self.view.follower_id, m.newest, lag, time.monotonic()
+                    )

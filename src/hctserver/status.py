@@ -15,6 +15,7 @@ from typing import Any
 
 from .follower import Follower
 from .leader import Leader
+from .reporter import HeardFromLeader
 from .version import VERSION
 
 HEALTH_MAX_LAG = 10.0  # seconds a streaming follower may lag and still be healthy
@@ -116,20 +117,23 @@ _STATES = {
 }
 
 
-def follower_lag(follower: Follower) -> tuple[str, int, float | None, str]:
-    """(state, lag in cids, lag in ms or None, its source) without touching
-    the file: the leader's view while the feedback channel is fresh, else
-    the follower's own (entries received and not yet applied)."""
+def follower_lag(
+    follower: Follower, view: HeardFromLeader | None = None
+) -> tuple[str, int, float | None, str]:
+    """(state, the leader's newest cid as far as known, lag in ms or None,
+    its source) without touching the file: the leader's view while the
+    feedback channel is fresh, else the follower's own (entries received
+    and not yet applied). ``view``: the reporter's, if already read."""
     st = follower.stats
     snap = st.snapshot
     state = _STATES.get(st.phase, st.phase)
-    view = follower.reporter.view
+    view = follower.reporter.view if view is None else view
     newest = max(view.newest, st.received_cid, snap)
     fresh = view.heard_at is not None and time.monotonic() - view.heard_at < 2.0
     if fresh and view.lag_ms is not None:
-        return state, newest - snap, view.lag_ms, "leader"
+        return state, newest, view.lag_ms, "leader"
     lag_ms = round(follower.local_lag() * 1000, 1) if state == "streaming" else None
-    return state, newest - snap, lag_ms, "local"
+    return state, newest, lag_ms, "local"
 
 
 def follower_status(follower: Follower) -> dict[str, Any]:
@@ -137,8 +141,8 @@ def follower_status(follower: Follower) -> dict[str, Any]:
     st = follower.stats
     now = time.monotonic()
     snap = doc["snapshot"]
-    view = follower.reporter.view
-    state, lag_cids, lag_ms, source = follower_lag(follower)
+    view = follower.reporter.view  # read once: one moment for every field below
+    state, newest, lag_ms, source = follower_lag(follower, view)
     done = max(0, snap - st.catchup_from)
     total = max(0, view.newest - st.catchup_from) if view.newest >= 0 else None
     elapsed = (st.catchup_seconds if st.catchup_seconds is not None else now - st.catchup_t0) or 0
@@ -160,8 +164,8 @@ def follower_status(follower: Follower) -> dict[str, Any]:
                 "seconds": None if st.catchup_seconds is None else round(st.catchup_seconds, 3),
             },
             "received_cid": st.received_cid,
-            "leader_cid": max(view.newest, st.received_cid, snap),
-            "lag_cids": max(0, lag_cids),
+            "leader_cid": max(newest, snap),
+            "lag_cids": max(0, newest - snap),
             "lag_ms": lag_ms,
             "lag_source": source,
             "applied_entries": max(0, snap - st.start_snapshot),
