@@ -211,6 +211,8 @@ def test_4_subscribers_that_never_read_are_dropped_in_bounded_time(tmp_path) -> 
     leader = leader_node(lp, [_gated_writer(gate)], max_subscribers=4, sub_stall_timeout=1.0)
     lazy = [lazy_socket(leader.port, wire.encode_sub(0)) for _ in range(4)]
     try:
+        # the four are served by threads of their own: the fifth must come after them
+        wait_until(lambda: leader.runner.subscriber_counts()[0] == 4, 30, "four subscribers")
         full = read_reply(_connected(leader.port, wire.encode_sub(0)), 200)  # the limit is reached
         assert b"too many subscribers for job 0" in full
         gate.set()
