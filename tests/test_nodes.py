@@ -79,7 +79,9 @@ def test_a_stopped_follower_restarts_and_converges(tmp_path) -> None:
 CHILD = (
     "import sys\n"
     "from hctserver.node import Node\n"
-    "Node(sys.argv[1], follower=True, port=int(sys.argv[2]), syncthreads=2).run()\n"
+    "n = Node(sys.argv[1], follower=True, port=int(sys.argv[2]), syncthreads=2)\n"
+    "n.extra['bootstrap'] = False  # this test is about replay\n"
+    "n.run()\n"
 )
 
 

@@ -213,7 +213,9 @@ def test_close_during_a_catch_up_of_200000_entries_is_quick_and_consistent(
     src.close()
     leader = leader_node(lp, [])
     try:
-        f = follower_node(fp, leader.port, once=False, syncthreads=syncthreads)
+        f = follower_node(
+            fp, leader.port, once=False, syncthreads=syncthreads, extra={"bootstrap": False}
+        )
         wait_until(lambda: f.runner.stats.sync_entries > 40_000, 60, "the catch-up under way")
         t0 = time.monotonic()
         f.close()

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from hctserver import wire
+from hctserver import bootstrap, wire
 from hctserver.errors import (
     ConnectError,
     ConnectionLostError,
@@ -20,6 +20,8 @@ from hctserver.errors import (
     LeaderBusyError,
     PeerError,
     ProtocolError,
+    SizeLimitError,
+    UnknownMessageTypeError,
 )
 from hctserver.position import ZERO_HASH, Entry, Position, fold
 from hctserver.session import (
@@ -27,6 +29,8 @@ from hctserver.session import (
     DRAINING,
     Backoff,
     BackoffOver,
+    Bootstrap,
+    Bootstrapped,
     CloseStreams,
     Fail,
     Finish,
@@ -38,6 +42,7 @@ from hctserver.session import (
     Refuse,
     RequestFailed,
     RetryPolicy,
+    ServeSnapshot,
     ServeSub,
     ServeSync,
     StartJobs,
@@ -64,6 +69,8 @@ class MemLeader:
         self.max_subscribers = max_subscribers
         self.draining = False
         self.feedback = False  # the feedback extension (tested on its own)
+        self.snapshots = False  # the bootstrap extension
+        self.baseline = 0
         self.up = True
         self.streams: dict[int, list[bytearray]] = {k: [] for k in range(njob)}
         self.busy_subs = 0  # answer this many SUBs with "retry later"
@@ -99,6 +106,8 @@ class MemLeader:
             return wire.encode_error(act.message), None
         if isinstance(act, ServeSync):
             return wire.encode_syncreply(act.njob, self.entries[act.after :]), None
+        if isinstance(act, ServeSnapshot):
+            return bootstrap.encode_offer(self.baseline, len(self.entries)), None
         assert isinstance(act, ServeSub)
         if self.busy_subs:
             self.busy_subs -= 1
@@ -106,6 +115,12 @@ class MemLeader:
         stream = bytearray()
         self.streams[act.job].append(stream)
         return wire.encode_subreply_start(), stream
+
+    def truncate(self, min_cid: int) -> None:
+        """Forget H below ``min_cid - 1`` (the new baseline)."""
+        self.baseline = min_cid - 1
+        for cid in [c for c in self.vh if c < self.baseline]:
+            del self.vh[cid]
 
     def kill(self) -> None:
         self.up = False
@@ -139,7 +154,8 @@ class Replica:
 class Harness:
     """Carries out a FollowerSession's plan against a MemLeader."""
 
-    def __init__(self, leader: MemLeader, session: FollowerSession) -> None:
+    def __init__(self, leader: MemLeader, session: FollowerSession, reseed: bool = False) -> None:
+        self.reseed = reseed
         self.leader = leader
         self.session = session
         self.replica = Replica()
@@ -167,6 +183,8 @@ class Harness:
             return self.sync(act.final)
         if isinstance(act, Subscribe):
             return self.subscribe(act.job)
+        if isinstance(act, Bootstrap):
+            return self.bootstrap()
         if isinstance(act, CloseStreams):
             self.streams.clear()
         return None  # Backoff: the test decides when the wait is over
@@ -189,6 +207,21 @@ class Harness:
                 entries.append(ev)
         self.replica.add(entries)
         return SyncDone(final, njob, dec.entry_bytes)
+
+    def bootstrap(self) -> Any:
+        """The bootstrap extension, as bootclient and bootserve carry it out."""
+        lead, pos = self.leader, self.replica.position
+        reply, _ = lead.answer(bootstrap.encode_request())
+        kind = struct.unpack_from("<i", reply)[0]
+        if kind == wire.ERROR:
+            return RequestFailed(None, IncompatibleError("the leader sends no snapshots"))
+        want = bootstrap.Want(pos.cid, pos.hash, bootstrap.RESEED if self.reseed else 0)
+        newest = len(lead.entries)
+        if bootstrap.verdict(want, lead.baseline, newest, lead.hash_at(pos.cid)) is None:
+            return RequestFailed(None, IncompatibleError("the history differs"))
+        self.replica.applied, self.replica.h = list(lead.entries), lead.vh[newest]
+        self.replica.pending.clear()
+        return Bootstrapped(newest)
 
     def subscribe(self, job: int) -> Any:
         try:
@@ -420,7 +453,7 @@ def test_a_busy_leader_is_retried_later_not_taken_for_gone() -> None:
 @pytest.mark.parametrize("once", [False, True])
 def test_an_incompatible_history_fails_at_once_in_both_modes(once: bool) -> None:
     leader = leader_with(5)
-    h = Harness(leader, FollowerSession(once=once))
+    h = Harness(leader, FollowerSession(once=once, bootstrap=False))
     h.replica.applied = [Entry(1, 0, "", b"other")]
     h.replica.h = fold(ZERO_HASH, h.replica.applied[0].hash())
     h.session.start()
@@ -501,3 +534,109 @@ def test_a_leader_with_no_streams_goes_straight_to_the_final_sync() -> None:
     s.next_action()
     s.handle(SyncDone(False, 0, 0))
     assert [s.next_action() for _ in range(3)] == [StartStreaming(), StartJobs(), Sync(True)]
+
+
+# --- bootstrap ----------------------------------------------------------------------
+
+
+def test_a_follower_below_the_baseline_bootstraps_then_streams() -> None:
+    leader = leader_with(8)
+    leader.snapshots = True
+    h = Harness(leader, FollowerSession())
+    h.replica.add(leader.entries[:2])  # at cid 2
+    leader.truncate(5)  # baseline 4: cid 2 is below it
+    h.session.start()
+    h.run()
+    assert [type(a) for a in h.log[:2]] == [Sync, Bootstrap]
+    assert h.session.phase is Phase.STREAMING and h.done is None
+    assert h.replica.position == leader.position()
+    leader.commit(0)
+    h.deliver()
+    assert h.replica.position == leader.position()
+
+
+@pytest.mark.parametrize("once", [False, True])
+def test_a_diverged_follower_is_refused_a_snapshot_unless_it_asks_to_be_reseeded(
+    once: bool,
+) -> None:
+    for reseed in (False, True):
+        leader = leader_with(5)
+        leader.snapshots = True
+        h = Harness(leader, FollowerSession(once=once), reseed=reseed)
+        h.replica.applied = [Entry(1, 0, "", b"other")]
+        h.replica.h = fold(ZERO_HASH, h.replica.applied[0].hash())
+        h.session.start()
+        h.run()
+        assert sum(isinstance(a, Bootstrap) for a in h.log) == 1
+        if reseed:
+            assert h.session.phase is Phase.STREAMING
+            assert h.replica.position == leader.position()
+        else:
+            assert isinstance(h.done, Fail) and isinstance(h.done.error, IncompatibleError)
+            assert len(h.replica.applied) == 1  # untouched
+
+
+def test_a_leader_without_snapshots_refuses_and_the_refusal_is_final() -> None:
+    leader = leader_with(5)
+    leader.truncate(4)
+    h = Harness(leader, FollowerSession())
+    h.replica.add(leader.entries[:1])
+    h.session.start()
+    h.run()
+    assert sum(isinstance(a, Bootstrap) for a in h.log) == 1
+    assert isinstance(h.done, Fail) and isinstance(h.done.error, IncompatibleError)
+
+
+def test_an_empty_follower_bootstraps_first_only_when_replay_would_be_long() -> None:
+    assert not FollowerSession(bootstrap_min=100).bootstrap_first(True, 100)
+    assert not FollowerSession(bootstrap_min=100).bootstrap_first(True, -1)  # unknown
+    assert not FollowerSession(bootstrap_min=100).bootstrap_first(False, 10**6)
+    assert not FollowerSession(bootstrap=False).bootstrap_first(True, 10**6)
+    s = FollowerSession(bootstrap_min=100)
+    s.start()
+    assert s.next_action() == Sync(final=False)
+    assert s.bootstrap_first(True, 101) and s.phase is Phase.BOOTSTRAPPING
+    s.handle(Bootstrapped(500))
+    assert s.next_action() == Sync(final=False) and s.phase is Phase.CATCHING_UP
+
+
+def test_the_bootstrap_decoder_checks_types_and_sizes() -> None:
+    dec = bootstrap.Decoder(frozenset({bootstrap.HEAD, bootstrap.DATA, bootstrap.END}))
+    head = bootstrap.encode_head(7, 2, b"h" * 16, 3, bootstrap.BELOW)
+    data = bootstrap.data_header(3) + b"abc"
+    end = bootstrap.encode_end(b"d" * 32)
+    stream = head + data + end
+    got = [m for i in range(len(stream)) for m in dec.feed(stream[i : i + 1])]
+    assert got == [
+        bootstrap.Head(7, 2, b"h" * 16, 3, bootstrap.BELOW),
+        bootstrap.Data(b"abc"),
+        bootstrap.End(b"d" * 32),
+    ]
+    with pytest.raises(UnknownMessageTypeError):
+        bootstrap.Decoder(frozenset({bootstrap.DATA})).feed(bootstrap.encode_offer(0, 1))
+    with pytest.raises(SizeLimitError):
+        bootstrap.Decoder(frozenset({bootstrap.DATA})).feed(
+            bootstrap.data_header(bootstrap.MAX_DATA + 1)
+        )
+    bad = bootstrap.encode_head(7, 2, b"h" * 16, -1, bootstrap.BELOW)
+    with pytest.raises(ProtocolError):
+        bootstrap.Decoder(frozenset({bootstrap.HEAD})).feed(bad)
+
+
+def test_the_leader_answers_a_snapshot_request_only_with_the_extension() -> None:
+    leader = leader_with(3)
+    refused = decide(leader, bootstrap.encode_request())
+    assert isinstance(refused, Refuse) and refused.message == wire.INCOMPATIBLE
+    leader.snapshots = True
+    assert decide(leader, bootstrap.encode_request()) == ServeSnapshot()
+
+
+def test_the_verdict() -> None:
+    h3 = b"3" * 16
+    w = bootstrap.Want
+    assert bootstrap.verdict(w(0, ZERO_HASH, 0), 0, 10, ZERO_HASH) == bootstrap.BEHIND
+    assert bootstrap.verdict(w(0, ZERO_HASH, 0), 5, 10, None) == bootstrap.BELOW
+    assert bootstrap.verdict(w(3, h3, 0), 2, 10, h3) == bootstrap.BEHIND
+    assert bootstrap.verdict(w(3, h3, 0), 2, 10, b"x" * 16) is None
+    assert bootstrap.verdict(w(11, h3, 0), 2, 10, None) is None  # ahead
+    assert bootstrap.verdict(w(11, h3, bootstrap.RESEED), 2, 10, None) == bootstrap.DIVERGED

@@ -53,6 +53,9 @@ from .leader import Leader
 from .logs import FORMATS, LEVELS
 from .logs import configure as configure_logging
 from .node import Node
+from .retention import RetentionPolicy
+from .snapshot import describe
+from .snapshot import make as backup
 from .top import read_status, run_top
 from .verify import Behind, compare
 
@@ -131,6 +134,24 @@ def _cid(s: str) -> int:
     return _count(s)
 
 
+_UNITS = {"k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30,
+          "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}  # fmt: skip
+
+
+def _size(s: str) -> int:
+    """A count or a size, >= 0, with an optional unit (K, M, G, T; or KiB, ...)."""
+    text = s.strip().lower().replace("_", "").replace(",", "")
+    num = text.rstrip("kmgtib")
+    unit = text[len(num) :]
+    try:
+        v = float(num) * (_UNITS[unit] if unit else 1)
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a number or a size (like 256M): {s}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {s}")
+    return int(v)
+
+
 # Resource bounds (docs/SECURITY.md): flag -> (keyword of Leader/Follower, type, what)
 LEADER_BOUNDS = {
     "--max-connections": ("max_connections", _count, "requests served at once"),
@@ -140,6 +161,7 @@ LEADER_BOUNDS = {
     "--sub-stall-timeout": ("sub_stall_timeout", _delay, "seconds a subscriber may take nothing"),
     "--request-timeout": ("request_timeout", _delay, "seconds to send a whole request"),
     "--send-timeout": ("send_timeout", _delay, "seconds one reply chunk may wait"),
+    "--max-snapshots": ("max_snapshots", _count, "snapshots built or sent at once"),
 }
 FOLLOWER_BOUNDS = {
     "--max-entry-bytes": ("max_size", _count, "largest entry accepted"),
@@ -147,6 +169,18 @@ FOLLOWER_BOUNDS = {
     "--queue-bytes": ("queue_bytes", _count, "bytes received and held before applying"),
     "--io-timeout": ("io_timeout", _delay, "seconds without a whole entry before giving up"),
     "--connect-timeout": ("connect_timeout", _delay, "seconds to connect"),
+    "--max-snapshot-bytes": ("max_snapshot_bytes", _count, "largest snapshot accepted"),
+}
+# Journal retention: flag -> (RetentionPolicy field, type, what)
+RETENTION = {
+    "--retain-cids": ("cids", _size, "keep at most N entries, 0: no such limit"),
+    "--retain-bytes": ("bytes", _size, "keep at most N bytes of entries, 0: no such limit"),
+    "--retain-seconds": ("seconds", _positive_float, "keep no entry older, 0: no such limit"),
+    "--retain-max-bytes": (
+        "max_bytes",
+        _size,
+        "hard cap: past it, truncate even what a connected follower needs (0: none)",
+    ),
 }
 
 
@@ -238,6 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("leader", help="serve a database to followers (until stopped)")
     node_opts(s, True)
     _bounds(s, LEADER_BOUNDS, defaults_of(Leader))
+    policy = defaults_of(RetentionPolicy)
+    for flag, (key, kind, what) in RETENTION.items():
+        s.add_argument(
+            flag,
+            type=kind,
+            default=policy[key],
+            dest=f"retain_{key}",
+            metavar="S" if kind is _positive_float else "N",
+            help=f"journal retention: {what} (default {policy[key]:,})",
+        )
+    s.add_argument(
+        "--no-snapshots",
+        action="store_true",
+        help="send followers no snapshots (they replay the journal, or are refused)",
+    )
     s = sub.add_parser("follower", help="follow a leader (until stopped)")
     node_opts(s, False)
     _bounds(s, FOLLOWER_BOUNDS, defaults_of(Follower))
@@ -267,6 +316,32 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="B",
         help="repeat SYNC while replies shrink and stay above B bytes",
     )
+    s.add_argument(
+        "--reseed",
+        action="store_true",
+        help="if this database's history differs from the leader's, keep a copy of it"
+        " beside it and start again from a snapshot of the leader",
+    )
+    s.add_argument(
+        "--no-bootstrap",
+        action="store_true",
+        help="never install a snapshot from the leader (only replay its journal)",
+    )
+    s.add_argument(
+        "--bootstrap-min",
+        type=_size,
+        default=10_000,
+        metavar="N",
+        help="an empty follower bootstraps from a snapshot when the leader's journal holds"
+        " more than N entries (default 10,000); otherwise it replays",
+    )
+
+    s = sub.add_parser(
+        "backup", help="write a consistent snapshot of a database (a replication database)"
+    )
+    s.add_argument("db", metavar="DB")
+    s.add_argument("out", metavar="OUT", help="the snapshot file to write (replaced)")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
 
     s = sub.add_parser(
         "status", help="show a database's replication state, or a running node's (URL)"
@@ -374,6 +449,14 @@ def _node(a: argparse.Namespace, follower: bool) -> Node:
             node.extra[key] = getattr(a, key)
     if follower:
         node.extra["retry_max"] = a.retry_max
+        node.extra["reseed"] = a.reseed
+        node.extra["bootstrap"] = not a.no_bootstrap
+        node.extra["bootstrap_min"] = a.bootstrap_min
+    else:
+        node.extra["snapshots"] = not a.no_snapshots
+        node.extra["retention"] = RetentionPolicy(
+            **{key: getattr(a, f"retain_{key}") for key, _, _ in RETENTION.values()}
+        )
     for j in a.job:
         node.job(j)
     return node
@@ -553,6 +636,23 @@ def cmd_truncate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(a: argparse.Namespace) -> int:
+    db = Database(a.db, init=False)
+    try:
+        info = backup(db, a.out)
+    finally:
+        db.close()
+    if a.json:
+        print(json.dumps({"path": os.path.abspath(a.out), **describe(info)}))
+    else:
+        print(
+            f"{a.out}: a snapshot of {a.db} at cid {info.cid} ({info.size:,} bytes,"
+            f" {info.rows:,} rows in {info.tables} tables); seed a follower with it:"
+            f" hctserver follower {a.out} --host LEADER"
+        )
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -585,6 +685,7 @@ COMMANDS = {
     "verify": cmd_verify,
     "rollback": cmd_rollback,
     "truncate": cmd_truncate,
+    "backup": cmd_backup,
     "demo": cmd_demo,
     "bench": cmd_bench,
 }

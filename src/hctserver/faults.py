@@ -1,4 +1,4 @@
-"""Fault injection for tests and drills: a full disk, on demand.
+"""Fault injection for tests and drills: a full disk, on demand, and crashes.
 
 Off unless the environment variable ``HCTSERVER_FAULT_DISK`` names a
 control file. Then every connection hctserver opens goes through a small
@@ -7,16 +7,23 @@ any write that would make a file grow fails with SQLITE_FULL, as on a disk
 with no free blocks (writes inside a file's current size still succeed).
 Write anything else into the file and space "returns". It costs a Python
 call per write, so it is for tests and operator drills only.
+
+Crashes: with ``HCTSERVER_FAULT_KILL=N``, the process kills itself
+(SIGKILL, as a power cut would stop it) at the N-th :func:`kill_point` it
+reaches; with ``HCTSERVER_FAULT_KILL=count:FILE`` it writes how many it has
+reached into FILE instead, so that a test knows how many there are.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 import apsw
 
 ENV = "HCTSERVER_FAULT_DISK"
+KILL_ENV = "HCTSERVER_FAULT_KILL"
 VFS_NAME = "hctserver-faults"
 
 
@@ -81,3 +88,21 @@ def vfs_name() -> str | None:
     if _vfs is None:
         _vfs = _FaultVFS(_Control(path))
     return VFS_NAME
+
+
+_reached = 0
+
+
+def kill_point(name: str) -> None:
+    """A point where a crash drill may kill this process (see the module's
+    docstring); nothing at all when ``HCTSERVER_FAULT_KILL`` is not set."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    global _reached
+    _reached += 1
+    if spec.startswith("count:"):
+        with open(spec[6:], "w") as f:
+            f.write(f"{_reached} {name}\n")
+    elif spec.isdigit() and _reached == int(spec):
+        os.kill(os.getpid(), signal.SIGKILL)

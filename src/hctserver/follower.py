@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import wire
+from . import bootclient, bootstrap, faults, snapshot, wire
 from .checkpoint import Checkpointer
 from .errors import (
     ConfigError,
@@ -47,6 +47,8 @@ from .reporter import Reporter
 from .session import (
     Backoff,
     BackoffOver,
+    Bootstrap,
+    Bootstrapped,
     CloseStreams,
     Fail,
     Finish,
@@ -250,6 +252,10 @@ class Follower:
         hole_timeout: float = 1.0,
         applier_options: dict[str, Any] | None = None,
         feedback: bool = True,
+        bootstrap: bool = True,
+        bootstrap_min: int = 10_000,
+        reseed: bool = False,
+        max_snapshot_bytes: int = bootclient.MAX_SNAPSHOT_BYTES,
         name: str | None = None,
         trace: Trace | None = None,
         transport: Transport | None = None,
@@ -288,8 +294,18 @@ class Follower:
         self.transport = transport or TCP
         self.stats = FollowerStats()
         self.group = TaskGroup("follower")
+        if bootstrap_min < 0:
+            raise ConfigError(f"bootstrap_min must be >= 0, not {bootstrap_min}")
+        self.reseed = reseed
+        self.max_snapshot_bytes = max_snapshot_bytes
+        self.bootstraps = 0
         self.session = FollowerSession(
-            once=once, syncbytes=syncbytes, retry=self.retry, max_resubscribes=max_resubscribes
+            once=once,
+            syncbytes=syncbytes,
+            retry=self.retry,
+            max_resubscribes=max_resubscribes,
+            bootstrap=bootstrap,
+            bootstrap_min=bootstrap_min,
         )
         self.njob = 0
         # (the streams' generation for a StreamEnded, else None; the event)
@@ -313,6 +329,10 @@ class Follower:
     def error(self) -> BaseException | None:
         return self.group.error
 
+    @property
+    def _bootstrap_path(self) -> str:
+        return self.db.path + ".hct-bootstrap"
+
     # --- life cycle ------------------------------------------------------------------
 
     def start(self) -> None:
@@ -322,6 +342,7 @@ class Follower:
         self._node_lock.acquire("follower")
         try:
             db.check_unjournaled()
+            snapshot.remove_files(self._bootstrap_path)  # a crash left it half received
             if db.role is None and db.max_cid() == 0:
                 db.set_role("follower")  # a new replica: no application may write it
             n = db.rollback()
@@ -479,7 +500,11 @@ class Follower:
         if isinstance(act, Sync):
             if not act.final and not self._hello_done:
                 self._begin_session()
+                if self._snapshot_first():
+                    return self._bootstrap()
             return self._sync(act.final)
+        if isinstance(act, Bootstrap):
+            return self._bootstrap()
         if isinstance(act, Subscribe):
             return self._subscribe(act.job, act.again)
         if isinstance(act, Flush):
@@ -612,6 +637,90 @@ class Follower:
             )
         else:
             log.info("catching up from cid %d", st.snapshot)
+
+    def _snapshot_first(self) -> bool:
+        """An empty follower far behind a leader that said how far: bootstrap
+        at once rather than replay (FollowerSession.should_bootstrap)."""
+        sink = self._sink
+        assert sink is not None
+        newest = self.reporter.view.newest
+        empty = sink.position.cid == 0 and not sink.applier.pending
+        behind = newest - sink.position.cid if newest >= 0 else -1
+        if not self.session.bootstrap_first(empty, behind):
+            return False
+        log.info("empty, and %d entries behind the leader: asking for a snapshot", behind)
+        return True
+
+    def _bootstrap(self) -> FollowerEvent:
+        """Fetch a snapshot into a file beside the database, check it, and
+        install it in place of this database's contents."""
+        sink, streams = self._sink, self._streams
+        assert sink is not None and streams is not None
+        streams.close_all()  # nothing for the old position may arrive now
+        sink.flush()
+        pos = sink.position
+        path = self._bootstrap_path
+        self.stats.phase = "bootstrap"
+        try:
+            conn = self._open()
+        except HctError as e:
+            return RequestFailed(None, e)
+        t0 = time.monotonic()
+        try:
+            head = bootclient.fetch(
+                conn,
+                pos,
+                self.reseed,
+                path,
+                io_timeout=self.io_timeout,
+                max_bytes=self.max_snapshot_bytes,
+            )
+        except HctError as e:
+            snapshot.remove_files(path)
+            if self.group.stopping.is_set():
+                raise _Stopped from None
+            return RequestFailed(None, e)
+        finally:
+            self._release(conn)
+        received = time.monotonic() - t0
+        try:
+            snapshot.check(path, head.cid, head.hash)
+            aside = None
+            if head.verdict == bootstrap.DIVERGED:
+                aside = f"{self.db.path}.reseed-{time.strftime('%Y%m%dT%H%M%S')}"
+                log.warning(
+                    "--reseed: this database's history differs from the leader's; its old"
+                    " contents (at cid %d) are kept in %s",
+                    pos.cid,
+                    aside,
+                )
+            sink.replace_applier(
+                lambda: self._install(path, aside), lambda: self.db.applier(**self.applier_options)
+            )
+        except HctError as e:
+            return RequestFailed(None, e)
+        finally:
+            snapshot.remove_files(path)
+        self.bootstraps += 1
+        st = self.stats
+        st.snapshot = st.received_cid = head.cid
+        self.db.notify_snapshot(head.cid)
+        log.info(
+            "installed a snapshot of the leader at cid %d (%d bytes; was at cid %d, %s;"
+            " received in %.2f s, installed in %.2f s)",
+            head.cid,
+            head.size,
+            pos.cid,
+            bootstrap.VERDICTS[head.verdict],
+            received,
+            time.monotonic() - t0 - received,
+        )
+        self.trace("bootstrapped at cid %d", head.cid)
+        return Bootstrapped(head.cid)
+
+    def _install(self, path: str, aside: str | None) -> None:
+        snapshot.install(self.db, path, aside=aside)
+        faults.kill_point("installed")
 
     def _sync(self, final: bool) -> FollowerEvent:
         """One SYNC exchange; entries go to the sink as they arrive."""

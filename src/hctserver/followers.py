@@ -117,6 +117,12 @@ class FollowerTable:
             if info is not None:
                 info.drops += 1
 
+    def needs(self) -> list[tuple[int, str]]:
+        """(applied cid, name) of every connected follower that has reported:
+        the journal after those cids is what they will ask for."""
+        with self._lock:
+            return [(f.applied, f.name or f.address) for f in self._rows.values() if f.applied >= 0]
+
     def known(self, fid: int) -> bool:
         with self._lock:
             return fid in self._rows

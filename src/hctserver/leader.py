@@ -32,6 +32,7 @@ from typing import Any
 import apsw
 
 from . import wire
+from .bootserve import SnapshotServer, clean_temp
 from .checkpoint import Checkpointer
 from .errors import ConfigError, ConnectionLostError, TimedOutError
 from .feedbackhub import FeedbackHub
@@ -40,12 +41,14 @@ from .jobs import Job, Timeout, run_job
 from .journal import Database
 from .nodelock import NodeLock
 from .position import Position
+from .retention import Pins, Retainer, RetentionPolicy
 from .session import (
     BUSY,
     LeaderSession,
     NoRequest,
     Refuse,
     ServeFeedback,
+    ServeSnapshot,
     ServeSub,
     ServeSync,
 )
@@ -60,6 +63,7 @@ log = logging.getLogger("hctserver")
 
 _SEND_CHUNK = 1 << 20
 _SYNC_ROWS = 2048  # rows read per short read transaction of a SYNC reply
+_PIN_AFTER_SYNC = 30.0  # seconds the journal after a SYNC reply's end stays pinned
 _MIN_EVICT_AGE = 0.5  # a connection that has not sent its request in this long may be cut
 
 
@@ -204,6 +208,10 @@ class Leader:
         flush_timeout: float = 3.0,
         feedback: bool = True,
         max_feedback: int = 64,
+        snapshots: bool = True,
+        max_snapshots: int = 2,
+        retention: RetentionPolicy | None = None,
+        retain_interval: float = 1.0,
         trace: Trace | None = None,
         transport: Transport | None = None,
     ) -> None:
@@ -257,6 +265,22 @@ class Leader:
         self.followers = FollowerTable(self.clock)
         self._feedback = feedback
         self._hub = FeedbackHub(self.followers, lambda: self.clock.newest, max_feedback)
+        self.pins = Pins()  # what the journal must keep for requests in progress
+        self._snapshots_on = snapshots
+        self.snapshot_server = SnapshotServer(
+            db,
+            self.pins,
+            max_snapshots=max_snapshots,
+            request_timeout=request_timeout,
+            send_timeout=send_timeout,
+        )
+        self.retainer = Retainer(
+            db,
+            retention if retention is not None else RetentionPolicy(),
+            self.pins,
+            self.followers.needs,
+            retain_interval,
+        )
 
     # --- what the rules see (session.LeaderView) -------------------------------------
 
@@ -282,6 +306,10 @@ class Leader:
     @property
     def feedback(self) -> bool:
         return self._feedback
+
+    @property
+    def snapshots(self) -> bool:
+        return self._snapshots_on
 
     def live_subscribers(self, job: int) -> int:
         return sum(1 for s in self._subs[job] if not s.dead)
@@ -341,6 +369,7 @@ class Leader:
         if self.background_checkpoint:
             self._checkpointer.take_over()  # before the jobs' connections open
         self.port = self._listener.port
+        clean_temp(db.path)
         self.start_cid = db.snapshot()
         self.clock.note(self.start_cid)
         g = self.group
@@ -357,6 +386,8 @@ class Leader:
         self._named["others"] = g.spawn(
             "hct-others", others.run, stop, self.poll_interval, on_stop=others.wake
         )
+        if self.retainer.policy.active:
+            self._named["retention"] = g.spawn("hct-retention", self.retainer.run, stop)
         if self._feedback:
             self._named["feedback"] = g.spawn(
                 "hct-feedback", self._hub.run, stop, on_stop=self._hub.wake
@@ -561,6 +592,9 @@ class Leader:
                 self._serve_sync(conn, action)
             elif isinstance(action, ServeSub):
                 keep = True
+            elif isinstance(action, ServeSnapshot):
+                replying = True
+                self.snapshot_server.serve(conn)
             elif isinstance(action, ServeFeedback):
                 self._hub.accept(conn, self.request_timeout, self.db.snapshot())
                 keep = True
@@ -636,6 +670,7 @@ class Leader:
         n = 0
         buf = bytearray()
         reader = JournalReader(self.db)
+        pin = self.pins.hold(after, f"SYNC from {conn.peer}")  # retention keeps what we send
         try:
             upto = reader.newest()
             while after < upto:
@@ -659,8 +694,11 @@ class Leader:
                     conn.send_all(buf, self.send_timeout)
                     self.sync_bytes += len(buf)
                     buf.clear()
+                    self.pins.move(pin, after)
         finally:
             reader.close()
+            # the follower's final SYNC comes from about here: keep it a while
+            self.pins.release(pin, _PIN_AFTER_SYNC)
         buf += wire.END_OF_ENTRIES
         conn.send_all(buf, self.send_timeout)
         conn.shutdown_write()

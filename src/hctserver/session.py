@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import feedback, wire
+from . import bootstrap, feedback, wire
 from .errors import (
     HctError,
     IncompatibleError,
@@ -62,6 +62,11 @@ class LeaderView(Protocol):
         """Does this leader take feedback channels (the extension's probe)?"""
         ...
 
+    @property
+    def snapshots(self) -> bool:
+        """Does this leader send snapshots (the bootstrap extension)?"""
+        ...
+
 
 @dataclass(frozen=True)
 class Refuse:
@@ -97,11 +102,17 @@ class ServeFeedback:
 
 
 @dataclass(frozen=True)
+class ServeSnapshot:
+    """The bootstrap extension's request: OFFER, read WANT, then a snapshot
+    or a refusal (:mod:`hctserver.bootstrap`)."""
+
+
+@dataclass(frozen=True)
 class NoRequest:
     """The peer closed without asking anything: just close."""
 
 
-LeaderAction = Refuse | ServeSync | ServeSub | ServeFeedback | NoRequest
+LeaderAction = Refuse | ServeSync | ServeSub | ServeFeedback | ServeSnapshot | NoRequest
 Request = wire.SyncRequest | wire.SubRequest
 
 
@@ -153,6 +164,11 @@ class LeaderSession:
                 # answered as the original answers it, counted apart
                 why = "a feedback probe (feedback is off)"
                 return Refuse(wire.INCOMPATIBLE, "feedback-off", why)
+            if bootstrap.is_request(req.cid, req.hash):
+                if v.snapshots:
+                    return ServeSnapshot()
+                why = "a snapshot request (snapshots are off)"
+                return Refuse(wire.INCOMPATIBLE, "snapshots-off", why)
             snap = v.position()
             if req.cid > snap.cid:
                 return Refuse(
@@ -201,6 +217,7 @@ def leader_error(message: str) -> PeerError:
 class Phase(enum.Enum):
     IDLE = "idle"
     CATCHING_UP = "catching up"  # SYNC and apply the reply (step 2)
+    BOOTSTRAPPING = "bootstrapping"  # the leader cannot serve our position: a snapshot
     SUBSCRIBING = "subscribing"  # SUB to every job (step 4)
     FINAL_SYNC = "final sync"  # SYNC for what came between (step 5)
     STREAMING = "streaming"  # apply the streams (step 6)
@@ -252,12 +269,26 @@ class StopRequested:
 
 
 @dataclass(frozen=True)
+class Bootstrapped:
+    """A snapshot from the leader was installed: the position is ``cid``."""
+
+    cid: int
+
+
+@dataclass(frozen=True)
 class HoleSeen:
     """Entries wait above a hole that the streams have not filled for a while."""
 
 
 FollowerEvent = (
-    SyncDone | Subscribed | StreamEnded | RequestFailed | BackoffOver | StopRequested | HoleSeen
+    SyncDone
+    | Subscribed
+    | StreamEnded
+    | RequestFailed
+    | BackoffOver
+    | StopRequested
+    | HoleSeen
+    | Bootstrapped
 )
 
 
@@ -275,6 +306,11 @@ class Sync:
 class Subscribe:
     job: int
     again: bool = False  # a stream of this job ended; this replaces it
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """Ask the leader for a snapshot and install it (the bootstrap extension)."""
 
 
 @dataclass(frozen=True)
@@ -320,6 +356,7 @@ class Fail:
 
 FollowerAction = (
     Sync
+    | Bootstrap
     | Subscribe
     | Flush
     | StartStreaming
@@ -354,7 +391,10 @@ class FollowerSession:
     long as the follower runs. ``once``: the original's run, which ends when
     the leader closes its streams and stops accepting connections.
     Final errors (an incompatible history, a protocol violation) fail at once
-    in both modes.
+    in both modes. With ``bootstrap``, a catch-up SYNC that the leader
+    refuses (the position is below its baseline, or the history differs)
+    asks for a snapshot instead, once per catch-up; the leader decides
+    whether this follower may have one.
 
     The session keeps a plan: :meth:`next_action` gives its next step (None:
     wait for an event), :meth:`handle` tells it what happened and may
@@ -368,8 +408,13 @@ class FollowerSession:
         syncbytes: int = 0,
         retry: RetryPolicy | None = None,
         max_resubscribes: int = 20,
+        bootstrap: bool = True,
+        bootstrap_min: int = 10_000,
     ) -> None:
         self.once = once
+        self.bootstrap = bootstrap
+        self.bootstrap_min = bootstrap_min
+        self._bootstrapped = False
         self.syncbytes = syncbytes
         self.retry = retry or RetryPolicy()
         self.max_resubscribes = max_resubscribes
@@ -389,7 +434,18 @@ class FollowerSession:
     def next_action(self) -> FollowerAction | None:
         return self._plan.popleft() if self._plan else None
 
+    def bootstrap_first(self, empty: bool, behind: int) -> bool:
+        """At the start of a catch-up: should an ``empty`` follower that is
+        ``behind`` entries behind (-1: unknown) ask for a snapshot at once
+        rather than replay? Only when replay would be long. If so, the
+        caller does, and reports Bootstrapped or RequestFailed."""
+        if self.bootstrap and empty and behind > self.bootstrap_min:
+            self.phase = Phase.BOOTSTRAPPING
+            return True
+        return False
+
     def _catch_up(self) -> None:
+        self._bootstrapped = False
         self.phase = Phase.CATCHING_UP
         self._prev_bytes = 1 << 62
         self.subscribed = set()
@@ -408,6 +464,11 @@ class FollowerSession:
             self._stream_ended(ev)
         elif isinstance(ev, RequestFailed):
             self._failed(ev)
+        elif isinstance(ev, Bootstrapped):
+            if self.phase is Phase.BOOTSTRAPPING:
+                self._bootstrapped = True
+                self.phase = Phase.CATCHING_UP
+                self._plan.append(Sync(final=False))
         elif isinstance(ev, HoleSeen):
             if self.phase is Phase.STREAMING and not self._plan:
                 self._plan.append(Sync(final=True))  # ask for what the streams lost
@@ -470,6 +531,27 @@ class FollowerSession:
 
     def _failed(self, ev: RequestFailed) -> None:
         err = ev.error
+        if (
+            isinstance(err, IncompatibleError)
+            and ev.job is None
+            and self.phase is Phase.CATCHING_UP
+            and self.bootstrap
+            and not self._bootstrapped
+        ):
+            self.phase = Phase.BOOTSTRAPPING
+            self._plan.append(Bootstrap())
+            return
+        if (
+            isinstance(err, IncompatibleError)
+            and self._bootstrapped
+            and self.phase is Phase.CATCHING_UP
+            and not self.once
+        ):
+            self._lost(err)  # truncated past the snapshot at once: start over later
+            return
+        if self.phase is Phase.BOOTSTRAPPING and is_transient(err) and self.once:
+            self._end(Fail(err))
+            return
         if not is_transient(err):
             self._end(Fail(err))
         elif not self.once:

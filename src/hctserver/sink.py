@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,6 +214,21 @@ class Sink:
             finally:
                 self._flushing = False
             self._raise()
+
+    def replace_applier(self, change: Callable[[], None], make: Callable[[], Applier]) -> None:
+        """Run ``change`` (which replaces the database's contents) while the
+        apply thread is idle, then apply with a new applier from ``make``.
+        Call after :meth:`flush`, with nothing arriving."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._busy or self._closed)
+            self._items, self._count, self._bytes = [], 0, 0
+            old = self.applier
+            old.close()
+            try:
+                change()
+            finally:
+                self.applier = make()
+            self.arrivals = CommitClock()
 
     def close(self) -> None:
         """Stop: the apply thread ends, what it had not applied is dropped

@@ -496,8 +496,11 @@ class Store:
                 "UPDATE hct_baseline SET cid=?, schemacid=?, hash=?",
                 (newcid, max(bschema, sc or 0), vh),
             )
+            (size,) = fetchone(c, f"SELECT {_ROW_BYTES} FROM hct_journal WHERE cid<?", (min_cid,))
             c.execute("DELETE FROM hct_journal WHERE cid<?", (min_cid,))
             n: int = c.changes()
+        with self._status_lock:
+            self._totals.forget(bcid, newcid, n, size)
         return n
 
     # --- hooks and waiting ------------------------------------------------
@@ -594,6 +597,15 @@ class JournalTotals:
     def __init__(self) -> None:
         self._key = (-1, -1)  # (baseline cid, snapshot) the totals below cover
         self._rows = self._bytes = 0
+
+    def forget(self, baseline: int, new_baseline: int, rows: int, nbytes: int) -> None:
+        """Entries up to ``new_baseline`` were truncated (they were all
+        applied): take them off, if they were counted."""
+        base, upto = self._key
+        if base == baseline and upto >= new_baseline:
+            self._key = (new_baseline, upto)
+            self._rows -= rows
+            self._bytes -= nbytes
 
     def read(self, c: apsw.Connection, baseline: int, snapshot: int) -> tuple[int, int]:
         """Inside the caller's read transaction."""
