@@ -174,6 +174,10 @@ class Applier:
             return
         if row is None and e.cid > self._snapshot:
             return
+        if row is None:  # retention may have moved the baseline since we looked
+            self._baseline = self.db.baseline()[0]
+            if e.cid <= self._baseline:
+                return
         raise DivergenceError(
             f"cid {e.cid} is already in {self.db.path} with a different hash: this database"
             " and the leader have diverged; nothing was applied (re-seed the follower)"

@@ -23,7 +23,7 @@ import time
 
 from . import bootstrap, snapshot, wire
 from .errors import DiskFullError, HctError, TimedOutError
-from .retention import Pins
+from .retention import SNAPSHOT, Pins
 from .session import RETRY
 from .store import Store
 from .transport import Conn
@@ -32,10 +32,6 @@ log = logging.getLogger("hctserver")
 
 _CHUNK = 1 << 20
 PIN_AFTER_SEND = 120.0  # seconds a sent snapshot's position stays pinned
-
-
-def temp_pattern(db_path: str) -> str:
-    return f"{db_path}.hct-snap-*"
 
 
 def clean_temp(db_path: str) -> None:
@@ -147,7 +143,7 @@ class SnapshotServer:
             self._refuse(conn, f"the leader could not write a snapshot ({e}); {RETRY}", str(e))
             return
         built = time.monotonic() - t0
-        pin = self.pins.hold(info.cid, f"snapshot for {conn.peer}")
+        pin = self.pins.hold(info.cid, f"{SNAPSHOT} for {conn.peer}")
         try:
             with open(path, "rb") as f:
                 snapshot.remove_files(path)  # open: nothing to clean up later

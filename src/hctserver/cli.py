@@ -196,6 +196,19 @@ def _bounds(s: argparse.ArgumentParser, bounds: dict[str, Any], defaults: dict[s
         )
 
 
+def _retention(s: argparse.ArgumentParser) -> None:
+    policy = defaults_of(RetentionPolicy)
+    for flag, (key, kind, what) in RETENTION.items():
+        s.add_argument(
+            flag,
+            type=kind,
+            default=policy[key],
+            dest=f"retain_{key}",
+            metavar="S" if kind is _positive_float else "N",
+            help=f"journal retention: {what} (default {policy[key]:,})",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hctserver",
@@ -272,16 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("leader", help="serve a database to followers (until stopped)")
     node_opts(s, True)
     _bounds(s, LEADER_BOUNDS, defaults_of(Leader))
-    policy = defaults_of(RetentionPolicy)
-    for flag, (key, kind, what) in RETENTION.items():
-        s.add_argument(
-            flag,
-            type=kind,
-            default=policy[key],
-            dest=f"retain_{key}",
-            metavar="S" if kind is _positive_float else "N",
-            help=f"journal retention: {what} (default {policy[key]:,})",
-        )
+    _retention(s)
     s.add_argument(
         "--no-snapshots",
         action="store_true",
@@ -290,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("follower", help="follow a leader (until stopped)")
     node_opts(s, False)
     _bounds(s, FOLLOWER_BOUNDS, defaults_of(Follower))
+    _retention(s)
     s.add_argument(
         "--once",
         action="store_true",
@@ -454,9 +459,9 @@ def _node(a: argparse.Namespace, follower: bool) -> Node:
         node.extra["bootstrap_min"] = a.bootstrap_min
     else:
         node.extra["snapshots"] = not a.no_snapshots
-        node.extra["retention"] = RetentionPolicy(
-            **{key: getattr(a, f"retain_{key}") for key, _, _ in RETENTION.values()}
-        )
+    node.extra["retention"] = RetentionPolicy(
+        **{key: getattr(a, f"retain_{key}") for key, _, _ in RETENTION.values()}
+    )
     for j in a.job:
         node.job(j)
     return node

@@ -44,6 +44,7 @@ from .journal import Database
 from .nodelock import NodeLock
 from .position import Entry, chain
 from .reporter import Reporter
+from .retention import Pins, Retainer, RetentionPolicy
 from .session import (
     Backoff,
     BackoffOver,
@@ -256,6 +257,8 @@ class Follower:
         bootstrap_min: int = 10_000,
         reseed: bool = False,
         max_snapshot_bytes: int = bootclient.MAX_SNAPSHOT_BYTES,
+        retention: RetentionPolicy | None = None,
+        retain_interval: float = 1.0,
         name: str | None = None,
         trace: Trace | None = None,
         transport: Transport | None = None,
@@ -298,6 +301,14 @@ class Follower:
             raise ConfigError(f"bootstrap_min must be >= 0, not {bootstrap_min}")
         self.reseed = reseed
         self.max_snapshot_bytes = max_snapshot_bytes
+        # the same journal retention as a leader's; no one SYNCs from a follower
+        self.retainer = Retainer(
+            db,
+            retention if retention is not None else RetentionPolicy(),
+            Pins(),
+            list,
+            retain_interval,
+        )
         self.bootstraps = 0
         self.session = FollowerSession(
             once=once,
@@ -363,6 +374,8 @@ class Follower:
         g.spawn("hct-watchdog", watch, db, stop, self.watch_interval)
         if self.background_checkpoint:
             g.spawn("hct-checkpoint", self._checkpointer.run, stop)
+        if self.retainer.policy.active:
+            g.spawn("hct-retention", self.retainer.run, stop)
         g.spawn("hct-apply", sink.work, on_stop=sink.close)
         g.spawn("hct-sub-reader", streams.run, stop, on_stop=streams.wake)
         if self.feedback:

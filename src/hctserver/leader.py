@@ -63,7 +63,7 @@ log = logging.getLogger("hctserver")
 
 _SEND_CHUNK = 1 << 20
 _SYNC_ROWS = 2048  # rows read per short read transaction of a SYNC reply
-_PIN_AFTER_SYNC = 30.0  # seconds the journal after a SYNC reply's end stays pinned
+_PIN_AFTER_SYNC = 2.0  # seconds the journal after a SYNC reply's end stays pinned
 _MIN_EVICT_AGE = 0.5  # a connection that has not sent its request in this long may be cut
 
 
@@ -671,6 +671,7 @@ class Leader:
         buf = bytearray()
         reader = JournalReader(self.db)
         pin = self.pins.hold(after, f"SYNC from {conn.peer}")  # retention keeps what we send
+        self.pins.settle(after)  # a follower that installed a snapshot at ``after`` is here
         try:
             upto = reader.newest()
             while after < upto:
@@ -697,7 +698,8 @@ class Leader:
                     self.pins.move(pin, after)
         finally:
             reader.close()
-            # the follower's final SYNC comes from about here: keep it a while
+            # the follower's final SYNC comes from where this reply ends: keep that a while
+            self.pins.move(pin, after)
             self.pins.release(pin, _PIN_AFTER_SYNC)
         buf += wire.END_OF_ENTRIES
         conn.send_all(buf, self.send_timeout)

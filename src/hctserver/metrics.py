@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 log = logging.getLogger("hctserver")
 
-STATES = ("connecting", "catching up", "streaming", "backing off", "stopped")
+STATES = ("connecting", "catching up", "bootstrapping", "streaming", "backing off", "stopped")
 
 Status = Callable[[], dict[str, Any]]
 
@@ -86,6 +86,19 @@ class NodeCollector(Collector):
             doc["sent_bytes"],
         )
         yield _counter("hctserver_syncs_served", "SYNC requests answered", doc["syncs_served"])
+        yield _counter(
+            "hctserver_snapshots_sent", "Snapshots sent to followers", doc["snapshots"]["served"]
+        )
+        yield _counter(
+            "hctserver_journal_truncated_entries",
+            "Journal entries removed by retention",
+            doc["retention"]["truncated_entries"],
+        )
+        yield _counter(
+            "hctserver_journal_forced_cuts",
+            "Retention cuts past what a connected follower needed (the hard cap)",
+            doc["retention"]["forced_cuts"],
+        )
         yield _counter(
             "hctserver_dropped_subscribers",
             "Subscribers dropped (too slow, stalled, gone)",
@@ -149,6 +162,9 @@ class NodeCollector(Collector):
         for s in STATES:
             state.add_metric([s], 1 if doc["state"] == s else 0)
         yield state
+        yield _counter(
+            "hctserver_bootstraps", "Snapshots from the leader installed", doc["bootstraps"]
+        )
         yield _counter(
             "hctserver_applied_entries",
             "Entries applied since the follower started",

@@ -31,6 +31,7 @@ from .store import Store
 log = logging.getLogger("hctserver")
 
 STEP_ROWS = 10_000  # rows deleted per write transaction
+SNAPSHOT = "snapshot"  # how a pin for a snapshot sent is named (Pins.settle)
 _ROW_BYTES = "length(CAST(schema AS BLOB))+length(data)"
 
 
@@ -92,6 +93,15 @@ class Pins:
                 t = time.monotonic() if now is None else now
                 self._pins[token] = (cid, who, t + grace)
 
+    def settle(self, cid: int) -> None:
+        """A SYNC from ``cid`` arrived: a snapshot sent at ``cid`` has been
+        installed, and that SYNC pins what it needs itself."""
+        with self._lock:
+            for token in [
+                k for k, (c, who, _) in self._pins.items() if c == cid and who.startswith(SNAPSHOT)
+            ]:
+                del self._pins[token]
+
     def held(self, now: float | None = None) -> list[tuple[int, str]]:
         """(cid, who) of every pin still held."""
         t = time.monotonic() if now is None else now
@@ -133,6 +143,8 @@ def plan(
     if policy.bytes and total_bytes > policy.bytes:
         soft = max(soft, cid_for_bytes(total_bytes - policy.bytes))
     cut = soft
+    # a need below the baseline cannot be met any more (that follower bootstraps)
+    needs = [(cid, who) for cid, who in needs if cid >= baseline]
     if needs:
         cut = min(cut, min(cid for cid, _ in needs) + 1)
     forced = False

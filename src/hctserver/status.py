@@ -102,9 +102,25 @@ def leader_status(leader: Leader) -> dict[str, Any]:
             "dropped_subscribers": leader.dropped,
             "refused": dict(leader.refused_by),
             "followers": followers,
+            "snapshots": leader.snapshot_server.stats(),
+            "retention": retention_status(leader),
         }
     )
     return doc
+
+
+def retention_status(leader: Leader) -> dict[str, Any]:
+    r = leader.retainer
+    p = r.policy
+    return {
+        "retain_cids": p.cids,
+        "retain_bytes": p.bytes,
+        "retain_seconds": p.seconds,
+        "retain_max_bytes": p.max_bytes,
+        "truncated_entries": r.truncated,
+        "forced_cuts": r.forced,
+        "pins": [{"cid": cid, "for": who} for cid, who in sorted(leader.pins.held())],
+    }
 
 
 _STATES = {
@@ -113,6 +129,7 @@ _STATES = {
     "subscribe": "catching up",
     "stream": "streaming",
     "backoff": "backing off",
+    "bootstrap": "bootstrapping",
     "done": "stopped",
 }
 
@@ -173,6 +190,7 @@ def follower_status(follower: Follower) -> dict[str, Any]:
             "reconnects": st.reconnects,
             "resubscribes": st.resubscribes,
             "disk_full": st.disk_full,
+            "bootstraps": follower.bootstraps,
             "feedback": {"active": view.follower_id > 0, "follower_id": view.follower_id or None},
         }
     )
