@@ -116,7 +116,7 @@ def test_2_a_follower_killed_anywhere_in_its_snapshot_install_is_old_or_new(tmp_
         assert _state(fp) == after
         seed = random.randrange(1 << 30)
         # eleven random points, and the last (after the install's commit: new)
-        picks = sorted(random.Random(seed).sample(range(1, points), 11)) + [points]
+        picks = [*sorted(random.Random(seed).sample(range(1, points), 11)), points]
         seen = {"old": 0, "new": 0}
         for n in picks:
             for suffix in ("", "-wal", "-shm"):
@@ -214,6 +214,22 @@ def test_backup_writes_a_snapshot_that_seeds_a_follower(tmp_path) -> None:
     assert_identical(lp, out)
 
 
+def test_an_empty_follower_replays_when_the_leader_sends_no_snapshots(tmp_path) -> None:
+    lp, fp = str(tmp_path / "l.db"), str(tmp_path / "f.db")
+    init_db(lp, 12_000)  # more than bootstrap_min: it asks first
+    leader = leader_node(lp, [], snapshots=False)
+    try:
+        f = follower_node(fp, leader.port)
+        wait_until(lambda: f.runner.stats.phase == "stream", 60, "streaming")
+        assert f.runner.bootstraps == 0
+    finally:
+        leader.close()
+    f.wait(60)
+    f.close()
+    assert_identical(lp, fp)
+    assert Database(fp, init=False).baseline()[0] == 0  # the whole journal, replayed
+
+
 def test_backup_of_a_missing_file_is_a_clear_error(tmp_path) -> None:
     done = subprocess.run(
         [*HCT, "backup", str(tmp_path / "nope.db"), str(tmp_path / "o.db")],
@@ -222,6 +238,11 @@ def test_backup_of_a_missing_file_is_a_clear_error(tmp_path) -> None:
     )
     assert done.returncode == 3 and "no such database" in done.stderr
     assert not os.path.exists(tmp_path / "o.db")
+    lp = str(tmp_path / "l.db")
+    init_db(lp, 10)
+    done = subprocess.run([*HCT, "backup", lp, lp], capture_output=True, text=True)
+    assert done.returncode == 2 and "the database itself" in done.stderr
+    assert snapshot_of(lp) == 11
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hctserver import Database, feedback, wire
+from hctserver import Database, bootstrap, feedback, wire
 from hctserver.followers import CommitClock, FollowerTable
 from hctserver.session import LeaderSession, ServeFeedback, ServeSub
 
@@ -306,8 +306,9 @@ REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
 
 def test_the_probe_against_the_original_c_leader(tmp_path) -> None:
-    """The real C leader answers the feedback probe as any SYNC it cannot
-    match, and goes on serving: the extension costs it nothing."""
+    """The real C leader answers the feedback probe, and the bootstrap
+    extension's request, as any SYNC it cannot match, and goes on serving:
+    the extensions cost it nothing."""
     fixture = REFERENCE / "testfixture"
     if not os.access(fixture, os.X_OK):
         pytest.skip("the original C system is not built here (../shared/reference)")
@@ -338,6 +339,7 @@ def test_the_probe_against_the_original_c_leader(tmp_path) -> None:
         wait_until(lambda: got.append(answer(probe)) or bool(got[-1]), timeout=30, what="C up")
         assert got[-1] == wire.encode_error(wire.INCOMPATIBLE)
         assert answer(probe) == wire.encode_error(wire.INCOMPATIBLE)  # still serving
+        assert answer(bootstrap.encode_request()) == wire.encode_error(wire.INCOMPATIBLE)
         assert c.poll() is None, procs.stdout(c) + procs.stderr(c)
         c.kill()
 

@@ -18,6 +18,7 @@ from hctserver.errors import (
     ConnectionLostError,
     IncompatibleError,
     LeaderBusyError,
+    NoSnapshotsError,
     PeerError,
     ProtocolError,
     SizeLimitError,
@@ -598,6 +599,20 @@ def test_an_empty_follower_bootstraps_first_only_when_replay_would_be_long() -> 
     assert s.bootstrap_first(True, 101) and s.phase is Phase.BOOTSTRAPPING
     s.handle(Bootstrapped(500))
     assert s.next_action() == Sync(final=False) and s.phase is Phase.CATCHING_UP
+
+
+def test_an_empty_follower_replays_after_all_when_the_leader_sends_no_snapshots() -> None:
+    s = FollowerSession(bootstrap_min=100)
+    s.start()
+    assert s.next_action() == Sync(final=False)
+    assert s.bootstrap_first(True, 1000)
+    s.handle(RequestFailed(None, NoSnapshotsError("no snapshots here")))
+    assert s.next_action() == Sync(final=False) and s.phase is Phase.CATCHING_UP
+    s.handle(RequestFailed(None, IncompatibleError("below the baseline")))
+    assert s.next_action() == Bootstrap()  # once more, as for any refused SYNC
+    s.handle(RequestFailed(None, NoSnapshotsError("no snapshots here")))
+    act = s.next_action()
+    assert isinstance(act, Fail) and isinstance(act.error, NoSnapshotsError)
 
 
 def test_the_bootstrap_decoder_checks_types_and_sizes() -> None:

@@ -20,6 +20,7 @@ from .errors import (
     ConnectionLostError,
     DiskFullError,
     IncompatibleError,
+    NoSnapshotsError,
     ProtocolError,
     SizeLimitError,
     TimedOutError,
@@ -48,7 +49,7 @@ def fetch(
     offer = reader.next(frozenset({bootstrap.OFFER, wire.ERROR}))
     if isinstance(offer, wire.ErrorReply):
         if offer.message == wire.INCOMPATIBLE:
-            raise IncompatibleError(
+            raise NoSnapshotsError(
                 "error from leader: incompatible database version, and it sends no"
                 " snapshots (an original C leader, or one run with --no-snapshots): re-seed"
                 " this follower from an empty file, or start the leader with snapshots on"

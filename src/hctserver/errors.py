@@ -141,6 +141,10 @@ class IncompatibleError(PeerError):
     """The leader refused our position: "incompatible database version"."""
 
 
+class NoSnapshotsError(IncompatibleError):
+    """The leader sends no snapshots (the original, or ``--no-snapshots``)."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when retrying later may succeed."""
     return isinstance(exc, TransientError)

@@ -30,7 +30,7 @@ from .store import Store
 
 log = logging.getLogger("hctserver")
 
-STEP_ROWS = 10_000  # rows deleted per write transaction
+STEP_ROWS = 5_000  # rows deleted per write transaction
 SNAPSHOT = "snapshot"  # how a pin for a snapshot sent is named (Pins.settle)
 _ROW_BYTES = "length(CAST(schema AS BLOB))+length(data)"
 
@@ -249,6 +249,8 @@ class Retainer:
         removed = 0
         lo = baseline + 1
         while lo < cut.min_cid and not (stop is not None and stop.is_set()):
+            if self.db.checkpoint_wanted:
+                break  # the checkpointer waits for the writer lock: the next pass goes on
             step = min(cut.min_cid, lo + STEP_ROWS)
             with self.db.share:  # as a writer: in line with this process's commits
                 removed += self.db.truncate(step)

@@ -24,6 +24,7 @@ from .errors import (
     HctError,
     IncompatibleError,
     LeaderBusyError,
+    NoSnapshotsError,
     PeerError,
     ProtocolError,
     is_transient,
@@ -415,6 +416,7 @@ class FollowerSession:
         self.bootstrap = bootstrap
         self.bootstrap_min = bootstrap_min
         self._bootstrapped = False
+        self._first = False  # bootstrapping before any SYNC (bootstrap_first)
         self.syncbytes = syncbytes
         self.retry = retry or RetryPolicy()
         self.max_resubscribes = max_resubscribes
@@ -441,11 +443,12 @@ class FollowerSession:
         caller does, and reports Bootstrapped or RequestFailed."""
         if self.bootstrap and empty and behind > self.bootstrap_min:
             self.phase = Phase.BOOTSTRAPPING
+            self._first = True
             return True
         return False
 
     def _catch_up(self) -> None:
-        self._bootstrapped = False
+        self._bootstrapped = self._first = False
         self.phase = Phase.CATCHING_UP
         self._prev_bytes = 1 << 62
         self.subscribed = set()
@@ -466,7 +469,7 @@ class FollowerSession:
             self._failed(ev)
         elif isinstance(ev, Bootstrapped):
             if self.phase is Phase.BOOTSTRAPPING:
-                self._bootstrapped = True
+                self._bootstrapped, self._first = True, False
                 self.phase = Phase.CATCHING_UP
                 self._plan.append(Sync(final=False))
         elif isinstance(ev, HoleSeen):
@@ -540,6 +543,11 @@ class FollowerSession:
         ):
             self.phase = Phase.BOOTSTRAPPING
             self._plan.append(Bootstrap())
+            return
+        if isinstance(err, NoSnapshotsError) and self._first:
+            self._first = False  # no snapshot to be had: replay after all
+            self.phase = Phase.CATCHING_UP
+            self._plan.append(Sync(final=False))
             return
         if (
             isinstance(err, IncompatibleError)

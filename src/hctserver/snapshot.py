@@ -34,7 +34,7 @@ from typing import Any
 import apsw
 
 from . import faults, guard
-from .errors import DiskFullError, JournalError, ProtocolError
+from .errors import ConfigError, DiskFullError, JournalError, ProtocolError
 from .policy import SchemaPolicy
 from .sqlutil import fetchall, fetchone, quote_ident
 from .store import Store
@@ -125,6 +125,8 @@ def fsync_dir(path: str) -> None:
 def make(db: Store, out: str, *, role: str | None = None) -> SnapshotInfo:
     """Write a snapshot of ``db`` to ``out`` (replaced if it exists; written
     under a temporary name and renamed, so ``out`` is whole or absent)."""
+    if os.path.abspath(out) == db.path:
+        raise ConfigError(f"{out} is the database itself: write the snapshot to another file")
     tmp = out + ".part"
     remove_files(tmp)
     try:
