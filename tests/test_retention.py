@@ -20,7 +20,7 @@ from helpers import wait_until
 from nodes import assert_identical, init_db, leader_node, snapshot_of
 from procs import Procs, processes, stop, wal_size
 
-WAL_BOUND = 128 << 20  # docs/OPERATIONS.md
+WAL_BOUND = 256 << 20  # docs/JOURNAL.md, "Retention"
 
 
 def _plan(policy: RetentionPolicy, **kw: object) -> Cut | None:
@@ -242,9 +242,9 @@ def test_soak_two_writers_with_retention_and_followers_that_stop(
         f" leader file {os.path.getsize(lp) / 2**20:.0f} MiB"
     )
     assert truncated > 0
-    # docs/OPERATIONS.md: the limit, plus the commits of about one retention pass (1 s)
+    # docs/JOURNAL.md: the limit, plus about five seconds of commits
     rate = final / (time.monotonic() - t0)
-    assert peaks["journal"] <= limit_cids + 2 * rate, (peaks, rate)
+    assert peaks["journal"] <= limit_cids + 5 * rate, (peaks, rate)
     assert peaks["wal"] < WAL_BOUND and peaks["fwal"] < WAL_BOUND, peaks
     assert re.search(r"sent \S+ its snapshot", log)
     assert_identical(lp, *fps)

@@ -330,40 +330,33 @@ def _idle(db: Any, timeout: Timeout) -> None:
 
 
 def catchup(leader_path: str, tmp: str, syncthreads: int) -> dict[str, float]:
-    leader, db = _serve(leader_path)
-    try:
-        target = db.snapshot()
-        fp = os.path.join(tmp, f"catchup-{syncthreads}.db")
-        ch = _spawn(fp, leader.port, syncthreads=syncthreads, target=target)
-        out, _ = ch.communicate(timeout=3600)
-        res: dict[str, float] = json.loads(out.strip().splitlines()[-1])
-        if res["snapshot"] < target:
-            raise RuntimeError(f"catch-up stopped at {res['snapshot']} of {target}")
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(fp + suffix):
-                os.remove(fp + suffix)
-        return res
-    finally:
-        leader.timeout.expire()
-        leader.wait()
-        db.close()
+    """An empty follower of the leader at ``leader_path``, by replay."""
+    return _follow(leader_path, os.path.join(tmp, f"catchup-{syncthreads}.db"), syncthreads)
 
 
 def bootstrap(leader_path: str, tmp: str) -> dict[str, float]:
     """An empty follower of the same leader, from a snapshot instead of by
     replay: entries it covers per second, and its peak memory."""
+    res = _follow(leader_path, os.path.join(tmp, "bootstrap.db"), 1, bootstrap=True)
+    if not res["bootstraps"]:
+        raise RuntimeError("the follower caught up without a snapshot")
+    return res
+
+
+def _follow(
+    leader_path: str, fp: str, syncthreads: int, bootstrap: bool = False
+) -> dict[str, float]:
+    """Serve ``leader_path``; a follower process catches up into ``fp``
+    (then removed); what it measured, and ``bytes``: its file's size."""
     leader, db = _serve(leader_path)
     try:
         target = db.snapshot()
-        fp = os.path.join(tmp, "bootstrap.db")
-        ch = _spawn(fp, leader.port, target=target, bootstrap=True)
+        ch = _spawn(fp, leader.port, syncthreads=syncthreads, target=target, bootstrap=bootstrap)
         out, _ = ch.communicate(timeout=3600)
         res: dict[str, float] = json.loads(out.strip().splitlines()[-1])
-        if res["snapshot"] < target or not res["bootstraps"]:
-            raise RuntimeError(
-                f"bootstrap reached {res['snapshot']} of {target} without a snapshot"
-            )
-        res["bytes"] = os.path.getsize(fp)
+        if res["snapshot"] < target:
+            raise RuntimeError(f"catch-up stopped at {res['snapshot']} of {target}")
+        res["file_bytes"] = os.path.getsize(fp)
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(fp + suffix):
                 os.remove(fp + suffix)
@@ -618,7 +611,7 @@ def run_bench(quick: bool = False, json_path: str | None = None, entries: int | 
         boot = bootstrap(big, tmp)
         r["bootstrap_seconds"] = boot["seconds"]
         r["bootstrap_entries_equiv_per_s"] = boot["snapshot"] / boot["seconds"]
-        r["bootstrap_bytes"] = boot["bytes"]
+        r["bootstrap_bytes"] = boot["file_bytes"]
         r["bootstrap_peak_rss_mb"] = boot["rss_mb"]
         r["bootstrap_speedup"] = r["bootstrap_entries_equiv_per_s"] / r["catchup_entries_per_s"]
         _say(
