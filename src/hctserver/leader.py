@@ -56,7 +56,7 @@ from .store import JournalReader, Mode
 from .streamer import Streamer, Subscriber
 from .tasks import Task, TaskGroup
 from .trace import Trace
-from .transport import TCP, Conn, Listener, Transport, Waker
+from .transport import TCP, Conn, Listener, Transport, Waker, is_loopback
 from .watchdog import watch
 
 log = logging.getLogger("hctserver")
@@ -414,6 +414,14 @@ class Leader:
         log.info(
             "leader on %s:%d: %d jobs, cid %d", self.host, self.port, len(self.jobs), db.snapshot()
         )
+        if not is_loopback(self.host):
+            log.warning(
+                "listening on %s:%d, beyond this machine, with no TLS and no authentication:"
+                " anyone who can reach this port can read the whole database"
+                " (docs/SECURITY.md); listen on loopback or a private network",
+                self.host,
+                self.port,
+            )
         self.trace("listening on %s:%d with %d jobs", self.host, self.port, len(self.jobs))
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import itertools
 import os
 import queue
@@ -283,6 +284,20 @@ def _connect(sock: socket.socket, addr: Any, timeout: float, cancel: Waker | Non
 
 
 TCP = TcpTransport()
+
+
+def is_loopback(host: str) -> bool:
+    """Is ``host`` reachable from this machine only (a name counts if every
+    address it resolves to is)?"""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
 class _MemoryListener(Listener):
