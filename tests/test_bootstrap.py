@@ -7,13 +7,16 @@ import os
 import random
 import re
 import shutil
+import socket
+import struct
 import subprocess
 import threading
+import time
 
 import apsw
 import pytest
 
-from hctserver import Database, snapshot
+from hctserver import Database, bootstrap, snapshot, wire
 
 import dbdump
 from helpers import replay, wait_until
@@ -228,6 +231,38 @@ def test_an_empty_follower_replays_when_the_leader_sends_no_snapshots(tmp_path) 
     f.close()
     assert_identical(lp, fp)
     assert Database(fp, init=False).baseline()[0] == 0  # the whole journal, replayed
+
+
+def test_a_bad_or_silent_snapshot_request_is_refused_and_the_leader_serves_on(
+    tmp_path,
+) -> None:
+    lp = str(tmp_path / "l.db")
+    init_db(lp, 20)
+    leader = leader_node(lp, [], request_timeout=0.5)
+
+    def ask(then: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", leader.port), timeout=5) as s:
+            s.sendall(bootstrap.encode_request())
+            offer = s.recv(28)
+            assert struct.unpack_from("<ii", offer) == (bootstrap.OFFER, 20)
+            s.sendall(then)
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            return out
+
+    try:
+        garbage = ask(struct.pack("<ii", 99, 4) + b"junk")
+        assert struct.unpack_from("<i", garbage)[0] == wire.ERROR
+        assert b"bad snapshot request: unexpected bootstrap message type 99" in garbage
+        t0 = time.monotonic()
+        assert ask(b"") == b""  # silent: cut off at the request deadline
+        assert time.monotonic() - t0 < 3
+        ok = ask(bootstrap.encode_want(0, bytes(16), False))
+        assert struct.unpack_from("<i", ok)[0] == bootstrap.HEAD  # and it serves on
+        assert leader.runner.snapshot_server.stats()["refused"] == 1
+    finally:
+        leader.close()
 
 
 def test_backup_of_a_missing_file_is_a_clear_error(tmp_path) -> None:

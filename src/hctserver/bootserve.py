@@ -22,7 +22,7 @@ import threading
 import time
 
 from . import bootstrap, snapshot, wire
-from .errors import DiskFullError, HctError, TimedOutError
+from .errors import DiskFullError, HctError, ProtocolError, TimedOutError
 from .retention import SNAPSHOT, Pins
 from .session import RETRY
 from .store import Store
@@ -79,7 +79,11 @@ class SnapshotServer:
         db = self.db
         baseline = db.baseline()[0]
         conn.send_all(bootstrap.encode_offer(baseline, db.snapshot()), self.send_timeout)
-        want = self._read_want(conn)
+        try:
+            want = self._read_want(conn)
+        except ProtocolError as e:
+            self._refuse(conn, f"bad snapshot request: {e}", f"a bad snapshot request: {e}")
+            return
         newest = db.snapshot()
         verdict = bootstrap.verdict(want, db.baseline()[0], newest, db.hash_at(want.cid))
         if verdict is None:
