@@ -72,6 +72,9 @@ def test_1_new_and_behind_followers_bootstrap_from_a_truncated_leader(tmp_path) 
             f.wait(60)
             f.close()
     assert_identical(lp, f_empty, f_100)  # rows, schema, position, journal after the snapshot
+    # below the baseline, the leader cannot vouch for the old history: it is kept
+    assert _position(f_100 + ".before-bootstrap")[0] == 100
+    assert not os.path.exists(f_empty + ".before-bootstrap")  # nothing to keep
     for fp in (f_empty, f_100):
         db = Database(fp, init=False)
         assert db.check_journal() is None

@@ -601,6 +601,23 @@ def test_an_empty_follower_bootstraps_first_only_when_replay_would_be_long() -> 
     assert s.next_action() == Sync(final=False) and s.phase is Phase.CATCHING_UP
 
 
+def test_a_sync_refused_while_streaming_starts_over_and_so_bootstraps() -> None:
+    leader = leader_with(5)
+    leader.snapshots = True
+    h = Harness(leader, FollowerSession(retry=no_jitter()))
+    h.session.start()
+    h.run()
+    assert h.session.phase is Phase.STREAMING
+    h.session.handle(RequestFailed(None, IncompatibleError("truncated past us")))
+    h.run()
+    assert h.session.phase is Phase.BACKING_OFF and h.done is None
+    once = FollowerSession(once=True)
+    once.phase = Phase.STREAMING
+    once.handle(RequestFailed(None, IncompatibleError("truncated past us")))
+    act = once.next_action()
+    assert isinstance(act, Fail)  # the original's run: final, as before
+
+
 def test_an_empty_follower_replays_after_all_when_the_leader_sends_no_snapshots() -> None:
     s = FollowerSession(bootstrap_min=100)
     s.start()

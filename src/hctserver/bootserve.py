@@ -1,7 +1,8 @@
 """The leader's end of the bootstrap extension: decide, build, send.
 
 A snapshot is built (:func:`hctserver.snapshot.make`) into a file beside
-the database, from one short read transaction, and then sent from that
+the database, from one read transaction (as long as the copy of the rows),
+and then sent from that
 file: a follower that reads slowly holds up no checkpoint and no writer.
 The file is unlinked as soon as it is open for sending, so nothing is left
 behind, even by a crash (except a build in progress: cleaned at start).
@@ -18,6 +19,7 @@ import hashlib
 import itertools
 import logging
 import os
+import shutil
 import threading
 import time
 
@@ -136,47 +138,33 @@ class SnapshotServer:
         db = self.db
         path = f"{db.path}.hct-snap-{os.getpid()}-{next(self._names)}"
         t0 = time.monotonic()
+        # from before the build: the journal after the snapshot must outlive it
+        pin = self.pins.hold(db.snapshot(), f"{SNAPSHOT} for {conn.peer}")
+        size = 0
         try:
-            info = snapshot.make(db, path)
-        except HctError as e:
-            if isinstance(e, DiskFullError):
+            free = shutil.disk_usage(os.path.dirname(db.path) or ".").free
+            if free < os.path.getsize(db.path):  # a snapshot is at most the file's size
+                self._refuse(
+                    conn,
+                    f"the leader's disk has too little space for a snapshot; {RETRY}",
+                    f"{free} bytes free, less than the database's size",
+                )
+                return
+            try:
+                info = snapshot.make(db, path)
+            except DiskFullError as e:
                 self._refuse(conn, f"the leader's disk is full; {RETRY}", str(e))
                 return
-            raise
-        except OSError as e:
-            self._refuse(conn, f"the leader could not write a snapshot ({e}); {RETRY}", str(e))
-            return
-        built = time.monotonic() - t0
-        pin = self.pins.hold(info.cid, f"{SNAPSHOT} for {conn.peer}")
-        try:
-            with open(path, "rb") as f:
-                snapshot.remove_files(path)  # open: nothing to clean up later
-                size = os.fstat(f.fileno()).st_size
-                log.info(
-                    "sending %s a snapshot at cid %d (%d bytes, built in %.2f s; it is %s)",
-                    conn.peer,
-                    info.cid,
-                    size,
-                    built,
-                    bootstrap.VERDICTS[verdict],
-                )
-                conn.send_all(
-                    bootstrap.encode_head(info.cid, info.schemacid, info.hash, size, verdict),
-                    self.send_timeout,
-                )
-                digest = hashlib.sha256()
-                while True:
-                    chunk = f.read(_CHUNK)
-                    if not chunk:
-                        break
-                    digest.update(chunk)
-                    conn.send_all(bootstrap.data_header(len(chunk)) + chunk, self.send_timeout)
-                    with self._lock:
-                        self.bytes_sent += len(chunk) + 8
-                conn.send_all(bootstrap.encode_end(digest.digest()), self.send_timeout)
-                conn.shutdown_write()
+            except (OSError, HctError) as e:
+                self._refuse(conn, f"the leader could not make a snapshot ({e}); {RETRY}", str(e))
+                return
+            built = time.monotonic() - t0
+            self.pins.move(pin, info.cid)
+            size = self._stream(conn, path, info, verdict, built)
         finally:
-            self.pins.release(pin, PIN_AFTER_SEND)
+            # until its follower SYNCs from it (Pins.settle), or checked and installed
+            # it at a modest 10 MiB/s plus two minutes
+            self.pins.release(pin, PIN_AFTER_SEND + size / (10 << 20))
             snapshot.remove_files(path)
         with self._lock:
             self.served += 1
@@ -187,3 +175,35 @@ class SnapshotServer:
                 "seconds": round(time.monotonic() - t0, 3),
             }
         log.info("sent %s its snapshot at cid %d", conn.peer, info.cid)
+
+    def _stream(
+        self, conn: Conn, path: str, info: snapshot.SnapshotInfo, verdict: int, built: float
+    ) -> int:
+        """Send the snapshot file at ``path``; returns its size."""
+        with open(path, "rb") as f:
+            snapshot.remove_files(path)  # open: nothing to clean up later
+            size = os.fstat(f.fileno()).st_size
+            log.info(
+                "sending %s a snapshot at cid %d (%d bytes, built in %.2f s; it is %s)",
+                conn.peer,
+                info.cid,
+                size,
+                built,
+                bootstrap.VERDICTS[verdict],
+            )
+            conn.send_all(
+                bootstrap.encode_head(info.cid, info.schemacid, info.hash, size, verdict),
+                self.send_timeout,
+            )
+            digest = hashlib.sha256()
+            while True:
+                chunk = f.read(_CHUNK)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                conn.send_all(bootstrap.data_header(len(chunk)) + chunk, self.send_timeout)
+                with self._lock:
+                    self.bytes_sent += len(chunk) + 8
+            conn.send_all(bootstrap.encode_end(digest.digest()), self.send_timeout)
+            conn.shutdown_write()
+        return size

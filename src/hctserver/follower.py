@@ -699,7 +699,18 @@ class Follower:
         try:
             snapshot.check(path, head.cid, head.hash)
             aside = None
-            if head.verdict == bootstrap.DIVERGED:
+            if head.verdict == bootstrap.BELOW and pos.cid > 0:
+                # the leader cannot tell "behind" from "another history" below its
+                # baseline (an old leader's lone commits, say): keep what was here
+                aside = f"{self.db.path}.before-bootstrap"
+                log.warning(
+                    "this database (at cid %d) is below the leader's baseline; its old"
+                    " contents are kept in %s (replacing an older copy) before the snapshot"
+                    " is installed",
+                    pos.cid,
+                    aside,
+                )
+            elif head.verdict == bootstrap.DIVERGED:
                 aside = f"{self.db.path}.reseed-{time.strftime('%Y%m%dT%H%M%S')}"
                 log.warning(
                     "--reseed: this database's history differs from the leader's; its old"

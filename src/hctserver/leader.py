@@ -690,9 +690,12 @@ class Leader:
                 try:
                     while after < upto and len(buf) < _SEND_CHUNK:
                         rows = reader.raw_chunk(after, upto, _SYNC_ROWS)
-                        if not rows:
-                            upto = after  # truncated meanwhile: the follower sees the gap
-                            break
+                        if not rows or rows[0][0] != after + 1:
+                            # truncated under the reply (the hard cap): a gap is never
+                            # sent; the follower loses this reply and asks again
+                            raise ConnectionLostError(
+                                f"the journal after cid {after} was truncated during the reply"
+                            )
                         k, after = wire.frame_entries(buf, iter(rows), 1 << 62)
                         if not n:
                             self.trace("SYNC: first CID = %d", rows[0][0])

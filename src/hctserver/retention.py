@@ -97,10 +97,10 @@ class Pins:
         """A SYNC from ``cid`` arrived: a snapshot sent at ``cid`` has been
         installed, and that SYNC pins what it needs itself."""
         with self._lock:
-            for token in [
-                k for k, (c, who, _) in self._pins.items() if c == cid and who.startswith(SNAPSHOT)
-            ]:
-                del self._pins[token]
+            for token, (c, who, _) in self._pins.items():
+                if c == cid and who.startswith(SNAPSHOT):
+                    del self._pins[token]  # one follower's: others may still be installing
+                    return
 
     def held(self, now: float | None = None) -> list[tuple[int, str]]:
         """(cid, who) of every pin still held."""
@@ -252,6 +252,11 @@ class Retainer:
             if self.db.checkpoint_wanted:
                 break  # the checkpointer waits for the writer lock: the next pass goes on
             step = min(cut.min_cid, lo + STEP_ROWS)
+            if not cut.forced:  # a reply may have started since the plan: its pin holds
+                held = [cid for cid, _ in self.pins.held() if cid >= lo - 1]
+                step = min([step, *(cid + 1 for cid in held)])
+                if step <= lo:
+                    break
             with self.db.share:  # as a writer: in line with this process's commits
                 removed += self.db.truncate(step)
             lo = step

@@ -544,6 +544,15 @@ class FollowerSession:
             self.phase = Phase.BOOTSTRAPPING
             self._plan.append(Bootstrap())
             return
+        if (
+            isinstance(err, IncompatibleError)
+            and ev.job is None
+            and self.phase in (Phase.FINAL_SYNC, Phase.STREAMING)
+            and self.bootstrap
+            and not self.once
+        ):
+            self._lost(err)  # truncated under us: the catch-up after the back-off bootstraps
+            return
         if isinstance(err, NoSnapshotsError) and self._first:
             self._first = False  # no snapshot to be had: replay after all
             self.phase = Phase.CATCHING_UP

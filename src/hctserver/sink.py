@@ -13,11 +13,14 @@ much lag for a low cost per entry.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import apsw
 
 from .apply import Applier
 from .errors import DiskFullError
@@ -235,6 +238,7 @@ class Sink:
         (the follower asks for it again), a batch being applied is rolled back."""
         self._closed = True  # before the lock: an inline apply may hold it
         self._stopping.set()
-        self.applier.interrupt()
+        with contextlib.suppress(apsw.Error):  # closed already: being replaced
+            self.applier.interrupt()
         with self._cond:
             self._cond.notify_all()

@@ -135,6 +135,9 @@ def make(db: Store, out: str, *, role: str | None = None) -> SnapshotInfo:
         remove_files(out)
         os.replace(tmp, out)
         fsync_dir(out)
+    except apsw.FullError as e:
+        remove_files(tmp)
+        raise DiskFullError(f"the disk is full: writing the snapshot {out} failed ({e})") from None
     except BaseException:
         remove_files(tmp)
         raise
@@ -277,7 +280,7 @@ def _check(conn: apsw.Connection, cid: int, h: bytes, role: str) -> SnapshotInfo
         if row is None or row[0] != want:
             raise ProtocolError(bad + f"its {name} table is missing or not hctserver's")
     base = fetchall(conn, "SELECT cid, schemacid, hash FROM hct_baseline")
-    if len(base) != 1 or base[0][0] != cid or bytes(base[0][2]) != h:
+    if len(base) != 1 or base[0][0] != cid or base[0][2] != h:
         raise ProtocolError(bad + f"it is not at the position it was announced at (cid {cid})")
     schemacid = base[0][1]
     if not isinstance(schemacid, int) or not 0 <= schemacid <= cid:
@@ -358,6 +361,8 @@ def install(db: Store, image: str, *, aside: str | None = None) -> None:
             db.share.schema_epoch += 1
     except apsw.FullError as e:
         raise DiskFullError(f"the disk is full: installing the snapshot failed ({e})") from None
+    except apsw.Error as e:  # busy, I/O: nothing was installed
+        raise JournalError(f"installing the snapshot into {db.path} failed: {e}") from None
     finally:
         src.close()
         dest.close()
@@ -390,6 +395,7 @@ def copy(db: Store, out: str) -> None:
         src.close()
     dest.close()
     fsync_file(tmp)
+    remove_files(out)  # an older copy's WAL must not meet this one
     os.replace(tmp, out)
     fsync_dir(out)
 
