@@ -34,6 +34,7 @@ from .journal import Database
 from .leader import Leader
 from .node import serve_http
 from .position import ZERO_HASH
+from .snapshot import remove_files
 from .transport import TCP
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -357,9 +358,7 @@ def _follow(
         if res["snapshot"] < target:
             raise RuntimeError(f"catch-up stopped at {res['snapshot']} of {target}")
         res["file_bytes"] = os.path.getsize(fp)
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(fp + suffix):
-                os.remove(fp + suffix)
+        remove_files(fp)
         return res
     finally:
         leader.timeout.expire()

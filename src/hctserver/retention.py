@@ -27,12 +27,12 @@ import apsw
 from .errors import ConfigError, HctError
 from .sqlutil import fetchall
 from .store import Store
+from .systables import ENTRY_BYTES
 
 log = logging.getLogger("hctserver")
 
 STEP_ROWS = 5_000  # rows deleted per write transaction
 SNAPSHOT = "snapshot"  # how a pin for a snapshot sent is named (Pins.settle)
-_ROW_BYTES = "length(CAST(schema AS BLOB))+length(data)"
 
 
 @dataclass(frozen=True)
@@ -272,7 +272,7 @@ class Retainer:
         while True:
             rows = fetchall(
                 self._conn,
-                f"SELECT cid, {_ROW_BYTES} FROM hct_journal WHERE cid>? ORDER BY cid LIMIT ?",
+                f"SELECT cid, {ENTRY_BYTES} FROM hct_journal WHERE cid>? ORDER BY cid LIMIT ?",
                 (after, STEP_ROWS),
             )
             if not rows:

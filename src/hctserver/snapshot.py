@@ -131,10 +131,7 @@ def make(db: Store, out: str, *, role: str | None = None) -> SnapshotInfo:
     remove_files(tmp)
     try:
         info = _build(db.path, tmp, role)
-        fsync_file(tmp)
-        remove_files(out)
-        os.replace(tmp, out)
-        fsync_dir(out)
+        _publish(tmp, out)
     except apsw.FullError as e:
         remove_files(tmp)
         raise DiskFullError(f"the disk is full: writing the snapshot {out} failed ({e})") from None
@@ -156,16 +153,11 @@ def _build(src_path: str, path: str, role: str | None) -> SnapshotInfo:
         conn.execute("BEGIN")  # one read transaction of the source, to COMMIT
         try:
             cid, h, schemacid = _source_position(conn)
-            objects = fetchall(
-                conn,
-                f"SELECT type, name, sql FROM src.sqlite_schema WHERE sql IS NOT NULL"
-                f" AND {USER_OBJECTS_WHERE} ORDER BY {_OBJECT_ORDER}",
-            )
-            shadow = _shadow_tables(conn, "src")
-            for typ, name, sql in objects:
-                if typ == "table" and name.lower() not in shadow:
+            objects = _user_objects(conn, "src")
+            for typ, _name, sql in objects:
+                if typ == "table":
                     conn.execute(sql)  # virtual tables make their shadow tables here
-            tables, rows = _copy_rows(conn, shadow)
+            tables, rows = _copy_rows(conn, _shadow_tables(conn, "src"))
             conn.execute("COMMIT")
         except BaseException:
             if not conn.get_autocommit():
@@ -204,6 +196,21 @@ def _source_position(conn: apsw.Connection) -> tuple[int, bytes, int]:
         (cid,),
     )
     return cid, h, max(bschemacid, sc or 0)
+
+
+def _user_objects(conn: apsw.Connection, schema: str) -> list[tuple[str, str, str]]:
+    """(type, name, sql) of the user's objects in ``schema``, in the order to
+    create them; not the shadow tables, which their virtual tables make."""
+    shadow = _shadow_tables(conn, schema)
+    return [
+        (typ, name, sql)
+        for typ, name, sql in fetchall(
+            conn,
+            f"SELECT type, name, sql FROM {schema}.sqlite_schema WHERE sql IS NOT NULL"
+            f" AND {USER_OBJECTS_WHERE} ORDER BY {_OBJECT_ORDER}",
+        )
+        if not (typ == "table" and name.lower() in shadow)
+    ]
 
 
 def _shadow_tables(conn: apsw.Connection, schema: str) -> set[str]:
@@ -259,15 +266,12 @@ def check(path: str, cid: int, h: bytes, *, role: str = "follower") -> SnapshotI
     the file's guards and local state are remade as this node's own."""
     try:
         conn = _open(path)
-    except apsw.Error as e:
-        raise ProtocolError(f"the snapshot from the leader is damaged: {e}") from None
-    try:
         try:
             return _check(conn, cid, h, role)
-        except apsw.Error as e:
-            raise ProtocolError(f"the snapshot from the leader is damaged: {e}") from None
-    finally:
-        conn.close()
+        finally:
+            conn.close()
+    except apsw.Error as e:
+        raise ProtocolError(f"the snapshot from the leader is damaged: {e}") from None
 
 
 def _check(conn: apsw.Connection, cid: int, h: bytes, role: str) -> SnapshotInfo:
@@ -308,16 +312,7 @@ def _check(conn: apsw.Connection, cid: int, h: bytes, role: str) -> SnapshotInfo
 def _check_schema(conn: apsw.Connection, bad: str) -> None:
     """Every user object must be one that schema text in an entry could make:
     create them all again in an empty database under the same policy."""
-    shadow = _shadow_tables(conn, "main")
-    objects = [
-        sql
-        for typ, name, sql in fetchall(
-            conn,
-            f"SELECT type, name, sql FROM sqlite_schema WHERE sql IS NOT NULL"
-            f" AND {USER_OBJECTS_WHERE} ORDER BY {_OBJECT_ORDER}",
-        )
-        if not (typ == "table" and name.lower() in shadow)
-    ]
+    objects = [sql for _typ, _name, sql in _user_objects(conn, "main")]
     scratch = apsw.Connection(":memory:")
     try:
         for create in _SYSTEM_SQL.values():  # so that what touches them is refused by name
@@ -394,8 +389,13 @@ def copy(db: Store, out: str) -> None:
     finally:
         src.close()
     dest.close()
+    _publish(tmp, out)
+
+
+def _publish(tmp: str, out: str) -> None:
+    """Sync ``tmp`` and rename it to ``out``: ``out`` is whole or absent."""
     fsync_file(tmp)
-    remove_files(out)  # an older copy's WAL must not meet this one
+    remove_files(out)  # an older file's WAL must not meet this one
     os.replace(tmp, out)
     fsync_dir(out)
 

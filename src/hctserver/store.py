@@ -40,6 +40,7 @@ from .systables import (
     CREATE_BASELINE,
     CREATE_JOURNAL,
     CREATE_LOCAL,
+    ENTRY_BYTES,
     JOURNAL,
     LOCAL,
     USER_OBJECTS_WHERE,
@@ -585,7 +586,7 @@ def _denied(path: str) -> bool:
     )
 
 
-_ROW_BYTES = "coalesce(sum(length(CAST(schema AS BLOB))+length(data)),0)"
+_ROW_BYTES = f"coalesce(sum({ENTRY_BYTES}),0)"
 
 
 class JournalTotals:

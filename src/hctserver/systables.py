@@ -62,6 +62,9 @@ USER_OBJECTS_WHERE = (
     " 'hct_local') AND NOT (type='trigger' AND name LIKE 'hct\\_guard\\_%' ESCAPE '\\')"
 )
 
+# Bytes of one entry's text (schema and data), as the journal's sizes count them.
+ENTRY_BYTES = "length(CAST(schema AS BLOB))+length(data)"
+
 Tail = tuple[int, int, bytes]
 
 
