@@ -30,6 +30,7 @@ from . import __version__
 from .errors import (
     AddressInUseError,
     ApplyError,
+    AuthError,
     BusyError,
     ConfigError,
     DatabaseInUseError,
@@ -54,6 +55,7 @@ from .logs import FORMATS, LEVELS
 from .logs import configure as configure_logging
 from .node import Node
 from .retention import RetentionPolicy
+from .security import HttpSecurity, Security, read_secret
 from .snapshot import describe
 from .snapshot import make as backup
 from .top import read_status, run_top
@@ -64,6 +66,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (DiskFullError, 10),
     (apsw.FullError, 10),
     (ConfigError, 2),
+    (AuthError, 11),
     (JobError, 7),
     (UnjournaledWriteError, 8),
     (IncompatibleError, 4),
@@ -209,6 +212,59 @@ def _retention(s: argparse.ArgumentParser) -> None:
         )
 
 
+def _security_opts(s: argparse.ArgumentParser, leader: bool) -> None:
+    """TLS and the shared secret (docs/SECURITY.md)."""
+    g = s.add_argument_group("security (docs/SECURITY.md)")
+    g.add_argument(
+        "--auth-file",
+        metavar="FILE",
+        help="a shared secret (16+ bytes, mode 600) that "
+        + ("every follower must prove it holds" if leader else "the leader and this follower")
+        + " prove to each other (never sent)",
+    )
+    g.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="this leader's certificate chain: serve TLS only"
+        if leader
+        else "this follower's client certificate (for a leader with --tls-client-ca)",
+    )
+    g.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    if leader:
+        g.add_argument(
+            "--tls-client-ca",
+            metavar="PEM",
+            help="mutual TLS: every follower must show a certificate signed by this CA",
+        )
+    else:
+        g.add_argument(
+            "--tls-ca",
+            metavar="PEM",
+            help="speak TLS, and verify the leader's certificate against this CA"
+            " ('system': the platform's trusted CAs)",
+        )
+        g.add_argument(
+            "--tls-server-name",
+            metavar="NAME",
+            help="the name the leader's certificate must hold (default: --host)",
+        )
+    g.add_argument("--http-tls-cert", metavar="PEM", help="serve --http over TLS (https)")
+    g.add_argument("--http-tls-key", metavar="PEM", help="the private key of --http-tls-cert")
+    g.add_argument(
+        "--http-token-file",
+        metavar="FILE",
+        help="/status and /metrics require this bearer token (16+ bytes, mode 600);"
+        " /health stays open",
+    )
+
+
+def _client_opts(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--token-file", metavar="FILE", help="the node's bearer token (its --http-token-file)"
+    )
+    s.add_argument("--ca", metavar="PEM", help="the CA of an https node's certificate")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hctserver",
@@ -281,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="also print the original's hct_testserver debug lines (stdout)",
         )
         s.add_argument("--quiet", action="store_true", help="print nothing but errors")
+        _security_opts(s, leader)
 
     s = sub.add_parser("leader", help="serve a database to followers (until stopped)")
     node_opts(s, True)
@@ -357,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a database file, or a running node's HTTP address (http://HOST:PORT)",
     )
     s.add_argument("--json", action="store_true", help="print JSON")
+    _client_opts(s)
 
     s = sub.add_parser("top", help="a live view of running nodes (their --http addresses)")
     s.add_argument("urls", metavar="URL", nargs="+", help="http://HOST:PORT of each node")
@@ -366,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--count", type=int, default=0, metavar="N", help="stop after N refreshes (0: Ctrl-C)"
     )
+    _client_opts(s)
 
     s = sub.add_parser("verify", help="check that two databases are identical")
     s.add_argument("db1", metavar="DB1")
@@ -446,6 +505,17 @@ def _node(a: argparse.Namespace, follower: bool) -> Node:
     }
     if follower:
         opts.update(syncthreads=a.syncthreads, syncbytes=a.syncbytes, once=a.once)
+    opts["security"] = Security(
+        cert=a.tls_cert,
+        key=a.tls_key,
+        ca=getattr(a, "tls_ca", None),
+        client_ca=getattr(a, "tls_client_ca", None),
+        server_name=getattr(a, "tls_server_name", None),
+        auth_file=a.auth_file,
+    )
+    opts["http_security"] = HttpSecurity(a.http_tls_cert, a.http_tls_key, a.http_token_file)
+    if a.http is None and (a.http_tls_cert or a.http_token_file):
+        raise ConfigError("--http-tls-cert and --http-token-file need --http")
     # a leader serves an existing replication database (`hctserver init` makes one)
     node = Node(a.db, init=follower, **opts)
     bounds = FOLLOWER_BOUNDS if follower else LEADER_BOUNDS
@@ -553,7 +623,7 @@ def _progress(node: Node) -> None:
 
 def cmd_status(a: argparse.Namespace) -> int:
     if "://" in a.db:
-        doc = read_status(a.db)
+        doc = read_status(a.db, 5.0, _token(a), a.ca)
         if a.json:
             print(json.dumps(doc, indent=2))
         else:
@@ -596,7 +666,11 @@ def _print_flat(doc: dict[str, Any], prefix: str = "") -> None:
 def cmd_top(a: argparse.Namespace) -> int:
     if a.count < 0:
         raise ConfigError("--count must be 0 (until Ctrl-C) or more")
-    return run_top(a.urls, a.interval, a.count)
+    return run_top(a.urls, a.interval, a.count, _token(a), a.ca)
+
+
+def _token(a: argparse.Namespace) -> bytes | None:
+    return None if a.token_file is None else read_secret(a.token_file, "--token-file")
 
 
 def cmd_verify(a: argparse.Namespace) -> int:

@@ -137,6 +137,18 @@ class LeaderBusyError(PeerError, TransientError):
     connections or subscribers, shutting down, or a job it no longer runs."""
 
 
+class AuthError(HctError):
+    """Authentication failed, on either side: a TLS certificate was refused
+    (wrong CA, expired, another host's name, none given under mutual TLS),
+    the TLS handshake failed, a shared secret was wrong or missing, or one
+    side asked for TLS or a secret and the other did not. Final: the
+    configuration must change."""
+
+
+class PlainClientError(AuthError):
+    """A client spoke the plain protocol to a leader that requires TLS."""
+
+
 class IncompatibleError(PeerError):
     """The leader refused our position: "incompatible database version"."""
 

@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import bootclient, bootstrap, faults, snapshot, wire
+from . import auth, bootclient, bootstrap, faults, snapshot, wire
 from .checkpoint import Checkpointer
 from .errors import (
     ConfigError,
@@ -45,6 +45,7 @@ from .nodelock import NodeLock
 from .position import Entry, chain
 from .reporter import Reporter
 from .retention import Pins, Retainer, RetentionPolicy
+from .security import Security
 from .session import (
     Backoff,
     BackoffOver,
@@ -73,7 +74,7 @@ from .session import (
 from .sink import FollowerStats, Sink
 from .tasks import Task, TaskGroup
 from .trace import Trace
-from .transport import TCP, Conn, Poller, Transport, Waker
+from .transport import TCP, Conn, Poller, TcpTransport, Transport, Waker
 from .watchdog import watch
 
 log = logging.getLogger("hctserver")
@@ -262,6 +263,7 @@ class Follower:
         name: str | None = None,
         trace: Trace | None = None,
         transport: Transport | None = None,
+        security: Security | None = None,
     ) -> None:
         if not 1 <= syncthreads <= 16:
             raise ConfigError(f"syncthreads must be between 1 and 16, not {syncthreads}")
@@ -294,7 +296,12 @@ class Follower:
         self._hole_at = -1
         self.applier_options = applier_options or {}
         self.trace = trace or Trace()
-        self.transport = transport or TCP
+        self.security = security or Security()
+        tls = self.security.client_tls()
+        self.transport = transport or (
+            TcpTransport(client_tls=tls, server_name=self.security.server_name) if tls else TCP
+        )
+        self._secret = self.security.secret()
         self.stats = FollowerStats()
         self.group = TaskGroup("follower")
         if bootstrap_min < 0:
@@ -599,6 +606,16 @@ class Follower:
                 )
             )
 
+    def protection(self) -> str:
+        """How this follower and its leader authenticate each other, in words."""
+        parts = []
+        if self.security.ca is not None:
+            client = self.security.cert is not None
+            parts.append("TLS with a client certificate" if client else "TLS")
+        if self._secret is not None:
+            parts.append("a shared secret")
+        return " and ".join(parts) or "no TLS, no authentication"
+
     # --- talking to the leader ------------------------------------------------
 
     def _open(self) -> Conn:
@@ -613,6 +630,15 @@ class Follower:
                 conn.close()
                 raise _Stopped
             self._active = conn
+        if self._secret is not None:  # prove ourselves, and make the leader prove itself
+            side = auth.FollowerAuth(self._secret)
+            try:
+                auth.exchange(conn, side, side.start(), self.io_timeout)
+            except HctError:
+                self._release(conn)
+                if self.group.stopping.is_set():
+                    raise _Stopped from None
+                raise
         return conn
 
     def _release(self, conn: Conn, keep: bool = False) -> None:

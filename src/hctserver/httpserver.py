@@ -12,8 +12,12 @@ headers as ``http.server`` limits them (64 KiB, 100 headers).
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import logging
+import socket
+import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -65,6 +69,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         routes = self.server.routes
         path = self.path.split("?", 1)[0]
+        if path in ("/status", "/metrics") and not self._authorized():
+            log.info("HTTP %s from %s: no valid bearer token", path, self.address_string())
+            self._reply(
+                401,
+                "text/plain",
+                b"unauthorized: send Authorization: Bearer <the --http-token-file token>\n",
+                {"WWW-Authenticate": 'Bearer realm="hctserver"'},
+            )
+            return
         try:
             if path == "/status":
                 body = json.dumps(routes.status(), indent=2).encode() + b"\n"
@@ -80,8 +93,19 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("HTTP %s failed", path)
             self._reply(500, "text/plain", f"internal error: {e}\n".encode())
 
-    def _reply(self, code: int, ctype: str, body: bytes) -> None:
+    def _authorized(self) -> bool:
+        token = self.server.token
+        if token is None:
+            return True
+        scheme, _, given = (self.headers.get("Authorization") or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
+
+    def _reply(
+        self, code: int, ctype: str, body: bytes, headers: dict[str, str] | None = None
+    ) -> None:
         self.send_response(code)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
@@ -97,9 +121,17 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(
-        self, addr: tuple[str, int], routes: Routes, max_clients: int, deadline: float
+        self,
+        addr: tuple[str, int],
+        routes: Routes,
+        max_clients: int,
+        deadline: float,
+        tls: ssl.SSLContext | None,
+        token: bytes | None,
     ) -> None:
         self.routes = routes
+        self.tls = tls
+        self.token = token
         self.deadline = deadline
         self.slots = threading.BoundedSemaphore(max_clients)
         self.active: dict[Any, float] = {}  # request socket -> its deadline
@@ -114,19 +146,34 @@ class _Server(ThreadingHTTPServer):
             late = [r for r, t in self.active.items() if t < now]
         for r in late:
             with contextlib.suppress(OSError):
-                r.shutdown(2)  # SHUT_RDWR: the handler's read or write fails
+                socket.socket.shutdown(r, 2)  # the handler's read or write fails
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, addr = super().get_request()
+        if self.tls is not None:  # the handshake runs in the request's thread
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.slots.acquire(blocking=False):
-            try:
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
-            except OSError:
-                pass
+            if self.tls is None:  # over TLS it would mean a handshake here: just close
+                with contextlib.suppress(OSError):
+                    request.sendall(
+                        b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+                    )
             self.shutdown_request(request)
             return
         with self.active_lock:
             self.active[request] = time.monotonic() + self.deadline
         super().process_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that failed its TLS handshake, or vanished: one line."""
+        e = sys.exc_info()[1]
+        if isinstance(e, OSError):
+            log.info("HTTP client %s: %s", client_address[0], e)
+        else:
+            log.exception("HTTP request from %s failed", client_address[0])
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -148,14 +195,17 @@ class HttpEndpoint:
         routes: Routes,
         max_clients: int = 16,
         deadline: float = REQUEST_DEADLINE,
+        tls: ssl.SSLContext | None = None,
+        token: bytes | None = None,
     ) -> None:
         try:
-            self._server = _Server((host, port), routes, max_clients, deadline)
+            self._server = _Server((host, port), routes, max_clients, deadline, tls, token)
         except OSError as e:
             raise ConfigError(
                 f"cannot listen for HTTP on {host}:{port}: {e.strerror or e}"
             ) from None
         self.host = host
+        self.scheme = "https" if tls is not None else "http"
         self.port = int(self._server.server_address[1])
         self._lock = threading.Lock()
         self._started = self._stopping = False
@@ -163,7 +213,7 @@ class HttpEndpoint:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def serve(self) -> None:
         log.info("HTTP status on %s (/status, /metrics, /health)", self.url)
@@ -184,13 +234,20 @@ class HttpEndpoint:
         self._server.server_close()
 
 
-def fetch(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    """GET ``url`` (for ``hctserver status URL`` and ``top``): (status, body)."""
+def fetch(
+    url: str, timeout: float = 5.0, token: bytes | None = None, ca: str | None = None
+) -> tuple[int, bytes]:
+    """GET ``url`` (for ``hctserver status URL`` and ``top``): (status, body).
+    ``token``: sent as a bearer token; ``ca``: verify an https server with it."""
     import urllib.error
     import urllib.request
 
+    req = urllib.request.Request(url)
+    if token is not None:
+        req.add_header("Authorization", "Bearer " + token.decode())
+    ctx = ssl.create_default_context(cafile=ca) if ca is not None else None
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=ctx) as r:
             return int(r.status), bytes(r.read())
     except urllib.error.HTTPError as e:
         return int(e.code), bytes(e.read())

@@ -31,10 +31,17 @@ from typing import Any
 
 import apsw
 
-from . import wire
+from . import auth, wire
 from .bootserve import SnapshotServer, clean_temp
 from .checkpoint import Checkpointer
-from .errors import ConfigError, ConnectionLostError, TimedOutError
+from .errors import (
+    AuthError,
+    ConfigError,
+    ConnectionLostError,
+    PlainClientError,
+    ProtocolError,
+    TimedOutError,
+)
 from .feedbackhub import FeedbackHub
 from .followers import CommitClock, FollowerTable
 from .jobs import Job, Timeout, run_job
@@ -42,6 +49,7 @@ from .journal import Database
 from .nodelock import NodeLock
 from .position import Position
 from .retention import Pins, Retainer, RetentionPolicy
+from .security import Security
 from .session import (
     BUSY,
     LeaderSession,
@@ -56,7 +64,7 @@ from .store import JournalReader, Mode
 from .streamer import Streamer, Subscriber
 from .tasks import Task, TaskGroup
 from .trace import Trace
-from .transport import TCP, Conn, Listener, Transport, Waker, is_loopback
+from .transport import TCP, Conn, Listener, TcpTransport, Transport, Waker, is_loopback
 from .watchdog import watch
 
 log = logging.getLogger("hctserver")
@@ -214,6 +222,7 @@ class Leader:
         retain_interval: float = 1.0,
         trace: Trace | None = None,
         transport: Transport | None = None,
+        security: Security | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ConfigError(f"port must be between 0 and 65535, not {port}")
@@ -232,7 +241,10 @@ class Leader:
         self.poll_interval = poll_interval
         self.watch_interval = watch_interval
         self.flush_timeout = flush_timeout
-        self.transport = transport or TCP
+        self.security = security or Security()
+        tls = self.security.server_tls()
+        self.transport = transport or (TcpTransport(server_tls=tls) if tls else TCP)
+        self._secret = self.security.secret()
         self.group = TaskGroup("leader")
         self._draining = False
         self._last_accept = 0.0
@@ -281,6 +293,16 @@ class Leader:
             self.followers.needs,
             retain_interval,
         )
+
+    def protection(self) -> str:
+        """How followers are authenticated, in words (for the log and /status)."""
+        parts = []
+        if self.transport.tls:
+            mutual = self.security.client_ca is not None
+            parts.append("TLS with client certificates" if mutual else "TLS")
+        if self._secret is not None:
+            parts.append("a shared secret")
+        return " and ".join(parts) or "no TLS, no authentication"
 
     # --- what the rules see (session.LeaderView) -------------------------------------
 
@@ -412,9 +434,14 @@ class Leader:
                 g.spawn("hct-timer", self.timeout.wait_expired, on_stop=self.timeout.expire)
             ]
         log.info(
-            "leader on %s:%d: %d jobs, cid %d", self.host, self.port, len(self.jobs), db.snapshot()
+            "leader on %s:%d: %d jobs, cid %d; %s",
+            self.host,
+            self.port,
+            len(self.jobs),
+            db.snapshot(),
+            self.protection(),
         )
-        if not is_loopback(self.host):
+        if not self.transport.tls and self._secret is None and not is_loopback(self.host):
             log.warning(
                 "listening on %s:%d, beyond this machine, with no TLS and no authentication:"
                 " anyone who can reach this port can read the whole database"
@@ -556,7 +583,8 @@ class Leader:
                 return
             self._last_accept = time.monotonic()
             if not self._slots.acquire(blocking=False) and not self._make_room():
-                self._refuse(conn, Refuse(BUSY, "busy"))
+                if not self.transport.tls:  # a TLS client would read a plain ERROR as garbage
+                    self._refuse(conn, Refuse(BUSY, "busy"))
                 conn.close()
                 continue
             with self._served:
@@ -579,10 +607,12 @@ class Leader:
     def _refuse(self, conn: Conn, r: Refuse) -> None:
         self.refused += 1
         self.refused_by[r.reason] = self.refused_by.get(r.reason, 0) + 1
-        if r.reason in ("incompatible", "ahead", "protocol"):
+        if r.reason in ("incompatible", "ahead", "protocol", "tls", "auth"):
             log.warning("refused %s: %s", conn.peer, r.detail or r.message)
         else:
             log.info("refused %s: %s", conn.peer, r.detail or r.message)
+        if not r.message:
+            return
         try:
             conn.send_all(wire.encode_error(r.message), self.request_timeout)
             conn.shutdown_write()
@@ -592,7 +622,7 @@ class Leader:
     def _serve(self, conn: Conn) -> None:
         keep = replying = False
         try:
-            action = self._read_request(conn)
+            action = self._admit(conn) or self._read_request(conn)
             if isinstance(action, Refuse):
                 self._refuse(conn, action)
             elif isinstance(action, ServeSync):
@@ -624,6 +654,27 @@ class Leader:
                 self._reading.pop(conn, None)
                 self._served.notify_all()
             self._slots.release()
+
+    def _admit(self, conn: Conn) -> Refuse | None:
+        """TLS, then the shared secret, as configured: None once the client
+        passed both (it may send its request), else why it is refused."""
+        try:
+            self.transport.secure(conn, self.request_timeout)
+        except PlainClientError:
+            why = "a plain client (no TLS handshake)"
+            return Refuse(auth.TLS_NEEDED, "tls", why)
+        except AuthError as e:  # TLS told the client itself, in an alert
+            return Refuse("", "tls", str(e))
+        if self._secret is None:
+            return None
+        try:
+            auth.exchange(conn, auth.LeaderAuth(self._secret), b"", self.request_timeout)
+        except AuthError as e:
+            message, why = auth.refusal(e)
+            return Refuse(message, "auth", why)
+        except ProtocolError as e:
+            return Refuse(str(e), "protocol")
+        return None
 
     def _read_request(self, conn: Conn) -> Any:
         """Read one request within ``request_timeout`` (for the whole request,

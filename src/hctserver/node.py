@@ -19,7 +19,11 @@ and ours: ``once`` (False: a follower runs until stopped, reconnecting when
 it loses its leader; True: the original's run, which ends with the leader's),
 ``http`` (None; ``"HOST:PORT"`` or ``"PORT"`` serves ``/status``, ``/metrics``
 and ``/health`` there, loopback by default) and ``health_max_lag`` (10 s: a
-follower lagging more is unhealthy).
+follower lagging more is unhealthy), ``security``
+(:class:`~hctserver.security.Security`: TLS and a shared secret on the
+replication port) and ``http_security``
+(:class:`~hctserver.security.HttpSecurity`: TLS and a bearer token for the
+HTTP endpoint).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from .jobs import Job, JobFunction
 from .journal import Database
 from .leader import Leader
 from .metrics import Metrics
+from .security import HttpSecurity, Security
 from .status import HEALTH_MAX_LAG, follower_lag, health, node_status
 from .trace import Trace
 
@@ -47,6 +52,8 @@ DEFAULTS: dict[str, Any] = {
     "once": False,
     "http": None,
     "health_max_lag": HEALTH_MAX_LAG,
+    "security": None,
+    "http_security": None,
 }
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -59,6 +66,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "once": (bool,),
     "http": (str, type(None)),
     "health_max_lag": (int, float),
+    "security": (Security, type(None)),
+    "http_security": (HttpSecurity, type(None)),
 }
 
 
@@ -123,6 +132,7 @@ class Node:
                 seconds=o["seconds"],
                 once=o["once"],
                 trace=trace,
+                security=o["security"],
                 **self.extra,
             )
             self._node = f
@@ -135,6 +145,7 @@ class Node:
                 port=o["port"],
                 seconds=o["seconds"],
                 trace=trace,
+                security=o["security"],
                 **self.extra,
             )
             self._node = leader
@@ -146,7 +157,12 @@ class Node:
         runner = self._node
         assert runner is not None
         try:
-            self._http = serve_http(runner, address, float(self.options["health_max_lag"]))
+            self._http = serve_http(
+                runner,
+                address,
+                float(self.options["health_max_lag"]),
+                self.options["http_security"],
+            )
         except BaseException:
             runner.close()
             raise
@@ -193,7 +209,10 @@ class Node:
 
 
 def serve_http(
-    runner: Leader | Follower, address: str, health_max_lag: float = HEALTH_MAX_LAG
+    runner: Leader | Follower,
+    address: str,
+    health_max_lag: float = HEALTH_MAX_LAG,
+    security: HttpSecurity | None = None,
 ) -> HttpEndpoint:
     """Serve a started leader's or follower's ``/status``, ``/metrics`` and
     ``/health`` on ``address`` (``HOST:PORT`` or ``PORT``), in threads of
@@ -206,7 +225,8 @@ def serve_http(
     routes = Routes(
         lambda: node_status(runner), metrics.render, lambda: health(runner, health_max_lag)
     )
-    ep = HttpEndpoint(host, port, routes)
+    sec = security or HttpSecurity()
+    ep = HttpEndpoint(host, port, routes, tls=sec.tls(), token=sec.token())
     g = runner.group
     g.spawn("hct-http", ep.serve, on_stop=ep.stop)
     if metrics.sampler is not None:

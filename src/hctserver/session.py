@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import bootstrap, feedback, wire
+from . import auth, bootstrap, feedback, wire
 from .errors import (
+    AuthError,
     HctError,
     IncompatibleError,
     LeaderBusyError,
@@ -170,6 +171,8 @@ class LeaderSession:
                     return ServeSnapshot()
                 why = "a snapshot request (snapshots are off)"
                 return Refuse(wire.INCOMPATIBLE, "snapshots-off", why)
+            if auth.is_request(req.cid, req.hash):  # a leader with a secret read it already
+                return Refuse(auth.NOT_HERE, "auth", "a follower with a shared secret")
             snap = v.position()
             if req.cid > snap.cid:
                 return Refuse(
@@ -202,8 +205,10 @@ class LeaderSession:
 # ===================================================================================
 
 
-def leader_error(message: str) -> PeerError:
+def leader_error(message: str) -> PeerError | AuthError:
     """The typed error for an ERROR message from a leader."""
+    if message in auth.REFUSALS:
+        return AuthError(f"the leader refused this follower: {message}")
     if message == wire.INCOMPATIBLE:
         return IncompatibleError(
             "error from leader: incompatible database version (this database's history"

@@ -199,9 +199,9 @@ def follower_status(follower: Follower) -> dict[str, Any]:
 
 def node_status(runner: Leader | Follower) -> dict[str, Any]:
     """The ``/status`` document of a running leader or follower."""
-    if isinstance(runner, Leader):
-        return leader_status(runner)
-    return follower_status(runner)
+    doc = leader_status(runner) if isinstance(runner, Leader) else follower_status(runner)
+    doc["security"] = runner.protection()
+    return doc
 
 
 def health(runner: Leader | Follower, max_lag: float = HEALTH_MAX_LAG) -> tuple[bool, str]:

@@ -16,7 +16,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import HctError
+from .errors import AuthError, HctError
 from .httpserver import fetch
 
 
@@ -88,9 +88,14 @@ def _status_url(url: str) -> str:
     return base.rstrip("/") + ("" if base.rstrip("/").endswith("/status") else "/status")
 
 
-def read_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
-    """A running node's ``/status`` (``url``: its HTTP address)."""
-    code, body = fetch(_status_url(url), timeout)
+def read_status(
+    url: str, timeout: float = 5.0, token: bytes | None = None, ca: str | None = None
+) -> dict[str, Any]:
+    """A running node's ``/status`` (``url``: its HTTP address; ``token``:
+    its bearer token; ``ca``: the CA that signed an https endpoint's certificate)."""
+    code, body = fetch(_status_url(url), timeout, token, ca)
+    if code == 401:
+        raise AuthError(f"{url}: HTTP 401: give the node's bearer token (--token-file)")
     if code != 200:
         raise HctError(f"{url}: HTTP {code}: {body[:200].decode(errors='replace')}")
     doc: dict[str, Any] = json.loads(body)
@@ -101,17 +106,25 @@ def _short(url: str) -> str:
     return url.split("://", 1)[-1].rstrip("/")
 
 
-def _poll(urls: Sequence[str]) -> list[tuple[str, dict[str, Any] | str]]:
+def _poll(
+    urls: Sequence[str], token: bytes | None, ca: str | None
+) -> list[tuple[str, dict[str, Any] | str]]:
     out: list[tuple[str, dict[str, Any] | str]] = []
     for u in urls:
         try:
-            out.append((_short(u), read_status(u, timeout=2.0)))
+            out.append((_short(u), read_status(u, 2.0, token, ca)))
         except (HctError, ValueError) as e:
             out.append((_short(u), str(e)))
     return out
 
 
-def run_top(urls: Sequence[str], interval: float = 1.0, count: int = 0) -> int:
+def run_top(
+    urls: Sequence[str],
+    interval: float = 1.0,
+    count: int = 0,
+    token: bytes | None = None,
+    ca: str | None = None,
+) -> int:
     """Refresh every ``interval`` seconds, ``count`` times (0: until Ctrl-C).
     Exits 0, or 6 if no node could be read at the last refresh."""
     console = Console()
@@ -119,7 +132,7 @@ def run_top(urls: Sequence[str], interval: float = 1.0, count: int = 0) -> int:
         console = Console(width=200)
     rates = Rates()
     n = 0
-    docs = _poll(urls)
+    docs = _poll(urls, token, ca)
     live = (
         Live(view(docs, rates), console=console, auto_refresh=False)
         if console.is_terminal
@@ -138,7 +151,7 @@ def run_top(urls: Sequence[str], interval: float = 1.0, count: int = 0) -> int:
             if count and n >= count:
                 break
             time.sleep(interval)
-            docs = _poll(urls)
+            docs = _poll(urls, token, ca)
     except KeyboardInterrupt:
         pass
     finally:

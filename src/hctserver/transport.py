@@ -25,10 +25,18 @@ import selectors
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from .errors import AddressInUseError, ConnectError, ConnectionLostError, TimedOutError
+from .errors import (
+    AddressInUseError,
+    AuthError,
+    ConnectError,
+    ConnectionLostError,
+    PlainClientError,
+    TimedOutError,
+)
 
 # "Nothing now, try later": a TLS layer says it with its own OSError subclasses.
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -36,12 +44,23 @@ _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSL
 
 class Conn:
     """One connection. Blocking calls take a timeout in seconds (None: wait
-    for ever); ``try_*`` calls need :meth:`set_blocking` (False) first."""
+    for ever); ``try_*`` calls need :meth:`set_blocking` (False) first.
+    ``client``: a follower's; a TLS alert from the leader (it refused our
+    certificate) is then an :class:`~hctserver.errors.AuthError`."""
 
-    def __init__(self, sock: socket.socket, peer: str) -> None:
+    def __init__(self, sock: socket.socket, peer: str, client: bool = False) -> None:
         self._sock = sock
         self.peer = peer
         self.closed = False
+        self._client = client
+        # TLS records are at most 16 KiB: a write that would block is retried
+        # with the same bytes, as OpenSSL requires, when sends stay this small
+        self._piece = _TLS_PIECE if isinstance(sock, ssl.SSLSocket) else 0
+
+    def upgrade(self, tls: ssl.SSLSocket) -> None:
+        """From now on, speak through ``tls`` (which took over the socket)."""
+        self._sock = tls
+        self._piece = _TLS_PIECE
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -56,7 +75,7 @@ class Conn:
         except TimeoutError:
             raise TimedOutError(f"{self.peer} took nothing for {timeout:g} s") from None
         except OSError as e:
-            raise ConnectionLostError(f"sending to {self.peer} failed: {_why(e)}") from None
+            raise self._lost("sending to", e) from None
 
     def recv_into(self, buf: bytearray | memoryview, timeout: float | None) -> int:
         """Bytes read into ``buf``; 0 when the peer closed its side."""
@@ -68,16 +87,27 @@ class Conn:
         except OSError as e:
             if self.closed:
                 return 0
-            raise ConnectionLostError(f"reading from {self.peer} failed: {_why(e)}") from None
+            raise self._lost("reading from", e) from None
 
     def try_send(self, data: bytes | memoryview) -> int:
         """Send what fits now; 0 if nothing does."""
-        try:
-            return self._sock.send(data)
-        except _WOULD_BLOCK:
-            return 0
-        except OSError as e:
-            raise ConnectionLostError(f"sending to {self.peer} failed: {_why(e)}") from None
+        if not self._piece:
+            try:
+                return self._sock.send(data)
+            except _WOULD_BLOCK:
+                return 0
+            except OSError as e:
+                raise self._lost("sending to", e) from None
+        sent = 0
+        view = memoryview(data)
+        while sent < len(view):
+            try:
+                sent += self._sock.send(view[sent : sent + self._piece])
+            except _WOULD_BLOCK:
+                break
+            except OSError as e:
+                raise self._lost("sending to", e) from None
+        return sent
 
     def try_recv_into(self, buf: bytearray | memoryview) -> int | None:
         """Bytes read; 0 when the peer closed; None if none are ready."""
@@ -86,7 +116,12 @@ class Conn:
         except _WOULD_BLOCK:
             return None
         except OSError as e:
-            raise ConnectionLostError(f"reading from {self.peer} failed: {_why(e)}") from None
+            raise self._lost("reading from", e) from None
+
+    def _lost(self, doing: str, e: OSError) -> Exception:
+        if self._client and isinstance(e, ssl.SSLError) and "ALERT" in str(e.reason):
+            return AuthError(f"the leader at {self.peer} refused this follower: {_tls_why(e)}")
+        return ConnectionLostError(f"{doing} {self.peer} failed: {_why(e)}")
 
     def pending(self) -> int:
         """Bytes received and buffered above the socket (by TLS; none for plain
@@ -95,14 +130,17 @@ class Conn:
         return sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
 
     def shutdown_write(self) -> None:
+        # socket.socket's own: SSLSocket.shutdown would drop its TLS state (the
+        # peer sees end of file without a close_notify; every reply of ours has
+        # its own end marker, so a cut-short one is still seen as cut short)
         with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_WR)
+            socket.socket.shutdown(self._sock, socket.SHUT_WR)
 
     def abort(self) -> None:
         """Wake any thread blocked on this connection (it sees end of file)."""
         self.closed = True
         with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
 
     def close(self) -> None:
         self.closed = True
@@ -111,9 +149,22 @@ class Conn:
 
 
 def _why(e: OSError) -> str:
+    if isinstance(e, ssl.SSLError):
+        return f"TLS: {_tls_why(e)}"
     if e.errno is not None and e.strerror:
         return e.strerror.lower()
     return str(e) or type(e).__name__
+
+
+_TLS_PIECE = 16 << 10
+TLS_HANDSHAKE = 0x16  # the first byte of every TLS connection (a handshake record)
+
+
+def _tls_why(e: ssl.SSLError) -> str:
+    if isinstance(e, ssl.SSLCertVerificationError) and e.verify_message:
+        return str(e.verify_message).rstrip(".")
+    reason = str(e.reason or "").lower().replace("_", " ")
+    return reason or str(e)
 
 
 class Waker:
@@ -212,7 +263,12 @@ def _nodelay(sock: socket.socket) -> None:
 
 
 class Transport(Protocol):
+    @property
+    def tls(self) -> bool: ...
+
     def listen(self, host: str, port: int) -> Listener: ...
+
+    def secure(self, conn: Conn, timeout: float) -> Conn: ...
 
     def connect(
         self, host: str, port: int, timeout: float, cancel: Waker | None = None
@@ -220,7 +276,53 @@ class Transport(Protocol):
 
 
 class TcpTransport:
-    """TCP over IPv4 or IPv6 (a host with ':' is IPv6)."""
+    """TCP over IPv4 or IPv6 (a host with ':' is IPv6), with TLS when given
+    contexts: ``server_tls`` for what :meth:`listen` accepts (the handshake
+    is :meth:`secure`, run by the thread serving the connection),
+    ``client_tls`` for :meth:`connect`, which verifies the leader's
+    certificate for ``server_name`` (default: the host connected to)."""
+
+    def __init__(
+        self,
+        server_tls: ssl.SSLContext | None = None,
+        client_tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+    ) -> None:
+        self.server_tls = server_tls
+        self.client_tls = client_tls
+        self.server_name = server_name
+
+    @property
+    def tls(self) -> bool:
+        """Do accepted connections speak TLS (once :meth:`secure`)?"""
+        return self.server_tls is not None
+
+    def secure(self, conn: Conn, timeout: float) -> Conn:
+        """The server's side of the TLS handshake, within ``timeout``; the
+        same ``conn`` without TLS. A client that does not start with a TLS
+        handshake is refused at its first byte (:class:`PlainClientError`:
+        answer it in the plain protocol); a failed handshake is an
+        :class:`AuthError` (the client got TLS's own alert)."""
+        ctx = self.server_tls
+        if ctx is None:
+            return conn
+        deadline = time.monotonic() + timeout
+        sock = conn._sock
+        try:
+            sock.settimeout(timeout)
+            first = sock.recv(1, socket.MSG_PEEK)
+        except TimeoutError:
+            raise TimedOutError(f"{conn.peer} sent nothing for {timeout:g} s") from None
+        except OSError as e:
+            raise ConnectionLostError(f"reading from {conn.peer} failed: {_why(e)}") from None
+        if not first:
+            raise ConnectionLostError(f"{conn.peer} closed before the TLS handshake")
+        if first[0] != TLS_HANDSHAKE:
+            raise PlainClientError("a plain client: this leader requires TLS")
+        tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        conn.upgrade(tls)  # the same Conn: whoever holds it (to abort it) still does
+        _handshake(tls, deadline, conn.peer, server=True)
+        return conn
 
     def listen(self, host: str, port: int) -> Listener:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -252,11 +354,67 @@ class TcpTransport:
                 raise
             if not why:
                 _nodelay(sock)
-                return Conn(sock, where)
+                return self._client(sock, host, where, timeout)
             sock.close()
         if why == "connection refused":
             why += " (is the leader running?)"
         raise ConnectError(f"cannot connect to the leader at {where}: {why}")
+
+    def _client(self, sock: socket.socket, host: str, where: str, timeout: float) -> Conn:
+        ctx = self.client_tls
+        if ctx is None:
+            return Conn(sock, where, client=True)
+        name = self.server_name or host.strip("[]")
+        try:
+            tls = ctx.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
+            _handshake(tls, time.monotonic() + timeout, where, server=False)
+        except BaseException:
+            sock.close()
+            raise
+        return Conn(tls, where, client=True)
+
+
+def _handshake(tls: ssl.SSLSocket, deadline: float, peer: str, server: bool) -> None:
+    """The TLS handshake with a deadline for the whole of it (a client that
+    trickles it byte by byte gains nothing)."""
+    tls.setblocking(False)
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            events = selectors.EVENT_READ
+        except ssl.SSLWantWriteError:
+            events = selectors.EVENT_WRITE
+        except ssl.SSLError as e:
+            raise _handshake_error(e, peer, server) from None
+        except OSError as e:
+            raise ConnectionLostError(f"TLS handshake with {peer} failed: {_why(e)}") from None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimedOutError(f"TLS handshake with {peer} took more than its deadline")
+        with selectors.DefaultSelector() as sel:
+            sel.register(tls, events)
+            sel.select(left)
+    tls.setblocking(True)
+
+
+def _handshake_error(e: ssl.SSLError, peer: str, server: bool) -> Exception:
+    why = _tls_why(e)
+    if isinstance(e, ssl.SSLEOFError) or "EOF" in str(e.reason or ""):
+        return ConnectionLostError(f"{peer} closed the connection during the TLS handshake")
+    if server:
+        return AuthError(f"TLS handshake failed: {why}")
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return AuthError(
+            f"the leader at {peer} has a certificate this follower refuses: {why}"
+            " (check --tls-ca, and --tls-server-name against the names in its certificate)"
+        )
+    if e.reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
+        return AuthError(
+            f"the leader at {peer} does not speak TLS ({why}): is it started without --tls-cert?"
+        )
+    return AuthError(f"TLS handshake with the leader at {peer} failed: {why}")
 
 
 def _connect(sock: socket.socket, addr: Any, timeout: float, cancel: Waker | None) -> str:
@@ -353,6 +511,11 @@ class MemoryNetwork:
             lst = self._listeners[port] = _MemoryListener(self, host, port)
         return lst
 
+    tls = False
+
+    def secure(self, conn: Conn, timeout: float) -> Conn:
+        return conn
+
     def forget(self, port: int) -> None:
         with self._lock:
             self._listeners.pop(port, None)
@@ -367,7 +530,7 @@ class MemoryNetwork:
             )
         a, b = socket.socketpair()
         lst.offer(b)
-        return Conn(a, f"memory:{port}")
+        return Conn(a, f"memory:{port}", client=True)
 
 
 class Poller:

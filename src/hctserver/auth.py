@@ -1,0 +1,257 @@
+"""The shared-secret extension: mutual challenge-response before any request.
+
+A leader started with ``--auth-file`` serves nothing on a connection until
+the follower proves that it holds the same secret, and proves it holds it
+too, so a follower never takes data from an impostor. The secret never
+crosses the wire: each side sends an HMAC-SHA256 of both sides' fresh
+nonces, labelled by role (so a proof cannot be reflected back):
+
+* follower -> leader: a SYNC whose cid is -3 and whose hash is
+  :data:`REQUEST_HASH` (the original leader, and a leader without a secret,
+  answer it with an ERROR), then **HELLO** (i32 version, 32-byte nonce);
+* leader -> follower: **CHALLENGE** (its 32-byte nonce), or ERROR;
+* follower -> leader: **PROOF** (HMAC(secret, "follower" | both nonces));
+* leader -> follower: **WELCOME** (HMAC(secret, "leader" | both nonces)),
+  or ERROR ("wrong shared secret") and close.
+
+Then the connection carries its one request as usual. Messages are ``i32
+type, i32 length, body``, as the other extensions'. The state machines
+here do no I/O; :func:`exchange` drives one over a connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+import time
+from typing import Protocol
+
+from . import wire
+from .errors import AuthError, ConnectionLostError, ProtocolError, TimedOutError
+from .position import HASH_SIZE
+
+REQUEST_CID = -3
+REQUEST_HASH = b"hctserver-au-v1\x00"  # 16 bytes: never a real version hash
+VERSION = 1
+
+HELLO = 20  # follower -> leader: version, nonce
+CHALLENGE = 21  # leader -> follower: nonce
+PROOF = 22  # follower -> leader: its MAC
+WELCOME = 23  # leader -> follower: its MAC
+
+NONCE = 32
+MAC = 32
+_head = struct.Struct("<ii")
+_sync = struct.Struct(f"<iq{HASH_SIZE}s")
+_hello = struct.Struct(f"<i{NONCE}s")
+_SIZES = {HELLO: _hello.size, CHALLENGE: NONCE, PROOF: MAC, WELCOME: MAC}
+
+NEEDED = (
+    "this leader requires authentication: start the follower with --auth-file"
+    " holding the leader's secret"
+)
+TLS_NEEDED = (
+    "this leader requires TLS: start the follower with --tls-ca naming the CA of the"
+    " leader's certificate"
+)
+WRONG = "authentication failed: wrong shared secret"
+NOT_HERE = (
+    "this leader has no shared secret (it was started without --auth-file):"
+    " it cannot prove itself to this follower"
+)
+
+
+def is_request(cid: int, hash_: bytes) -> bool:
+    return cid == REQUEST_CID and hash_ == REQUEST_HASH
+
+
+def nonce() -> bytes:
+    return os.urandom(NONCE)
+
+
+def _mac(secret: bytes, role: bytes, follower_nonce: bytes, leader_nonce: bytes) -> bytes:
+    msg = b"hctserver-auth-v1 " + role + b"\x00" + follower_nonce + leader_nonce
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def _message(kind: int, body: bytes) -> bytes:
+    return _head.pack(kind, len(body)) + body
+
+
+class _Reader:
+    """Whole fixed-size messages of the kinds expected, or an ERROR."""
+
+    def __init__(self, from_leader: bool) -> None:
+        self.buf = bytearray()
+        self._from_leader = from_leader
+
+    def next(self, kind: int) -> bytes | None:
+        buf = self.buf
+        if len(buf) < 8:
+            return None
+        got, size = _head.unpack_from(buf)
+        if got == wire.ERROR and self._from_leader:
+            if not 0 < size <= wire.MAX_ERROR:
+                raise ProtocolError(f"an ERROR of {size} bytes in the authentication")
+            if len(buf) < 8 + size:
+                return None
+            text = bytes(buf[8 : 8 + size]).rstrip(b"\x00").decode("utf-8", "replace")
+            raise AuthError(f"the leader refused this follower: {_explain(text)}")
+        if got != kind or size != _SIZES[kind]:
+            raise ProtocolError(
+                f"authentication: expected message {kind} of {_SIZES[kind]} bytes,"
+                f" got type {got} of {size}"
+            )
+        if len(buf) < 8 + size:
+            return None
+        body = bytes(buf[8 : 8 + size])
+        del buf[: 8 + size]
+        return body
+
+
+def _explain(text: str) -> str:
+    if text == wire.INCOMPATIBLE:
+        return (
+            f"{text} (it does not know authentication: the original C leader,"
+            " or hctserver before 0.4)"
+        )
+    return text
+
+
+class FollowerAuth:
+    """The follower's side: :meth:`start`, then feed what arrives to
+    :meth:`receive` until :attr:`done`."""
+
+    def __init__(self, secret: bytes, my_nonce: bytes | None = None) -> None:
+        self._secret = secret
+        self._nonce = my_nonce or nonce()
+        self._expect = CHALLENGE
+        self._want_mac = b""
+        self._in = _Reader(from_leader=True)
+        self.done = False
+
+    def start(self) -> bytes:
+        return _sync.pack(wire.SYNC, REQUEST_CID, REQUEST_HASH) + _message(
+            HELLO, _hello.pack(VERSION, self._nonce)
+        )
+
+    def receive(self, data: bytes | memoryview) -> bytes:
+        """Bytes to send back (maybe none). Raises :class:`AuthError` when
+        the leader refuses us or fails to prove itself."""
+        self._in.buf += data
+        out = b""
+        while not self.done:
+            body = self._in.next(self._expect)
+            if body is None:
+                break
+            if self._expect == CHALLENGE:
+                self._want_mac = _mac(self._secret, b"leader", self._nonce, body)
+                out += _message(PROOF, _mac(self._secret, b"follower", self._nonce, body))
+                self._expect = WELCOME
+            else:
+                if not hmac.compare_digest(body, self._want_mac):
+                    raise AuthError(
+                        "the leader could not prove that it holds the shared secret:"
+                        " it is not this follower's leader, or its --auth-file differs"
+                    )
+                self.done = True
+        if self.done and self._in.buf:
+            raise ProtocolError("the leader sent more than its WELCOME")
+        return out
+
+
+class LeaderAuth:
+    """The leader's side. :meth:`receive` returns bytes to send; raises
+    :class:`AuthError` (with the ERROR text for the client as its message)
+    for a client without the secret. The client may send its request only
+    after WELCOME, so nothing is left over."""
+
+    def __init__(self, secret: bytes, my_nonce: bytes | None = None) -> None:
+        self._secret = secret
+        self._nonce = my_nonce or nonce()
+        self._stage = 0  # 0: the SYNC, 1: HELLO, 2: PROOF
+        self._theirs = b""
+        self._in = _Reader(from_leader=False)
+        self.done = False
+
+    def receive(self, data: bytes | memoryview) -> bytes:
+        self._in.buf += data
+        buf = self._in.buf
+        out = b""
+        if self._stage == 0:
+            if len(buf) >= 4:
+                _no_request(buf)
+            if len(buf) < _sync.size:
+                return out
+            _, cid, h = _sync.unpack_from(buf)
+            if cid != REQUEST_CID or h != REQUEST_HASH:
+                raise AuthError(NEEDED, f"no authentication (it sent SYNC from cid {cid})")
+            del buf[: _sync.size]
+            self._stage = 1
+        if self._stage == 1:
+            body = self._in.next(HELLO)
+            if body is None:
+                return out
+            version, self._theirs = _hello.unpack(body)
+            if version != VERSION:
+                raise AuthError(
+                    f"authentication version {version} is not {VERSION}: upgrade the older node"
+                )
+            self._stage = 2
+            out += _message(CHALLENGE, self._nonce)
+        body = self._in.next(PROOF)
+        if body is None:
+            return out
+        if not hmac.compare_digest(
+            body, _mac(self._secret, b"follower", self._theirs, self._nonce)
+        ):
+            raise AuthError(WRONG, "wrong shared secret (the follower's --auth-file differs)")
+        if buf:
+            raise ProtocolError("the follower sent its request before the WELCOME")
+        self.done = True
+        return out + _message(WELCOME, _mac(self._secret, b"leader", self._theirs, self._nonce))
+
+
+def _no_request(buf: bytearray) -> None:
+    (kind,) = struct.unpack_from("<i", buf)
+    if kind != wire.SYNC:
+        name = wire.NAMES.get(kind, f"a message of type {kind}")
+        raise AuthError(NEEDED, f"no authentication (it sent {name})")
+
+
+REFUSALS = (NEEDED, WRONG, NOT_HERE, TLS_NEEDED)
+
+
+def refusal(e: AuthError) -> tuple[str, str]:
+    """(the ERROR text for the client, the reason for the leader's log)."""
+    args = e.args
+    return (str(args[0]), str(args[1]) if len(args) > 1 else str(args[0]))
+
+
+class _Conn(Protocol):
+    peer: str
+
+    def send_all(self, data: bytes, timeout: float | None) -> None: ...
+
+    def recv_into(self, buf: bytearray, timeout: float | None) -> int: ...
+
+
+def exchange(conn: _Conn, side: FollowerAuth | LeaderAuth, first: bytes, timeout: float) -> None:
+    """Run ``side`` over ``conn`` (sending ``first`` first) until it is done,
+    within ``timeout`` seconds in all."""
+    deadline = time.monotonic() + timeout
+    if first:
+        conn.send_all(first, timeout)
+    buf = bytearray(256)
+    while not side.done:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimedOutError(f"{conn.peer} did not finish authenticating within {timeout:g} s")
+        n = conn.recv_into(buf, left)
+        if n == 0:
+            raise ConnectionLostError(f"{conn.peer} closed the connection while authenticating")
+        out = side.receive(memoryview(buf)[:n])
+        if out:
+            conn.send_all(out, left)
