@@ -14,6 +14,7 @@ import apsw
 
 from hctserver import Database, wire
 from hctserver.jobs import WRITER_SQL, writer
+from hctserver.node import DEFAULTS as NODE_OPTIONS
 from hctserver.node import Node
 
 import dbdump
@@ -34,7 +35,10 @@ def init_db(path: str, n: int = 0) -> None:
 
 
 def leader_node(path: str, jobs: list[Any], **extra: Any) -> Node:
-    node = Node(path, port=0)
+    """A leader on an ephemeral port; ``extra``: Node options (such as
+    ``security``) and keywords of :class:`hctserver.leader.Leader`."""
+    options = {k: extra.pop(k) for k in list(extra) if k in NODE_OPTIONS}
+    node = Node(path, port=0, **options)
     for j in jobs:
         node.job(j)
     node.extra.update(extra)

@@ -46,7 +46,7 @@ class Security:
                 raise ConfigError("--tls-client-ca needs the leader's own --tls-cert and --tls-key")
             return None
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        _common(ctx)
         self._load_chain(ctx)
         if self.client_ca is not None:
             ctx.verify_mode = ssl.CERT_REQUIRED
@@ -63,7 +63,7 @@ class Security:
                 )
             return None
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the certificate and name
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        _common(ctx)
         if self.ca == SYSTEM_CA:
             ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
         else:
@@ -106,6 +106,14 @@ def read_secret(path: str, flag: str) -> bytes:
             f" (for example: openssl rand -hex 32 > {path})"
         )
     return data
+
+
+def _common(ctx: ssl.SSLContext) -> None:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # a peer that closes without close_notify has just closed: the original's
+    # protocol half-closes (a client sends its request and may shut its side),
+    # and every message has its own length or end marker, so a cut is still seen
+    ctx.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
 
 
 def _load_ca(ctx: ssl.SSLContext, path: str, flag: str) -> None:

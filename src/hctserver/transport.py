@@ -119,9 +119,26 @@ class Conn:
             raise self._lost("reading from", e) from None
 
     def _lost(self, doing: str, e: OSError) -> Exception:
-        if self._client and isinstance(e, ssl.SSLError) and "ALERT" in str(e.reason):
-            return AuthError(f"the leader at {self.peer} refused this follower: {_tls_why(e)}")
+        if self._client and self._piece:
+            alert = e if isinstance(e, ssl.SSLError) and _is_alert(e) else self._pending_alert()
+            if alert is not None:
+                return AuthError(
+                    f"the leader at {self.peer} refused this follower: {_tls_why(alert)}"
+                )
         return ConnectionLostError(f"{doing} {self.peer} failed: {_why(e)}")
+
+    def _pending_alert(self) -> ssl.SSLError | None:
+        """The TLS alert the leader sent before it closed, if one is waiting
+        (under TLS 1.3 a refused client certificate is told after the
+        client's handshake ended, so our first send may fail before it)."""
+        try:
+            self._sock.setblocking(False)
+            self._sock.recv(1)
+        except ssl.SSLError as e:
+            return e if _is_alert(e) else None
+        except OSError:
+            return None
+        return None
 
     def pending(self) -> int:
         """Bytes received and buffered above the socket (by TLS; none for plain
@@ -157,6 +174,12 @@ def _why(e: OSError) -> str:
 
 
 _TLS_PIECE = 16 << 10
+
+
+def _is_alert(e: OSError) -> bool:
+    return isinstance(e, ssl.SSLError) and "ALERT" in str(e.reason)
+
+
 TLS_HANDSHAKE = 0x16  # the first byte of every TLS connection (a handshake record)
 
 
