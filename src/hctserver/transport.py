@@ -57,10 +57,23 @@ class Conn:
         # with the same bytes, as OpenSSL requires, when sends stay this small
         self._piece = _TLS_PIECE if isinstance(sock, ssl.SSLSocket) else 0
 
-    def upgrade(self, tls: ssl.SSLSocket) -> None:
-        """From now on, speak through ``tls`` (which took over the socket)."""
+    def peek(self, timeout: float) -> bytes:
+        """The first byte waiting, left there (b"" if the peer closed)."""
+        try:
+            self._sock.settimeout(timeout)
+            return self._sock.recv(1, socket.MSG_PEEK)
+        except TimeoutError:
+            raise TimedOutError(f"{self.peer} sent nothing for {timeout:g} s") from None
+        except OSError as e:
+            raise ConnectionLostError(f"reading from {self.peer} failed: {_why(e)}") from None
+
+    def start_tls(self, ctx: ssl.SSLContext, deadline: float) -> None:
+        """The server's side of the TLS handshake, then speak TLS. The same
+        Conn goes on: whoever holds it (to abort it) still does."""
+        tls = ctx.wrap_socket(self._sock, server_side=True, do_handshake_on_connect=False)
         self._sock = tls
         self._piece = _TLS_PIECE
+        _handshake(tls, deadline, self.peer, server=True)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -330,21 +343,12 @@ class TcpTransport:
         if ctx is None:
             return conn
         deadline = time.monotonic() + timeout
-        sock = conn._sock
-        try:
-            sock.settimeout(timeout)
-            first = sock.recv(1, socket.MSG_PEEK)
-        except TimeoutError:
-            raise TimedOutError(f"{conn.peer} sent nothing for {timeout:g} s") from None
-        except OSError as e:
-            raise ConnectionLostError(f"reading from {conn.peer} failed: {_why(e)}") from None
+        first = conn.peek(timeout)
         if not first:
             raise ConnectionLostError(f"{conn.peer} closed before the TLS handshake")
         if first[0] != TLS_HANDSHAKE:
             raise PlainClientError("a plain client: this leader requires TLS")
-        tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        conn.upgrade(tls)  # the same Conn: whoever holds it (to abort it) still does
-        _handshake(tls, deadline, conn.peer, server=True)
+        conn.start_tls(ctx, deadline)
         return conn
 
     def listen(self, host: str, port: int) -> Listener:
