@@ -29,8 +29,11 @@ def test_configure_validates_every_option(tmp_path) -> None:
         "once": False,
         "http": None,
         "health_max_lag": 10.0,
+        "security": None,
+        "http_security": None,
     }
     for bad, match in [
+        ({"security": "tls"}, "option security takes Security"),
         ({"http": "nope"}, "--http takes HOST:PORT or PORT"),
         ({"http": "127.0.0.1:99999"}, "port must be between 0 and 65535"),
         ({"health_max_lag": 0}, "health_max_lag must be a finite number"),

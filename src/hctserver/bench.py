@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from bisect import bisect_left
+from pathlib import Path
 from typing import Any
 
 import apsw
@@ -34,6 +35,7 @@ from .journal import Database
 from .leader import Leader
 from .node import serve_http
 from .position import ZERO_HASH
+from .security import Security
 from .snapshot import remove_files
 from .transport import TCP
 
@@ -157,16 +159,21 @@ while time.monotonic() < stop:
 
 
 def journaled_rate(
-    path: str, seconds: float, followers: int = 0, tmp: str = "", scraped: bool = False
+    path: str,
+    seconds: float,
+    followers: int = 0,
+    tmp: str = "",
+    scraped: bool = False,
+    tls: Tls | None = None,
 ) -> float:
     """The writer loop through one leader job, with ``followers`` live followers;
     ``scraped``: with the HTTP endpoint on and a Prometheus-like client (its own
-    process) fetching ``/metrics`` every second."""
+    process) fetching ``/metrics`` every second; ``tls``: followers over TLS."""
     _leader_db(path)
     gate = threading.Event()
     job = _Timed(gate, seconds)
     db = Database(path)
-    leader = Leader(db, [Job(job, "writer")], port=0, seconds=0)
+    leader = Leader(db, [Job(job, "writer")], port=0, seconds=0, security=_leader_tls(tls))
     leader.start()
     children = []
     endpoint = None
@@ -180,9 +187,8 @@ def journaled_rate(
                 )
             )
         for i in range(followers):
-            children.append(
-                _spawn(os.path.join(tmp, f"rate-f{i}-{time.time_ns()}.db"), leader.port, ready=True)
-            )
+            fp = os.path.join(tmp, f"rate-f{i}-{time.time_ns()}.db")
+            children.append(_spawn(fp, leader.port, ready=True, tls=tls))
         for ch in children[1 if scraped else 0 :]:
             _wait_ready(ch)
         gate.set()
@@ -199,6 +205,51 @@ def journaled_rate(
     return job.rate
 
 
+# --- TLS -----------------------------------------------------------------------------
+
+
+class Tls:
+    """A certificate for 127.0.0.1 (``cert``: key and chain) and its CA."""
+
+    def __init__(self, cert: str, ca: str) -> None:
+        self.cert = cert
+        self.ca = ca
+
+
+def make_tls(tmp: str) -> Tls | None:
+    """Certificates for the TLS figures: with ``trustme`` where it is
+    installed (the test extras), else the ``openssl`` command; None if
+    neither is there."""
+    cert, ca = os.path.join(tmp, "tls-leader.pem"), os.path.join(tmp, "tls-ca.pem")
+    try:
+        import trustme  # type: ignore[import-not-found, unused-ignore]
+
+        authority = trustme.CA()
+        authority.cert_pem.write_to_path(ca)
+        leaf = authority.issue_cert("127.0.0.1", "localhost")
+        leaf.private_key_and_cert_chain_pem.write_to_path(cert)
+        return Tls(cert, ca)
+    except ImportError:
+        pass
+    key = os.path.join(tmp, "tls-key.pem")
+    cmd = [
+        "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+        "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", ca,
+        "-addext", "subjectAltName=IP:127.0.0.1",
+    ]  # fmt: skip
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    with open(cert, "wb") as out:  # a self-signed certificate is its own CA
+        out.write(Path(key).read_bytes() + Path(ca).read_bytes())
+    return Tls(cert, ca)
+
+
+def _leader_tls(tls: Tls | None) -> Security | None:
+    return None if tls is None else Security(cert=tls.cert, key=tls.cert)
+
+
 # --- follower child processes -----------------------------------------------------
 
 
@@ -211,6 +262,7 @@ def _spawn(
     target: int = 0,
     record: str = "",
     bootstrap: bool = False,
+    tls: Tls | None = None,
 ) -> subprocess.Popen[str]:
     cmd = [
         sys.executable,
@@ -230,6 +282,8 @@ def _spawn(
         cmd += ["--record", record]
     if bootstrap:
         cmd.append("--bootstrap")
+    if tls is not None:
+        cmd += ["--tls-ca", tls.ca]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
 
 
@@ -251,6 +305,7 @@ def _child(argv: list[str]) -> int:
     ap.add_argument("--ready", action="store_true")
     ap.add_argument("--record", default="")
     ap.add_argument("--bootstrap", action="store_true", help="from a snapshot, not by replay")
+    ap.add_argument("--tls-ca", default=None)
     a = ap.parse_args(argv)
     db = Database(a.db)
     times: list[tuple[float, int]] = []
@@ -263,6 +318,7 @@ def _child(argv: list[str]) -> int:
         once=True,
         bootstrap=a.bootstrap,
         bootstrap_min=0,
+        security=Security(ca=a.tls_ca),
     )
     t0 = time.perf_counter()
     f.start()
@@ -318,9 +374,9 @@ def build_journal(path: str, n: int) -> float:
     return (n - 1) / dt
 
 
-def _serve(path: str) -> tuple[Leader, Database]:
+def _serve(path: str, tls: Tls | None = None) -> tuple[Leader, Database]:
     db = Database(path)
-    leader = Leader(db, [Job(_idle, "idle")], port=0)
+    leader = Leader(db, [Job(_idle, "idle")], port=0, security=_leader_tls(tls))
     leader.start()
     return leader, db
 
@@ -330,9 +386,12 @@ def _idle(db: Any, timeout: Timeout) -> None:
         pass
 
 
-def catchup(leader_path: str, tmp: str, syncthreads: int) -> dict[str, float]:
+def catchup(
+    leader_path: str, tmp: str, syncthreads: int, tls: Tls | None = None
+) -> dict[str, float]:
     """An empty follower of the leader at ``leader_path``, by replay."""
-    return _follow(leader_path, os.path.join(tmp, f"catchup-{syncthreads}.db"), syncthreads)
+    fp = os.path.join(tmp, f"catchup-{syncthreads}.db")
+    return _follow(leader_path, fp, syncthreads, tls=tls)
 
 
 def bootstrap(leader_path: str, tmp: str) -> dict[str, float]:
@@ -345,14 +404,16 @@ def bootstrap(leader_path: str, tmp: str) -> dict[str, float]:
 
 
 def _follow(
-    leader_path: str, fp: str, syncthreads: int, bootstrap: bool = False
+    leader_path: str, fp: str, syncthreads: int, bootstrap: bool = False, tls: Tls | None = None
 ) -> dict[str, float]:
     """Serve ``leader_path``; a follower process catches up into ``fp``
     (then removed); what it measured, and ``bytes``: its file's size."""
-    leader, db = _serve(leader_path)
+    leader, db = _serve(leader_path, tls)
     try:
         target = db.snapshot()
-        ch = _spawn(fp, leader.port, syncthreads=syncthreads, target=target, bootstrap=bootstrap)
+        ch = _spawn(
+            fp, leader.port, syncthreads=syncthreads, target=target, bootstrap=bootstrap, tls=tls
+        )
         out, _ = ch.communicate(timeout=3600)
         res: dict[str, float] = json.loads(out.strip().splitlines()[-1])
         if res["snapshot"] < target:
@@ -571,14 +632,24 @@ def run_bench(quick: bool = False, json_path: str | None = None, entries: int | 
         r["leader_floor_commits_per_s"] = statistics.median(floor)
         r["leader_floor_ratio"] = r["leader_floor_commits_per_s"] / r["leader_plain_commits_per_s"]
         _say(f"  commit rates: plain {_nums(plain)}, journaled {_nums(jour)}, floor {_nums(floor)}")
-        alone, with2 = [], []
+        tls = make_tls(tmp)
+        alone, with2, with2_tls = [], [], []
         for i in range(cfg["rounds"]):
             alone.append(journaled_rate(os.path.join(tmp, f"alone{i}.db"), secs))
             with2.append(journaled_rate(os.path.join(tmp, f"with{i}.db"), secs, 2, tmp))
+            if tls is not None:
+                fp = os.path.join(tmp, f"withtls{i}.db")
+                with2_tls.append(journaled_rate(fp, secs, 2, tmp, tls=tls))
         r["leader_alone_commits_per_s"] = statistics.median(alone)
         r["leader_with_2_followers_commits_per_s"] = statistics.median(with2)
         r["leader_followers_ratio"] = statistics.median(with2) / statistics.median(alone)
         _say(f"  with followers: alone {_nums(alone)}, with 2 {_nums(with2)}")
+        if tls is not None:
+            r["leader_with_2_tls_followers_commits_per_s"] = statistics.median(with2_tls)
+            r["tls_leader_commit_ratio"] = statistics.median(with2_tls) / statistics.median(with2)
+            _say(f"  with 2 TLS followers: {_nums(with2_tls)}")
+        else:
+            _say("  TLS figures skipped: neither trustme nor openssl is installed")
         bare, scraped = [], []
         for i in range(cfg["rounds"]):
             bare.append(journaled_rate(os.path.join(tmp, f"bare{i}.db"), secs))
@@ -607,6 +678,15 @@ def run_bench(quick: bool = False, json_path: str | None = None, entries: int | 
         r["catchup_peak_rss_mb"] = max(
             r[f"catchup_peak_rss_mb_syncthreads_{s}"] for s in SYNCTHREADS
         )
+        if tls is not None:  # plain and TLS one after the other, one sync thread each
+            plain_res, tls_res = catchup(big, tmp, 1), catchup(big, tmp, 1, tls)
+            plain_rate_ = plain_res["entries"] / plain_res["seconds"]
+            r["tls_catchup_entries_per_s"] = tls_res["entries"] / tls_res["seconds"]
+            r["tls_catchup_ratio"] = r["tls_catchup_entries_per_s"] / plain_rate_
+            _say(
+                f"  catch-up over TLS: {r['tls_catchup_entries_per_s']:,.0f} entries/s"
+                f" (plain, just before: {plain_rate_:,.0f})"
+            )
         boot = bootstrap(big, tmp)
         r["bootstrap_seconds"] = boot["seconds"]
         r["bootstrap_entries_equiv_per_s"] = boot["snapshot"] / boot["seconds"]
@@ -651,6 +731,8 @@ TARGETS = {
     "lag_p99_ms": ("<=", 50),
     "app_lag_p99_ms": ("<=", 100),
     "metrics_overhead_ratio": (">=", 0.97),
+    "tls_catchup_ratio": (">=", 0.8),
+    "tls_leader_commit_ratio": (">=", 0.9),
 }
 
 
