@@ -23,6 +23,8 @@ KEYS = [
     "app_commits_per_s",
     "handshake_small_ms",
     "handshake_large_ms",
+    "tls_catchup_ratio",
+    "tls_leader_commit_ratio",
 ] + [f"catchup_entries_per_s_syncthreads_{n}" for n in (1, 2, 8)]
 
 
@@ -49,6 +51,10 @@ def test_bench_quick_writes_sane_json(tmp_path) -> None:
         r[f"catchup_entries_per_s_syncthreads_{n}"] for n in (1, 2, 8)
     )
     assert 0 < r["catchup_limit_ratio"] < 3
+    assert 0 < r["tls_catchup_ratio"] < 3 and 0 < r["tls_leader_commit_ratio"] < 3
+    assert r["tls_leader_commit_ratio"] == (
+        r["leader_with_2_tls_followers_commits_per_s"] / r["leader_with_2_followers_commits_per_s"]
+    )
     assert r["lag_p50_ms"] <= r["lag_p99_ms"]
     assert 0 < r["app_lag_p50_ms"] <= r["app_lag_p99_ms"]
     assert 10 < r["catchup_peak_rss_mb"] < 4096
