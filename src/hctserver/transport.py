@@ -381,29 +381,33 @@ class TcpTransport:
                 raise
             if not why:
                 _nodelay(sock)
-                return self._client(sock, host, where, timeout)
+                return self._client(sock, host, where, timeout, cancel)
             sock.close()
         if why == "connection refused":
             why += " (is the leader running?)"
         raise ConnectError(f"cannot connect to the leader at {where}: {why}")
 
-    def _client(self, sock: socket.socket, host: str, where: str, timeout: float) -> Conn:
+    def _client(
+        self, sock: socket.socket, host: str, where: str, timeout: float, cancel: Waker | None
+    ) -> Conn:
         ctx = self.client_tls
         if ctx is None:
             return Conn(sock, where, client=True)
         name = self.server_name or host.strip("[]")
         try:
             tls = ctx.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
-            _handshake(tls, time.monotonic() + timeout, where, server=False)
+            _handshake(tls, time.monotonic() + timeout, where, server=False, cancel=cancel)
         except BaseException:
             sock.close()
             raise
         return Conn(tls, where, client=True)
 
 
-def _handshake(tls: ssl.SSLSocket, deadline: float, peer: str, server: bool) -> None:
+def _handshake(
+    tls: ssl.SSLSocket, deadline: float, peer: str, server: bool, cancel: Waker | None = None
+) -> None:
     """The TLS handshake with a deadline for the whole of it (a client that
-    trickles it byte by byte gains nothing)."""
+    trickles it byte by byte gains nothing); waking ``cancel`` gives up."""
     tls.setblocking(False)
     while True:
         try:
@@ -422,7 +426,11 @@ def _handshake(tls: ssl.SSLSocket, deadline: float, peer: str, server: bool) -> 
             raise TimedOutError(f"TLS handshake with {peer} took more than its deadline")
         with selectors.DefaultSelector() as sel:
             sel.register(tls, events)
-            sel.select(left)
+            if cancel is not None:
+                sel.register(cancel, selectors.EVENT_READ)
+            ready = {key.fileobj for key, _ in sel.select(left)}
+        if cancel is not None and cancel in ready:
+            raise ConnectError("connecting was cancelled: the node is stopping")
     tls.setblocking(True)
 
 
