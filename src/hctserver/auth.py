@@ -29,7 +29,13 @@ import time
 from typing import Protocol
 
 from . import wire
-from .errors import AuthError, ConnectionLostError, ProtocolError, TimedOutError
+from .errors import (
+    AuthError,
+    ConnectionLostError,
+    LeaderBusyError,
+    ProtocolError,
+    TimedOutError,
+)
 from .position import HASH_SIZE
 
 REQUEST_CID = -3
@@ -98,6 +104,8 @@ class _Reader:
             if len(buf) < 8 + size:
                 return None
             text = bytes(buf[8 : 8 + size]).rstrip(b"\x00").decode("utf-8", "replace")
+            if text.endswith(wire.RETRY):  # busy or draining: not about us
+                raise LeaderBusyError(f"error from leader: {text}")
             raise AuthError(f"the leader refused this follower: {_explain(text)}")
         if got != kind or size != _SIZES[kind]:
             raise ProtocolError(

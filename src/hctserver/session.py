@@ -32,7 +32,7 @@ from .errors import (
 )
 from .position import Position
 
-RETRY = "retry later"  # ends every refusal a follower may retry
+RETRY = wire.RETRY
 BUSY = f"too many connections to the leader; {RETRY}"
 DRAINING = f"the leader is shutting down; {RETRY}"
 

@@ -41,6 +41,7 @@ DEFAULT_MAX_SIZE = 1 << 30  # largest entry the decoders accept unless told othe
 MAX_ERROR = 1 << 16  # largest ERROR message accepted
 
 INCOMPATIBLE = "incompatible database version"
+RETRY = "retry later"  # ends every refusal a follower may retry
 
 _i32 = struct.Struct("<i")
 _ii = struct.Struct("<ii")
