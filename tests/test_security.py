@@ -468,3 +468,84 @@ def test_the_http_endpoint_over_tls_with_a_bearer_token(tmp_path, pki: Pki) -> N
     finally:
         node.close()
     assert os.path.exists(lp)
+
+
+# --- the original C nodes ------------------------------------------------------------
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def _reference() -> Path:
+    fixture = REFERENCE / "testfixture"
+    if not os.access(fixture, os.X_OK):
+        pytest.skip("the original C system is not built here (../shared/reference)")
+    return fixture
+
+
+@pytest.mark.parametrize("setting", ["tls", "secret"])
+def test_the_c_follower_prints_why_a_secured_leader_refuses_it(tmp_path, pki: Pki, setting) -> None:
+    import subprocess
+
+    fixture = _reference()
+    lp = str(tmp_path / "l.db")
+    init_db(lp, 10)
+    sec = pki.leader_tls() if setting == "tls" else Security(auth_file=pki.secret)
+    leader = leader_node(lp, [], security=sec)
+    try:
+        p = subprocess.run(
+            [
+                str(fixture),
+                str(REFERENCE / "follower.tcl"),
+                str(tmp_path / "c.db"),
+                str(leader.port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        want = {
+            "tls": "this leader requires TLS",
+            "secret": "this leader requires authentication",
+        }[setting]
+        assert f"error from leader: {want}" in p.stdout, p.stdout + p.stderr
+        assert leader.runner.refused_by == {("tls" if setting == "tls" else "auth"): 1}
+    finally:
+        leader.close()
+
+
+def test_our_follower_with_a_secret_refuses_the_c_leader(tmp_path, pki: Pki) -> None:
+    from procs import free_port
+
+    fixture = _reference()
+    port = free_port()
+    with processes(str(tmp_path)) as procs:
+        c = procs.start(
+            str(fixture),
+            str(REFERENCE / "leader.tcl"),
+            str(tmp_path / "c.db"),
+            str(port),
+            "30",
+            "1",
+        )
+        wait_until(lambda: "listening" in procs.stdout(c) or _accepts(port), 30, "the C leader")
+        t0 = time.monotonic()
+        f = follower_node(str(tmp_path / "f.db"), port, security=Security(auth_file=pki.secret))
+        try:
+            with pytest.raises(AuthError, match="does not know authentication"):
+                f.wait(10)
+        finally:
+            f.close()
+        assert time.monotonic() - t0 < 1.0
+        assert c.poll() is None  # the C leader goes on
+        c.kill()
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
