@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 HCT = [sys.executable, "-m", "hctserver"]
 
@@ -101,3 +102,13 @@ def free_port() -> int:
 def wal_size(db: str) -> int:
     wal = db + "-wal"
     return os.path.getsize(wal) if os.path.exists(wal) else 0
+
+
+def reference() -> Path | None:
+    """The original C system's ``testfixture``: ``$HCTSERVER_REFERENCE``, else
+    ``../shared/reference/testfixture``; None when neither is there."""
+    env = os.environ.get("HCTSERVER_REFERENCE")
+    path = (
+        Path(env) if env else Path(__file__).resolve().parents[2] / "shared/reference/testfixture"
+    )
+    return path if os.access(path, os.X_OK) else None

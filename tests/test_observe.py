@@ -5,7 +5,6 @@ and top."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -13,7 +12,6 @@ import subprocess
 import threading
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +23,7 @@ from hctserver.session import LeaderSession, ServeFeedback, ServeSub
 
 from helpers import wait_until
 from nodes import FakeLeader, assert_identical, follower_node, init_db, snapshot_of
-from procs import HCT, free_port, processes
+from procs import HCT, free_port, processes, reference
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -302,21 +300,18 @@ def test_log_lines_have_time_and_level_and_json(tmp_path) -> None:
         assert re.search(r"INFO +caught up: streaming", text), text
 
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-
-
 def test_the_probe_against_the_original_c_leader(tmp_path) -> None:
     """The real C leader answers the feedback probe, and the bootstrap
     extension's request, as any SYNC it cannot match, and goes on serving:
     the extensions cost it nothing."""
-    fixture = REFERENCE / "testfixture"
-    if not os.access(fixture, os.X_OK):
-        pytest.skip("the original C system is not built here (../shared/reference)")
+    fixture = reference()
+    if fixture is None:
+        pytest.skip("the original C system is not here ($HCTSERVER_REFERENCE, ../shared/reference)")
     port = free_port()
     with processes(str(tmp_path)) as procs:
         c = procs.start(
             str(fixture),
-            str(REFERENCE / "leader.tcl"),
+            str(fixture.parent / "leader.tcl"),
             str(tmp_path / "c.db"),
             str(port),
             "20",

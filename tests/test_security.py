@@ -27,7 +27,7 @@ from hctserver.security import HttpSecurity, Security
 
 from helpers import wait_until
 from nodes import assert_identical, follower_node, gated_writer, init_db, leader_node
-from procs import HCT, processes, stop
+from procs import HCT, processes, reference, stop
 
 trustme = pytest.importorskip("trustme")
 
@@ -472,13 +472,11 @@ def test_the_http_endpoint_over_tls_with_a_bearer_token(tmp_path, pki: Pki) -> N
 
 # --- the original C nodes ------------------------------------------------------------
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-
 
 def _reference() -> Path:
-    fixture = REFERENCE / "testfixture"
-    if not os.access(fixture, os.X_OK):
-        pytest.skip("the original C system is not built here (../shared/reference)")
+    fixture = reference()
+    if fixture is None:
+        pytest.skip("the original C system is not here ($HCTSERVER_REFERENCE, ../shared/reference)")
     return fixture
 
 
@@ -495,7 +493,7 @@ def test_the_c_follower_prints_why_a_secured_leader_refuses_it(tmp_path, pki: Pk
         p = subprocess.run(
             [
                 str(fixture),
-                str(REFERENCE / "follower.tcl"),
+                str(fixture.parent / "follower.tcl"),
                 str(tmp_path / "c.db"),
                 str(leader.port),
             ],
@@ -522,7 +520,7 @@ def test_our_follower_with_a_secret_refuses_the_c_leader(tmp_path, pki: Pki) -> 
     with processes(str(tmp_path)) as procs:
         c = procs.start(
             str(fixture),
-            str(REFERENCE / "leader.tcl"),
+            str(fixture.parent / "leader.tcl"),
             str(tmp_path / "c.db"),
             str(port),
             "30",
