@@ -66,6 +66,17 @@ class Procs:
     ) -> subprocess.Popen[str]:
         return self.start(*HCT, "follower", db, "--port", str(port), *args, env=env)
 
+    def c_leader(
+        self, db: str, port: int, seconds: int, writers: int, *more: str
+    ) -> subprocess.Popen[str]:
+        """The original C leader (the reference build's leader.tcl); skips
+        the test when the reference build is not here."""
+        fixture = require_reference()
+        return self.start(
+            str(fixture), str(fixture.parent / "leader.tcl"), db, str(port), str(seconds),
+            str(writers), *more,
+        )  # fmt: skip
+
     def close(self) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -112,3 +123,13 @@ def reference() -> Path | None:
         Path(env) if env else Path(__file__).resolve().parents[2] / "shared/reference/testfixture"
     )
     return path if os.access(path, os.X_OK) else None
+
+
+def require_reference() -> Path:
+    """:func:`reference`, or skip the test saying why."""
+    import pytest
+
+    fixture = reference()
+    if fixture is None:
+        pytest.skip("the original C system is not here ($HCTSERVER_REFERENCE, ../shared/reference)")
+    return fixture

@@ -23,7 +23,7 @@ from hctserver.session import LeaderSession, ServeFeedback, ServeSub
 
 from helpers import wait_until
 from nodes import FakeLeader, assert_identical, follower_node, init_db, snapshot_of
-from procs import HCT, free_port, processes, reference
+from procs import HCT, free_port, processes
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -304,19 +304,9 @@ def test_the_probe_against_the_original_c_leader(tmp_path) -> None:
     """The real C leader answers the feedback probe, and the bootstrap
     extension's request, as any SYNC it cannot match, and goes on serving:
     the extensions cost it nothing."""
-    fixture = reference()
-    if fixture is None:
-        pytest.skip("the original C system is not here ($HCTSERVER_REFERENCE, ../shared/reference)")
     port = free_port()
     with processes(str(tmp_path)) as procs:
-        c = procs.start(
-            str(fixture),
-            str(fixture.parent / "leader.tcl"),
-            str(tmp_path / "c.db"),
-            str(port),
-            "20",
-            "1",
-        )
+        c = procs.c_leader(str(tmp_path / "c.db"), port, 20, 1)
 
         def answer(request: bytes) -> bytes:
             try:

@@ -23,11 +23,12 @@ import pytest
 
 from hctserver import wire
 from hctserver.errors import AuthError, ConfigError, ProtocolError
+from hctserver.node import Node
 from hctserver.security import HttpSecurity, Security
 
 from helpers import wait_until
 from nodes import assert_identical, follower_node, gated_writer, init_db, leader_node
-from procs import HCT, processes, reference, stop
+from procs import HCT, free_port, processes, require_reference, stop
 
 trustme = pytest.importorskip("trustme")
 
@@ -91,6 +92,15 @@ def _replicates(tmp_path, leader_sec: Security, follower_sec: Security) -> None:
         wait_until(lambda: f.runner.stats.phase == "stream", 20, "the follower streaming")
         gate.set()
         wait_until(lambda: leader.db.max_cid() > 2000, 30, "live commits")
+    finally:
+        _end_identical(leader, f, lp, fp)
+    assert f.error is None
+
+
+def _end_identical(leader: Node, f: Node, lp: str, fp: str) -> None:
+    """End the leader's run, then the follower's; both closed even when that
+    fails; then they must hold the same."""
+    try:
         leader.runner.timeout.expire()
         leader.wait(60)
         f.wait(60)
@@ -98,7 +108,6 @@ def _replicates(tmp_path, leader_sec: Security, follower_sec: Security) -> None:
         f.close()
         leader.close()
     assert_identical(lp, fp)
-    assert f.error is None
 
 
 @pytest.mark.parametrize("setting", ["tls", "mutual-tls", "secret", "tls-and-secret"])
@@ -204,13 +213,8 @@ def test_wrong_credentials_are_refused_within_a_second_and_others_are_served(
             assert f.runner.stats.phase == "stream" and f.error is None, name
         before = leader.db.max_cid()
         wait_until(lambda: leader.db.max_cid() > before + 500, 30, "the leader writing on")
-        leader.runner.timeout.expire()
-        leader.wait(60)
-        f.wait(60)
     finally:
-        f.close()
-        leader.close()
-    assert_identical(lp, good)
+        _end_identical(leader, f, lp, good)
     assert leader.runner.refused_by["tls"] >= 5 and leader.runner.refused_by["auth"] >= 2
 
 
@@ -473,18 +477,11 @@ def test_the_http_endpoint_over_tls_with_a_bearer_token(tmp_path, pki: Pki) -> N
 # --- the original C nodes ------------------------------------------------------------
 
 
-def _reference() -> Path:
-    fixture = reference()
-    if fixture is None:
-        pytest.skip("the original C system is not here ($HCTSERVER_REFERENCE, ../shared/reference)")
-    return fixture
-
-
 @pytest.mark.parametrize("setting", ["tls", "secret"])
 def test_the_c_follower_prints_why_a_secured_leader_refuses_it(tmp_path, pki: Pki, setting) -> None:
     import subprocess
 
-    fixture = _reference()
+    fixture = require_reference()
     lp = str(tmp_path / "l.db")
     init_db(lp, 10)
     sec = pki.leader_tls() if setting == "tls" else Security(auth_file=pki.secret)
@@ -513,19 +510,10 @@ def test_the_c_follower_prints_why_a_secured_leader_refuses_it(tmp_path, pki: Pk
 
 
 def test_our_follower_with_a_secret_refuses_the_c_leader(tmp_path, pki: Pki) -> None:
-    from procs import free_port
 
-    fixture = _reference()
     port = free_port()
     with processes(str(tmp_path)) as procs:
-        c = procs.start(
-            str(fixture),
-            str(fixture.parent / "leader.tcl"),
-            str(tmp_path / "c.db"),
-            str(port),
-            "30",
-            "1",
-        )
+        c = procs.c_leader(str(tmp_path / "c.db"), port, 30, 1)
         wait_until(lambda: "listening" in procs.stdout(c) or _accepts(port), 30, "the C leader")
         t0 = time.monotonic()
         f = follower_node(str(tmp_path / "f.db"), port, security=Security(auth_file=pki.secret))
