@@ -1,0 +1,130 @@
+"""Applying hctree entry data (:mod:`hctserver.hctformat`) to SQLite, as the
+C follower does it (FORMAT.md, section 7), without its defects.
+
+Every record is the key's *final* state, so each is applied with REPLACE
+semantics: ``'i'``/``'I'`` replace the whole row, ``'d'``/``'D'`` delete the
+key (a key that is not there is no error: the vectors' insert-then-delete
+leaves one). Fields bind by position in table order (WITHOUT ROWID: the
+primary key columns in key order first); a record shorter than the table
+leaves the rest to their defaults (a row written before ``ALTER TABLE ADD
+COLUMN``); an INTEGER PRIMARY KEY's field is NULL and takes the rowid.
+Integers take the column's affinity on insert, as in any SQL INSERT.
+The connection's triggers and foreign keys must be off (the entry holds
+their effects already).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import apsw
+
+from . import hctformat
+from .errors import ApplyError, ProtocolError
+from .sqlutil import quote_ident
+
+
+class Shape(NamedTuple):
+    """What applying a record needs to know about a table."""
+
+    columns: tuple[str, ...]  # in table order, hidden ones left out
+    without_rowid: bool
+    ipk: int | None  # the INTEGER PRIMARY KEY column (a rowid alias)
+    pk: tuple[int, ...]  # primary key columns, in key order
+    rowid_name: str  # how to name the rowid in SQL
+
+
+def shape_of(conn: apsw.Connection, table: str) -> Shape | None:
+    """``table``'s shape in ``main``, or None if there is no such table."""
+    row = conn.execute(
+        "SELECT wr FROM pragma_table_list WHERE schema='main' AND name=? AND type='table'",
+        (table,),
+    ).fetchone()
+    if row is None:
+        return None
+    without_rowid = bool(row[0])
+    cols = list(conn.execute("SELECT name, pk, hidden FROM pragma_table_xinfo(?)", (table,)))
+    columns = tuple(c[0] for c in cols if not c[2])
+    pk = tuple(columns.index(c[0]) for c in sorted((c for c in cols if c[1]), key=lambda c: c[1]))
+    ipk = None
+    if not without_rowid and len(pk) == 1:
+        autoindex = conn.execute(
+            "SELECT 1 FROM pragma_index_list(?) WHERE origin='pk'", (table,)
+        ).fetchone()
+        if autoindex is None:
+            ipk = pk[0]
+    lower = {c.lower() for c in columns}
+    rowid_name = next((n for n in ("rowid", "_rowid_", "oid") if n not in lower), "rowid")
+    return Shape(columns, without_rowid, ipk, pk, rowid_name)
+
+
+class HctApplier:
+    """Applies entries' data on one connection; caches table shapes and
+    statements until :meth:`schema_changed`."""
+
+    def __init__(self, conn: apsw.Connection) -> None:
+        self._conn = conn
+        self._shapes: dict[str, Shape | None] = {}
+
+    def schema_changed(self) -> None:
+        self._shapes.clear()
+
+    def apply(self, data: bytes, allowed: Callable[[str], bool], where: str) -> None:
+        """Apply one entry's data (``where`` names it in errors); ``allowed``
+        says which tables an entry may write."""
+        for table in hctformat.decode(data):
+            if not allowed(table.name):
+                raise ProtocolError(
+                    f"changes to {table.name!r}, which is not a table of the follower's schema"
+                )
+            sh = self._shape(table.name)
+            if sh is None:
+                raise ApplyError(f"{where}: no table {table.name!r} on this follower")
+            for op in table.ops:
+                self._apply_op(table.name, sh, op, where)
+
+    def _shape(self, name: str) -> Shape | None:
+        if name not in self._shapes:
+            self._shapes[name] = shape_of(self._conn, name)
+        return self._shapes[name]
+
+    def _apply_op(self, name: str, sh: Shape, op: hctformat.Op, where: str) -> None:
+        t = quote_ident(name)
+        if (op.kind in ("I", "D")) != sh.without_rowid:
+            kind = "WITHOUT ROWID" if sh.without_rowid else "rowid"
+            raise ApplyError(f"{where}: a {op.kind!r} record for the {kind} table {name!r}")
+        if op.kind == "d":
+            self._conn.execute(f"DELETE FROM {t} WHERE {sh.rowid_name}=?", (op.rowid,))
+            return
+        if op.kind == "D":
+            if len(op.values) != len(sh.pk):
+                raise ApplyError(f"{where}: a key of {len(op.values)} fields for {name!r}")
+            cond = " AND ".join(f"{quote_ident(sh.columns[i])}=?" for i in sh.pk)
+            self._conn.execute(f"DELETE FROM {t} WHERE {cond}", op.values)
+            return
+        order = _field_order(sh)
+        if len(op.values) > len(order):
+            raise ApplyError(
+                f"{where}: a record of {len(op.values)} fields for {name!r},"
+                f" which has {len(order)} columns"
+            )
+        names: list[str] = []
+        values: list[Any] = []
+        for i, v in zip(order, op.values, strict=False):
+            if i == sh.ipk:
+                continue  # NULL in the record: the rowid is its value
+            names.append(quote_ident(sh.columns[i]))
+            values.append(v)
+        if op.kind == "i":
+            names.append(sh.rowid_name if sh.ipk is None else quote_ident(sh.columns[sh.ipk]))
+            values.append(op.rowid)
+        marks = ",".join("?" * len(values))
+        self._conn.execute(f"INSERT OR REPLACE INTO {t}({','.join(names)}) VALUES({marks})", values)
+
+
+def _field_order(sh: Shape) -> list[int]:
+    """Which column each field of a full record is."""
+    if not sh.without_rowid:
+        return list(range(len(sh.columns)))
+    return [*sh.pk, *(i for i in range(len(sh.columns)) if i not in sh.pk)]
