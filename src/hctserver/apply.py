@@ -23,9 +23,9 @@ from typing import Any
 
 import apsw
 
-from . import guard, patchset
+from . import guard
+from .codec import FORMATS, SESSION, codec_of, runs
 from .errors import ApplyError, DiskFullError, DivergenceError, ModeError, ProtocolError
-from .patchset import CHANGESET, PATCHSET
 from .policy import DataPolicy, SchemaPolicy
 from .position import Entry, Position, entry_hash, fold
 from .sqlutil import fetchone, write_transaction
@@ -34,7 +34,6 @@ from .systables import INSERT_ENTRY, INSERT_UNAPPLIED
 
 log = logging.getLogger("hctserver")
 
-_NOSAVEPOINT = apsw.SQLITE_CHANGESETAPPLY_NOSAVEPOINT
 _ABORT = apsw.SQLITE_CHANGESET_ABORT
 _CONFLICT_NAMES = {
     apsw.SQLITE_CHANGESET_DATA: "the row differs from what the entry expects",
@@ -45,15 +44,11 @@ _CONFLICT_NAMES = {
 }
 
 
-_ENCODINGS = frozenset((PATCHSET, CHANGESET))
+_ENCODINGS = frozenset(c.tag for c in FORMATS.values())
 
 
 def check_encoding(e: Entry) -> None:
-    if e.data and e.data[0] not in _ENCODINGS:
-        raise ApplyError(
-            f"cid {e.cid}: unknown data encoding 0x{e.data[0]:02x}"
-            " (this version reads session patchsets/changesets); upgrade hctserver"
-        )
+    codec_of(e.cid, e.data)
 
 
 class Applier:
@@ -278,16 +273,10 @@ class Applier:
                 schema_policy = SchemaPolicy()
                 schema_policy.run(c, batch[0].schema)
                 guard.protect(c)
-            data = patchset.merge([e.data for e in batch])
-            if data:
-                data_policy = DataPolicy(c)
-                apsw.Changeset.apply(
-                    data,
-                    c,
-                    flags=_NOSAVEPOINT,
-                    conflict=self._on_conflict,
-                    filter=data_policy,
-                )
+            for codec, datas in runs([(e.cid, e.data) for e in batch]):
+                if data_policy is None:
+                    data_policy = DataPolicy(c)
+                codec.apply(c, datas, data_policy, self._on_conflict)
                 if data_policy.refused is not None:
                     raise ProtocolError(data_policy.refused)
             if self._spilled:
@@ -312,6 +301,10 @@ class Applier:
                     f"cid {first}: the leader sent a schema change a follower does not run"
                     f" ({schema_policy.refused}); nothing of it was applied"
                 ) from None
+            if isinstance(exc, ProtocolError) and (
+                data_policy is None or data_policy.refused is None
+            ):
+                raise ProtocolError(f"{exc}; nothing of {where} was applied") from None
             if isinstance(exc, ProtocolError) or (
                 data_policy is not None and data_policy.refused is not None
             ):
@@ -363,7 +356,7 @@ def _key(row: Any, pk_columns: Any) -> str:
 def _corrupt(batch: list[Entry]) -> str:
     """Which entry of ``batch`` holds data SQLite cannot read ("cid N")."""
     for e in batch:
-        if not e.data:
+        if not e.data or e.data[0] != SESSION.tag:
             continue
         builder = apsw.ChangesetBuilder()  # type: ignore[no-untyped-call]
         try:
@@ -380,7 +373,8 @@ def _culprit(batch: list[Entry], refused: str) -> str:
     """Which entry of ``batch`` touched the table named in ``refused``."""
     for e in batch:
         try:
-            names = {t.name for t in patchset.decode(e.data)} if e.data else set()
+            codec = codec_of(e.cid, e.data)
+            names = codec.tables(e.data) if codec is not None else set()
         except Exception:
             continue
         if any(repr(n) in refused for n in names):

@@ -153,6 +153,11 @@ class IncompatibleError(PeerError):
     """The leader refused our position: "incompatible database version"."""
 
 
+class GapError(HctError):
+    """The leader's reply skips entries this follower needs, and it cannot
+    be filled (the original C leader's journal starts above us)."""
+
+
 class NoSnapshotsError(IncompatibleError):
     """The leader sends no snapshots (the original, or ``--no-snapshots``)."""
 

@@ -34,6 +34,7 @@ from .checkpoint import Checkpointer
 from .errors import (
     ConfigError,
     ConnectionLostError,
+    GapError,
     HctError,
     ProtocolError,
     TimedOutError,
@@ -839,6 +840,8 @@ class Follower:
                             self._check_streams(njob)
                         elif isinstance(ev, wire.ErrorReply):
                             raise leader_error(ev.message)
+                if entries and entries[0].cid > last + 1:
+                    last = self._gap(entries[0], last, what)
                 hashes, last, vh = chain(entries, last, vh, tag)
                 st.sync_entries += len(entries)
                 st.sync_bytes += n
@@ -850,6 +853,28 @@ class Follower:
         except ProtocolError as e:
             raise ProtocolError(f"bad reply from the leader to {what}: {e}") from e
         return njob, dec.entry_bytes
+
+    def _gap(self, first: Entry, last: int, what: str) -> int:
+        """The reply starts above our position. An empty follower of an
+        hctree leader takes (first - 1, zero hash) as its baseline, as the
+        original does (FORMAT.md, section 2); otherwise the entries between
+        are gone and no one will send them: stop at once, saying so."""
+        sink = self._sink
+        assert sink is not None
+        if last == 0 and first.schemacid == 0 and not sink.applier.pending:
+            base = first.cid - 1
+            sink.replace_applier(
+                lambda: self.db.adopt_baseline(base),
+                lambda: self.db.applier(**self.applier_options),
+            )
+            log.info("the leader's journal starts after cid %d: taking that as our baseline", base)
+            return base
+        raise GapError(
+            f"the leader's reply to {what} starts at cid {first.cid}, and this follower is at"
+            f" cid {last}: cids {last + 1} to {first.cid - 1} are gone from its journal and it"
+            " sends no snapshot (the original C leader); re-seed this follower from an empty"
+            " file"
+        )
 
     def _check_streams(self, njob: int) -> None:
         if njob > self.max_streams:

@@ -504,6 +504,22 @@ class Store:
             self._totals.forget(bcid, newcid, n, size)
         return n
 
+    def adopt_baseline(self, cid: int) -> None:
+        """An empty database takes (``cid``, schemacid 0, a zero hash) as its
+        baseline: an hctree leader's journal starts above one (at cid 7 for
+        a fresh one: FORMAT.md, section 2), and its first reply says so."""
+        with self._lock, write_transaction(self._conn) as c:
+            bcid = fetchone(c, "SELECT cid FROM hct_baseline")[0]
+            rows = fetchone(c, "SELECT count(*) FROM hct_journal")[0]
+            if bcid != 0 or rows:
+                raise JournalError(
+                    f"{self.path} is not empty (baseline cid {bcid}, {rows} journal rows):"
+                    " only an empty follower adopts its leader's baseline"
+                )
+            c.execute("UPDATE hct_baseline SET cid=?, schemacid=0, hash=zeroblob(16)", (cid,))
+        with self._status_lock:
+            self._totals.forget(0, cid, 0, 0)
+
     # --- hooks and waiting ------------------------------------------------
 
     @property

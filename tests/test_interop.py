@@ -1,0 +1,144 @@
+"""Replication with the original C nodes (the reference build: skipped
+when it is not here; ``$HCTSERVER_REFERENCE`` or ../shared/reference)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import apsw
+
+from hctserver.position import ZERO_HASH, fold
+
+from helpers import wait_until
+from nodes import snapshot_of
+from procs import HCT, free_port, processes, require_reference
+
+
+def c_query(db: str, sql: str) -> list[str]:
+    """Rows of ``sql`` on an hctree database, one Tcl list per line."""
+    fixture = require_reference()
+    p = subprocess.run(
+        [str(fixture), str(fixture.parent / "query.tcl"), db, sql],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return [line for line in p.stdout.splitlines() if not line.startswith("snapshot=")]
+
+
+def c_position(db: str) -> tuple[int, bytes]:
+    """The C database's (snapshot, version hash): its baseline folded with
+    every journal row's hash."""
+    (base,) = c_query(db, "SELECT cid, hex(hash) FROM sqlite_hct_baseline")
+    cid, h = int(base.split()[0]), bytes.fromhex(base.split()[1])
+    for line in c_query(db, "SELECT cid, hex(hash) FROM sqlite_hct_journal ORDER BY cid"):
+        c, eh = line.split()
+        assert int(c) == cid + 1, "a hole in the C journal"
+        cid, h = int(c), fold(h, bytes.fromhex(eh))
+    return cid, h
+
+
+def our_position(db: str) -> tuple[int, bytes]:
+    c = apsw.Connection(db, flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        row = c.execute(
+            "SELECT cid, vhash FROM hct_journal WHERE vhash IS NOT NULL ORDER BY cid DESC LIMIT 1"
+        ).fetchone()
+    finally:
+        c.close()
+    return (int(row[0]), bytes(row[1])) if row else (0, ZERO_HASH)
+
+
+def c_rows(db: str) -> list[str]:
+    return c_query(db, "SELECT a, hex(b), hex(c) FROM t1 ORDER BY a")
+
+
+def our_rows(db: str) -> list[str]:
+    c = apsw.Connection(db, flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return [
+            f"{a} {b} {cc}" for a, b, cc in c.execute("SELECT a, hex(b), hex(c) FROM t1 ORDER BY a")
+        ]
+    finally:
+        c.close()
+
+
+def test_our_followers_follow_a_c_leader_from_the_start_and_mid_run(tmp_path: Path) -> None:
+    cdb, early, late = (str(tmp_path / n) for n in ("c.db", "early.db", "late.db"))
+    port = free_port()
+    with processes(str(tmp_path)) as procs:
+        leader = procs.c_leader(cdb, port, 6, 2)
+        f1 = procs.start(*HCT, "follower", early, "--port", str(port), "--once")
+        wait_until(lambda: snapshot_of(early) > 200, 30, "the first follower applying")
+        f2 = procs.start(*HCT, "follower", late, "--port", str(port), "--once")
+        assert f1.wait(60) == 0, procs.stderr(f1)
+        assert f2.wait(60) == 0, procs.stderr(f2)
+        assert leader.wait(60) == 0, procs.stdout(leader)
+        assert "taking that as our baseline" in procs.stderr(f1)
+    want = c_rows(cdb)
+    assert len(want) > 100
+    pos = c_position(cdb)
+    for db in (early, late):
+        assert our_rows(db) == want
+        assert our_position(db) == pos
+
+
+# --- the baseline convention and gaps, without the reference -----------------------
+
+
+def _reply(*entries: tuple[int, int, str, bytes]) -> bytes:
+    from hctserver import wire
+
+    return (
+        wire.encode_syncreply_start(1)
+        + b"".join(wire.encode_entry(*e) for e in entries)
+        + wire.END_OF_ENTRIES
+    )
+
+
+def test_a_reply_with_a_gap_stops_a_follower_at_once(tmp_path: Path) -> None:
+    """Entries 1-6 will never come (the leader's schemacid says they were
+    not an hctree start): a clear error at once, not a wait for the end."""
+    import time
+
+    import pytest
+
+    from hctserver.errors import GapError
+
+    from nodes import FakeLeader, follower_node
+
+    fake = FakeLeader(_reply((7, 5, "", b"")))
+    t0 = time.monotonic()
+    f = follower_node(str(tmp_path / "f.db"), fake.port)
+    try:
+        with pytest.raises(GapError, match="cids 1 to 6 are gone"):
+            f.wait(10)
+    finally:
+        f.close()
+        fake.close()
+    assert time.monotonic() - t0 < 2
+
+
+def test_an_empty_follower_takes_an_hctree_leaders_baseline(tmp_path: Path) -> None:
+    from hctserver import Database
+
+    from nodes import FakeLeader, follower_node
+
+    create = (7, 0, "CREATE TABLE t1(a INTEGER PRIMARY KEY, b, c)", b"")
+    row = (8, 7, "", bytes.fromhex("5474310069020b04001b0875706461746564"))  # vectors: cid 18
+    from hctserver import wire
+
+    fake = FakeLeader(_reply(create, row), sub_reply=wire.encode_subreply_start())
+    fp = str(tmp_path / "f.db")
+    f = follower_node(fp, fake.port)
+    try:
+        wait_until(lambda: snapshot_of(fp) == 8, 10, "cid 8 applied")
+    finally:
+        f.close()
+        fake.close()
+    db = Database(fp, init=False)
+    assert db.baseline() == (6, 0, ZERO_HASH)
+    assert db.connect().execute("SELECT a, b, c FROM t1").fetchall() == [(2, "updated", 0)]
+    db.close()
