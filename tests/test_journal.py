@@ -582,3 +582,21 @@ def test_another_process_committing_and_truncating_does_not_break_the_chain(tmp_
     assert e is not None
     assert db.hash_at(8) == fold(db.baseline()[2], entry_hash(8, e.schema, e.data, e.schemacid))
     c.close()
+
+
+def test_a_table_from_an_earlier_transaction_can_be_dropped(tmp_path) -> None:
+    """Its guard triggers go with it (they cannot be dropped on their own),
+    and a follower replaying the journal drops it too."""
+    db = leader(str(tmp_path / "l.db"), 0)
+    c = db.connect()
+    c.execute("CREATE TABLE old(x)")
+    c.execute("INSERT INTO old VALUES(1)")
+    guards = [r[0] for r in c.execute("SELECT name FROM sqlite_schema WHERE type='trigger'")]
+    assert guards
+    with pytest.raises(apsw.AuthError):
+        c.execute(f"DROP TRIGGER {guards[0]}")
+    c.execute("DROP TABLE old")
+    assert c.execute("SELECT count(*) FROM sqlite_schema WHERE tbl_name='old'").fetchall() == [(0,)]
+    f = replay(db, str(tmp_path / "f.db"))
+    assert dbdump.tables(f.path) == dbdump.tables(db.path)
+    assert "old" not in dbdump.tables(f.path)

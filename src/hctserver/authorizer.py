@@ -11,6 +11,10 @@ from .systables import GUARD_PREFIX, SYSTEM_TABLES
 _WRITE_OPS = frozenset({apsw.SQLITE_INSERT, apsw.SQLITE_UPDATE, apsw.SQLITE_DELETE})
 _DDL_OPS = frozenset({apsw.SQLITE_DROP_TABLE, apsw.SQLITE_ALTER_TABLE})
 _TRIGGER_OPS = frozenset({apsw.SQLITE_CREATE_TRIGGER, apsw.SQLITE_DROP_TRIGGER})
+# what SQLite asks while it prepares a DROP TABLE (anything else ends it)
+_DROPPING_OPS = frozenset(
+    {apsw.SQLITE_DELETE, apsw.SQLITE_DROP_TABLE, apsw.SQLITE_DROP_TRIGGER, apsw.SQLITE_READ}
+)
 
 
 class Authorizer:
@@ -18,6 +22,7 @@ class Authorizer:
 
     def __init__(self, conn: apsw.Connection) -> None:
         self._internal = 0
+        self._dropping: str | None = None  # the table a DROP TABLE being prepared drops
         conn.set_authorizer(self)
 
     def bypass(self) -> Authorizer:
@@ -40,6 +45,12 @@ class Authorizer:
             return apsw.SQLITE_DENY if p1 in SYSTEM_TABLES else apsw.SQLITE_OK
         if op in _DDL_OPS and (p1 in SYSTEM_TABLES or p2 in SYSTEM_TABLES):
             return apsw.SQLITE_DENY
+        if op == apsw.SQLITE_DROP_TABLE:
+            self._dropping = p1  # its guard triggers go with it, authorized next
+        elif op not in _DROPPING_OPS:
+            self._dropping = None
         if op in _TRIGGER_OPS and p1 is not None and p1.startswith(GUARD_PREFIX):
+            if op == apsw.SQLITE_DROP_TRIGGER and p2 is not None and p2 == self._dropping:
+                return apsw.SQLITE_OK
             return apsw.SQLITE_DENY
         return apsw.SQLITE_OK

@@ -91,7 +91,13 @@ LOG_LIMIT = 2000  # rows logged before a session object takes over
 class Capture:
     """Row capture for one connection; :meth:`begin` per transaction."""
 
-    def __init__(self, conn: apsw.Connection, shared: Any, log_limit: int | None = None) -> None:
+    def __init__(
+        self,
+        conn: apsw.Connection,
+        shared: Any,
+        log_limit: int | None = None,
+        track_keys: bool = False,
+    ) -> None:
         self.conn = conn
         self.shared = shared  # the file's writer lock: schema_epoch counts schema changes
         self.log_limit = LOG_LIMIT if log_limit is None else log_limit
@@ -105,6 +111,10 @@ class Capture:
         self._generated: bool | None = None  # does some table have generated columns?
         self._epoch = -1
         self._hooked = False
+        # rowids this transaction wrote, per table, even to no effect (an
+        # hctree-format leader journals each one's final state)
+        self.track_keys = track_keys
+        self.touched: dict[str, set[int]] = {}
 
     # --- recording -----------------------------------------------------------
 
@@ -116,6 +126,11 @@ class Capture:
         if name in SYSTEM_TABLES:
             return
         op = u.opcode
+        if self.track_keys:
+            keys = self.touched.setdefault(name, set())
+            keys.add(u.rowid)
+            if op != _INSERT and op != _DELETE:
+                keys.add(u.rowid_new)
         try:
             if op == _INSERT:
                 log.append((name, op, u.rowid, None, u.new))
@@ -138,6 +153,7 @@ class Capture:
 
     def begin(self) -> None:
         self.log = []
+        self.touched = {}
         self.carried = b""
         self.reread = False
         self.large = False

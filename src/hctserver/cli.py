@@ -59,6 +59,7 @@ from .retention import RetentionPolicy
 from .security import HttpSecurity, Security, read_secret
 from .snapshot import describe
 from .snapshot import make as backup
+from .systables import FORMATS as ENTRY_FORMATS
 from .top import read_status, run_top
 from .verify import Behind, compare
 
@@ -278,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("init", help="create or adopt a replication-enabled database")
     s.add_argument("db", metavar="DB")
     s.add_argument(
+        "--format",
+        choices=ENTRY_FORMATS,
+        default=None,
+        help="the format of the entries this database's leader writes: session (default)"
+        " or hctree (the original C nodes'; a new, empty database only)",
+    )
+    s.add_argument(
         "--sql",
         action="append",
         default=[],
@@ -468,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_init(a: argparse.Namespace) -> int:
-    db = Database(a.db)
+    db = Database(a.db, format=a.format)
     db.set_mode("leader")
     conn = db.connect()
     try:

@@ -24,7 +24,7 @@ from .authorizer import Authorizer
 from .capture import Capture
 from .errors import BusyError, ModeError, UnsupportedStatementError
 from .reshape import Reshaper
-from .sqltext import Kind, Statement
+from .sqltext import Kind, Statement, ddl_texts
 from .store import CommitHook, Mode, Store
 from .transaction import CidTracker, Transactions, disk_full
 
@@ -67,7 +67,7 @@ class JournaledConnection:
         self._epoch = -1
         self._ctx: list[str | None] = []
         self._auth = Authorizer(self._conn)
-        self._cap = Capture(self._conn, db.share)
+        self._cap = Capture(self._conn, db.share, track_keys=db.format == "hctree")
         self._txs = Transactions(self._conn, db, self._cap, self._auth)
         self._reshaper = Reshaper(self._conn, self._cap, self._auth)
 
@@ -246,7 +246,7 @@ class JournaledConnection:
                 " in this transaction, which was rolled back: retry it"
             )
         if st.kind is Kind.DDL:
-            tx.ddl.append(st.text)
+            tx.ddl.append(ddl_texts(st))
             cap.invalidate()
         return cur
 

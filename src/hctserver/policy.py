@@ -111,6 +111,13 @@ class SchemaPolicy:
                 return apsw.SQLITE_OK  # the index of a UNIQUE or PRIMARY KEY constraint
             if op == apsw.SQLITE_CREATE_TABLE and (obj or "").lower() == "sqlite_sequence":
                 return apsw.SQLITE_OK  # made by the first AUTOINCREMENT table
+            if (
+                op == apsw.SQLITE_DROP_TRIGGER
+                and (obj or "").lower().startswith(GUARD_PREFIX)
+                and (table or "").lower() in self._owned
+                and not _reserved(table)
+            ):
+                return apsw.SQLITE_OK  # a guard goes with the table this statement drops
             for name in (obj, table):
                 if _reserved(name):
                     return self._refuse(f"a schema change of hctserver's or SQLite's own {name!r}")

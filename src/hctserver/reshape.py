@@ -17,7 +17,7 @@ import apsw
 from . import patchset
 from .authorizer import Authorizer
 from .capture import Capture
-from .sqltext import Kind, Statement
+from .sqltext import Kind, Statement, ddl_texts
 from .sqlutil import fetchone, table_rows_patchset
 from .transaction import Transaction
 
@@ -55,7 +55,7 @@ class Reshaper:
             if st.kind is Kind.DDL_RESHAPE:
                 if acc:
                     acc = self._reexpress(acc, roots)
-                tx.ddl.append(st.text)
+                tx.ddl.append(ddl_texts(st))
             else:
                 created = self._created_table(st.name, roots)
                 if created is not None:
@@ -66,7 +66,7 @@ class Reshaper:
                             "SELECT sql FROM sqlite_schema WHERE type='table' AND name=?",
                             (created,),
                         )
-                    tx.ddl.append(sql)
+                    tx.ddl.append((sql, ddl_texts(st)[1]))
             tx.acc = acc
         except BaseException:
             abort()

@@ -36,6 +36,7 @@ class Statement(NamedTuple):
     name: str = ""  # savepoint name; table name of CREATE TABLE ... AS
     eager: bool = False  # BEGIN IMMEDIATE/EXCLUSIVE/CONCURRENT
     create_as: bool = False  # CREATE TABLE ... AS SELECT
+    ended: bool = False  # a ";" ended it in the source (hctree journals it with it)
 
 
 def tokens(sql: str, limit: int = 64) -> list[str]:
@@ -98,7 +99,12 @@ def ident(tok: str) -> str:
 
 def split(sql: str) -> list[str]:
     """Split into complete statements (trigger bodies stay whole)."""
-    out: list[str] = []
+    return [text for text, _ in split_ended(sql)]
+
+
+def split_ended(sql: str) -> list[tuple[str, bool]]:
+    """:func:`split`, and whether a ";" ended each statement."""
+    out: list[tuple[str, bool]] = []
     start = 0
     i, n = 0, len(sql)
     while i < n:
@@ -119,16 +125,16 @@ def split(sql: str) -> list[str]:
             i = n if j < 0 else j + 2
             continue
         if c == ";" and apsw.complete(sql[start : i + 1]):
-            _add(out, sql[start:i])
+            _add(out, sql[start:i], True)
             start = i + 1
         i += 1
-    _add(out, sql[start:])
+    _add(out, sql[start:], False)
     return out
 
 
-def _add(out: list[str], text: str) -> None:
+def _add(out: list[tuple[str, bool]], text: str, ended: bool) -> None:
     if tokens(text, 1):
-        out.append(text.strip())
+        out.append((text.strip(), ended))
 
 
 _WRITE_WORDS = frozenset({"INSERT", "UPDATE", "DELETE", "REPLACE"})
@@ -195,4 +201,14 @@ def _object_name(t: list[str]) -> tuple[str, list[str]]:
 @functools.lru_cache(maxsize=4096)
 def parse(sql: str) -> tuple[Statement, ...]:
     """Statements of ``sql``, classified. Cached: the hot path sees the same text often."""
-    return tuple(classify(s) for s in split(sql))
+    out = []
+    for text, ended in split_ended(sql):
+        st = classify(text)
+        out.append(st._replace(ended=True) if ended else st)
+    return tuple(out)
+
+
+def ddl_texts(st: Statement) -> tuple[str, str]:
+    """A schema statement's text in our journal, and in hctree's (with the
+    ";" that ended it in the source: FORMAT.md, section 4)."""
+    return st.text, st.text + ";" if st.ended else st.text

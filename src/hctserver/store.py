@@ -41,6 +41,8 @@ from .systables import (
     CREATE_JOURNAL,
     CREATE_LOCAL,
     ENTRY_BYTES,
+    FORMATS,
+    HCTREE_BASE,
     JOURNAL,
     LOCAL,
     USER_OBJECTS_WHERE,
@@ -124,8 +126,11 @@ class Store:
         synchronous: str = "NORMAL",
         wal: bool = True,
         busy_timeout: float = 5.0,
+        format: str | None = None,
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
+        if format not in (None, *FORMATS):
+            raise ConfigError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
         sync = synchronous.upper()
         if sync not in SYNCHRONOUS:
             raise ConfigError(
@@ -159,7 +164,13 @@ class Store:
         self.adopt = adopt
         self._conn = self.open_connection()
         try:
-            self._setup(init)
+            self._setup(init, format)
+            self.format: str = get_local(self._conn, "format") or "session"
+            if format is not None and format != self.format:
+                raise ConfigError(
+                    f"{self.path} writes entries in the {self.format} format; a database's"
+                    " format is chosen when it is created"
+                )
             self._known_snapshot = self.position().cid
         except BaseException:
             self._conn.close()
@@ -210,7 +221,7 @@ class Store:
 
     # --- set-up and adoption ---------------------------------------------
 
-    def _setup(self, init: bool) -> None:
+    def _setup(self, init: bool, format: str | None) -> None:
         c = self._conn
         try:
             present = {
@@ -245,8 +256,20 @@ class Store:
             c.execute(CREATE_JOURNAL)
             c.execute(CREATE_BASELINE)
             c.execute(CREATE_LOCAL)
+            hctree = format == "hctree" and not present
+            if hctree:
+                if fetchall(c, f"SELECT 1 FROM sqlite_schema WHERE {USER_OBJECTS_WHERE}"):
+                    raise ConfigError(
+                        f"{self.path} holds tables: an hctree-format database starts empty"
+                        " (create a new file, then load it through hctserver)"
+                    )
+                set_local(c, "format", "hctree")
             if not c.execute("SELECT 1 FROM hct_baseline").fetchall():
-                c.execute("INSERT INTO hct_baseline VALUES(0, 0, zeroblob(16))")
+                # hctree's fresh journal starts after cid 6 (FORMAT.md, section 2)
+                c.execute(
+                    f"INSERT INTO hct_baseline VALUES({HCTREE_BASE if hctree else 0},"
+                    " 0, zeroblob(16))"
+                )
             if not c.execute("SELECT 1 FROM hct_journal LIMIT 1").fetchall():
                 self._adopt(c)
             if not guard.recorded(c):

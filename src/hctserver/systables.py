@@ -73,6 +73,10 @@ def read_position(conn: apsw.Connection) -> tuple[int, bytes]:
     return cid, bytes(h)
 
 
+FORMATS = ("session", "hctree")  # of the entries a leader writes (hctserver.codec)
+HCTREE_BASE = 6  # a fresh hctree journal's baseline cid (FORMAT.md, section 2)
+
+
 def read_tail(conn: apsw.Connection) -> Tail:
     cid, schemacid, h = max(fetchall(conn, TAIL), key=lambda r: r[0])
     return cid, schemacid, bytes(h)

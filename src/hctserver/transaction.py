@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import apsw
 
-from . import guard, patchset
+from . import guard, hctcapture, patchset
 from .append import Appended, append_entry
 from .authorizer import Authorizer
 from .capture import Capture
@@ -43,7 +43,9 @@ class Transaction:
     def __init__(self, implicit: bool = False) -> None:
         self.writing = False  # the writer lock is held and capture runs
         self.acc = b""  # changes before the last ALTER/DROP TABLE, in the current schema
-        self.ddl: list[str] = []
+        # each schema statement: (as we journal it, as hctree does: its text
+        # as written, with the ";" that ended it)
+        self.ddl: list[tuple[str, str]] = []
         self.locked = False
         self.implicit = implicit  # started by SAVEPOINT: its outermost RELEASE commits
         self.savepoints: list[tuple[str, int, int]] = []  # (name, len(ddl), reshapes)
@@ -146,8 +148,12 @@ class Transactions:
         try:
             if tx.writing:
                 data = patchset.merge([tx.acc, self.cap.take()])
-                schema = ";".join(tx.ddl)
-                if data or schema:
+                hctree = self.db.format == "hctree"
+                schema = ";".join(d[1] if hctree else d[0] for d in tx.ddl)
+                if hctree:  # every write transaction is journaled, as hctree does
+                    data = hctcapture.entry_data(self.conn, self.cap.touched, data, schema)
+                    entry = self._journal(schema, data)
+                elif data or schema:
                     entry = self._journal(schema, data)
                 if schema:
                     with self.auth.bypass():
