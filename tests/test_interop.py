@@ -142,3 +142,58 @@ def test_an_empty_follower_takes_an_hctree_leaders_baseline(tmp_path: Path) -> N
     assert db.baseline() == (6, 0, ZERO_HASH)
     assert db.connect().execute("SELECT a, b, c FROM t1").fetchall() == [(2, "updated", 0)]
     db.close()
+
+
+def c_follower(procs, db: str, port: int):  # type: ignore[no-untyped-def]
+    """The C follower (tests/cfollower.tcl): it writes what it ended with to DB.dump."""
+    fixture = require_reference()
+    script = Path(__file__).with_name("cfollower.tcl")
+    return procs.start(str(fixture), str(script), db, str(port), db + ".dump")
+
+
+def c_dump(db: str) -> tuple[tuple[int, bytes], list[str]]:
+    """A C follower's position (its baseline folded with every journal
+    row's hash) and its t1 rows, from the dump it wrote."""
+    lines = Path(db + ".dump").read_text().splitlines()
+    (base,) = [ln.split() for ln in lines if ln.startswith("base ")]
+    cid, h = int(base[1]), bytes.fromhex(base[2])
+    for ln in lines:
+        if ln.startswith("entry "):
+            _, c, eh = ln.split()
+            assert int(c) == cid + 1, "a hole in the C journal"
+            cid, h = int(c), fold(h, bytes.fromhex(eh))
+    rows = [ln[4:] for ln in lines if ln.startswith("row ")]
+    return (cid, h), rows
+
+
+def test_c_followers_follow_our_hctree_leader_from_the_start_and_mid_run(tmp_path: Path) -> None:
+    lp, early, late, ours = (str(tmp_path / n) for n in ("l.db", "c1.db", "c2.db", "f.db"))
+    require_reference()
+    subprocess.run(
+        [
+            *HCT,
+            "init",
+            lp,
+            "--format",
+            "hctree",
+            "--sql",
+            "CREATE TABLE t1(a INTEGER PRIMARY KEY, b, c)",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    with processes(str(tmp_path)) as procs:
+        leader, port = procs.leader(lp, "--seconds", "5", "--job", "writer", "--job", "writer")
+        c1 = c_follower(procs, early, port)
+        wait_until(lambda: snapshot_of(lp) > 3000, 30, "the leader writing")
+        c2 = c_follower(procs, late, port)
+        f = procs.start(*HCT, "follower", ours, "--port", str(port), "--once")
+        for p in (c1, c2, f):
+            assert p.wait(90) == 0, procs.stdout(p) + procs.stderr(p)
+        assert leader.wait(60) == 0, procs.stderr(leader)
+    pos = our_position(lp)
+    assert pos[0] > 3000
+    want = our_rows(lp)
+    for db in (early, late):
+        assert c_dump(db) == (pos, want)
+    assert our_position(ours) == pos and our_rows(ours) == want
