@@ -180,3 +180,44 @@ def test_a_hctree_format_leader_writes_what_the_c_system_wrote(vectors, tmp_path
     assert same >= 20  # all but the entries holding small negative integers
     conn.close()
     db.close()
+
+
+def test_what_a_c_follower_cannot_take_is_refused_at_commit(tmp_path) -> None:
+    from hctserver import Database
+    from hctserver.errors import UnsupportedStatementError
+
+    db = Database(str(tmp_path / "l.db"), format="hctree")
+    db.set_mode("leader")
+    c = db.connect()
+    c.execute("CREATE TABLE t(a INTEGER PRIMARY KEY, b REAL)")
+    with pytest.raises(UnsupportedStatementError, match="WITHOUT ROWID"):
+        c.execute("CREATE TABLE w(k PRIMARY KEY, v) WITHOUT ROWID")
+    assert c.execute("SELECT count(*) FROM sqlite_schema WHERE name='w'").fetchall() == [(0,)]
+    c.execute("INSERT INTO t VALUES(-1, 2.0)")  # negatives in 8 bytes, 2.0 as the integer 2
+    (e,) = [e for e in db.iter_entries() if e.data]
+    ((table,),) = [hctformat.decode(e.data)]
+    assert table.ops == [hctformat.Op("i", -1, (None, 2))]
+    assert e.data.endswith(hctformat.encode_record([None, 2]))
+    c.close()
+    db.close()
+
+
+def test_the_format_is_chosen_when_a_database_is_made(tmp_path) -> None:
+    from hctserver import Database
+    from hctserver.errors import ConfigError
+
+    plain = str(tmp_path / "plain.db")
+    c = apsw.Connection(plain)
+    c.execute("CREATE TABLE x(a)")
+    c.close()
+    with pytest.raises(ConfigError, match="an hctree-format database starts empty"):
+        Database(plain, format="hctree")
+    db = Database(str(tmp_path / "h.db"), format="hctree")
+    assert db.format == "hctree"
+    db.close()
+    with pytest.raises(ConfigError, match="writes entries in the hctree format"):
+        Database(str(tmp_path / "h.db"), format="session")
+    assert Database(str(tmp_path / "h.db")).format == "hctree"
+    assert Database(str(tmp_path / "s.db")).format == "session"
+    with pytest.raises(ConfigError, match="format must be one of"):
+        Database(str(tmp_path / "z.db"), format="xml")
