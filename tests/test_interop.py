@@ -197,3 +197,40 @@ def test_c_followers_follow_our_hctree_leader_from_the_start_and_mid_run(tmp_pat
     for db in (early, late):
         assert c_dump(db) == (pos, want)
     assert our_position(ours) == pos and our_rows(ours) == want
+
+
+def test_our_follower_starved_by_a_c_leader_follows_it_by_sync(tmp_path: Path) -> None:
+    """The C leader stops feeding a stream's later subscribers once one of
+    them leaves: our later follower notices its streams are silent while the
+    journal grows, and follows by SYNC (each entry still checked along the
+    chain: its position hash is the C leader's at that cid)."""
+    import signal
+
+    cdb, first, later = (str(tmp_path / n) for n in ("c.db", "a.db", "b.db"))
+    port = free_port()
+    with processes(str(tmp_path)) as procs:
+        leader = procs.c_leader(cdb, port, 12, 2)
+        a = procs.start(*HCT, "follower", first, "--port", str(port), "--once")
+        wait_until(lambda: "caught up: streaming" in procs.stderr(a), 30, "the first subscriber")
+        b = procs.start(*HCT, "follower", later, "--port", str(port), "--once")
+        wait_until(lambda: "caught up: streaming" in procs.stderr(b), 30, "the later subscriber")
+        a.send_signal(signal.SIGKILL)
+        a.wait(10)
+        at_kill = snapshot_of(later)
+        wait_until(
+            lambda: "following it by SYNC" in procs.stderr(b), 30, "the starved streams noticed"
+        )
+        wait_until(lambda: snapshot_of(later) > at_kill + 500, 30, "following by SYNC")
+        assert b.wait(60) == 0, procs.stderr(b)
+        assert leader.wait(60) == 0
+    cid, h = our_position(later)
+    c_cid, _ = c_position(cdb)
+    assert cid > at_kill + 500 and cid <= c_cid
+    # the C leader's chain at our cid is our hash: the same history, entry for entry
+    (base,) = c_query(cdb, "SELECT cid, hex(hash) FROM sqlite_hct_baseline")
+    ch = bytes.fromhex(base.split()[1])
+    for line in c_query(
+        cdb, f"SELECT cid, hex(hash) FROM sqlite_hct_journal WHERE cid<={cid} ORDER BY cid"
+    ):
+        ch = fold(ch, bytes.fromhex(line.split()[1]))
+    assert ch == h

@@ -253,6 +253,7 @@ class Follower:
         background_checkpoint: bool = True,
         watch_interval: float = 0.25,
         hole_timeout: float = 1.0,
+        silence_probe: float = 2.0,
         applier_options: dict[str, Any] | None = None,
         feedback: bool = True,
         bootstrap: bool = True,
@@ -294,6 +295,12 @@ class Follower:
         self.background_checkpoint = background_checkpoint
         self.watch_interval = watch_interval
         self.hole_timeout = hole_timeout
+        # against a leader without feedback (the original): SYNC when the
+        # streams have been silent this long (0: never), see _silent()
+        self.silence_probe = silence_probe
+        self._stream_seen = (0, 0.0)  # stream entries received, and when that last changed
+        self._probing = False
+        self._starved_said = False
         self._hole_at = -1
         self.applier_options = applier_options or {}
         self.trace = trace or Trace()
@@ -499,6 +506,10 @@ class Follower:
             return None  # from streams retired since: already dealt with
         if isinstance(ev, StreamEnded):
             log.info("stream %d from the leader ended%s", ev.job, _why(ev.error))
+            if self._starved_said and ev.error is None:
+                # starved streams end with the leader's run: what they did not
+                # carry since the last probe may still be had
+                self._sync(final=True)
         return ev
 
     def _hole(self) -> FollowerEvent | None:
@@ -508,9 +519,42 @@ class Follower:
         stuck = sink.applier.pending and cid == self._hole_at and not self.stats.disk_full
         self._hole_at = cid
         if not stuck:
-            return None
+            return self._silent()
         log.warning("entries after cid %d are missing from the streams; asking again", cid)
         return HoleSeen()
+
+    def _silent(self) -> FollowerEvent | None:
+        """A leader without feedback (the original C leader) stops feeding a
+        stream's later subscribers once one of them leaves (its defect), and
+        says nothing: when the streams have been silent for ``silence_probe``
+        seconds, ask with a SYNC (an empty reply from an idle leader costs
+        little). If the SYNC brings entries, the streams are starved: the
+        follower goes on like this, one SYNC per ``hole_timeout`` seconds."""
+        if self.reporter.view.follower_id or self.stats.phase != "stream":
+            return None
+        now = time.monotonic()
+        n = self.stats.sub_entries
+        if n != self._stream_seen[0] or not self._stream_seen[1]:
+            self._stream_seen = (n, now)
+            return None
+        wait = self.hole_timeout if self._starved_said else self.silence_probe
+        if not self.silence_probe or now - self._stream_seen[1] < wait:
+            return None
+        self._stream_seen = (n, now)
+        self._probing = True
+        return HoleSeen()
+
+    def _starved(self, nbytes: int) -> None:
+        """After a probe's SYNC: say once if it found what the streams did not."""
+        self._probing = False
+        if nbytes and not self._starved_said:
+            self._starved_said = True
+            log.warning(
+                "the leader's streams are silent but its journal grew: following it by SYNC"
+                " every %g s from now on (the original C leader stops feeding a stream's"
+                " later subscribers once one of them leaves)",
+                self.hole_timeout,
+            )
 
     def _do(self, act: Any) -> FollowerEvent | None:
         sink = self._sink
@@ -799,6 +843,8 @@ class Follower:
         if not final:
             self.trace("recv %d bytes of SYNCREPLY data", nbytes)
             self.njob = njob
+        if self._probing:
+            self._starved(nbytes)
         return SyncDone(final, njob, nbytes)
 
     def _exchange(self, conn: Conn, cid: int, h: bytes, what: str) -> tuple[int, int]:
