@@ -221,3 +221,39 @@ def test_the_format_is_chosen_when_a_database_is_made(tmp_path) -> None:
     assert Database(str(tmp_path / "s.db")).format == "session"
     with pytest.raises(ConfigError, match="format must be one of"):
         Database(str(tmp_path / "z.db"), format="xml")
+
+
+def test_our_nodes_replicate_an_hctree_format_database(tmp_path) -> None:
+    """An empty follower (no snapshots) SYNCs from cid 0: the leader answers
+    from its journal's start, as the C leader does, and the follower takes
+    that start as its baseline; writers run all along."""
+    import threading
+
+    from hctserver import Database
+
+    from nodes import assert_identical, follower_node, gated_writer, leader_node
+
+    lp, fp = str(tmp_path / "l.db"), str(tmp_path / "f.db")
+    db = Database(lp, format="hctree")
+    db.set_mode("leader")
+    db.connect().execute("CREATE TABLE t1(a INTEGER PRIMARY KEY, b, c)")
+    assert [db.hash_at(c) for c in (0, 5, 6)] == [bytes(16)] * 3
+    assert db.sync_start(0) == 6 and db.sync_start(7) == 7
+    db.close()
+    gate = threading.Event()
+    gate.set()
+    leader = leader_node(lp, [gated_writer(gate)] * 2)
+    f = follower_node(fp, leader.port, extra={"bootstrap": False})
+    try:
+        from helpers import wait_until
+
+        wait_until(lambda: f.runner.stats.phase == "stream", 30, "streaming")
+        wait_until(lambda: leader.db.max_cid() > 3000, 30, "commits")
+        leader.runner.timeout.expire()
+        leader.wait(60)
+        f.wait(60)
+    finally:
+        f.close()
+        leader.close()
+    assert_identical(lp, fp)
+    assert Database(fp).baseline() == (6, 0, bytes(16))

@@ -357,9 +357,9 @@ def _child(argv: list[str]) -> int:
 # --- catch-up -----------------------------------------------------------------------
 
 
-def build_journal(path: str, n: int) -> float:
+def build_journal(path: str, n: int, format: str | None = None) -> float:
     """A leader database holding ``n`` writer-loop entries; returns commits/s."""
-    db = Database(path)
+    db = Database(path, format=format)
     db.set_mode("leader")
     c = db.connect()
     c.execute(T1_SQL)
@@ -425,6 +425,78 @@ def _follow(
         leader.timeout.expire()
         leader.wait()
         db.close()
+
+
+def reference_fixture() -> Path | None:
+    """The original C system's ``testfixture``: ``$HCTSERVER_REFERENCE``, or
+    ``../shared/reference/testfixture`` beside the working directory or the
+    source tree; None if there is none."""
+    env = os.environ.get("HCTSERVER_REFERENCE")
+    tail = Path("shared") / "reference" / "testfixture"
+    here = Path(__file__).resolve()
+    candidates = [Path(env)] if env else [Path.cwd().parent / tail, here.parents[3] / tail]
+    return next((p for p in candidates if os.access(p, os.X_OK)), None)
+
+
+def reference_catchup(tmp: str, n: int) -> dict[str, float] | None:
+    """Catch-up of the original C follower and of ours, one after the
+    other, on one journal of ``n`` entries in hctree's format (the only
+    one the C follower reads); None without the reference build."""
+    fixture = reference_fixture()
+    if fixture is None:
+        return None
+    path = os.path.join(tmp, "hctree.db")
+    build_journal(path, n, format="hctree")
+    ours = _follow(path, os.path.join(tmp, "hctree-f.db"), 1)
+    leader, db = _serve(path)
+    out_path = os.path.join(tmp, "c-follower.out")
+    try:
+        target = db.snapshot()
+        with open(out_path, "w") as out:
+            c = subprocess.Popen(
+                [str(fixture), str(fixture.parent / "follower.tcl"),
+                 os.path.join(tmp, "c-follower.db"), str(leader.port)],
+                stdout=out, stderr=subprocess.STDOUT, cwd=tmp,
+            )  # fmt: skip
+        try:
+            # it subscribes once caught up; then end the run, which ends its own
+            # (its output is buffered until it exits)
+            deadline = time.monotonic() + 3600
+            while not all(leader.live_subscribers(k) for k in range(leader.njob)):
+                if c.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the C follower did not catch up (exit {c.poll()})")
+                time.sleep(0.01)
+            leader.timeout.expire()
+            leader.wait()
+            c.wait(120)
+        finally:
+            if c.poll() is None:
+                c.kill()
+                c.wait(60)
+        ms = _c_applied_ms(Path(out_path).read_text())
+    finally:
+        leader.timeout.expire()
+        leader.wait()
+        db.close()
+    return {
+        "n": target - HCTREE_FIRST + 1,
+        "ours_per_s": ours["entries"] / ours["seconds"],
+        "reference_per_s": (target - HCTREE_FIRST + 1) / (ms / 1000),
+    }
+
+
+HCTREE_FIRST = 7  # the first cid of an hctree journal
+
+
+def _c_applied_ms(output: str) -> float:
+    """When the C follower says its first SYNC reply was applied (its own
+    clock, from the start of its run), in ms."""
+    import re
+
+    m = re.search(r"tm=(\d+)ms syncreply 0 applied", output)
+    if m is None:
+        raise RuntimeError(f"the C follower did not report its catch-up: {output[-500:]}")
+    return max(1.0, float(m.group(1)))
 
 
 def physical_limit(leader_path: str, tmp: str) -> float:
@@ -697,6 +769,18 @@ def run_bench(quick: bool = False, json_path: str | None = None, entries: int | 
             f"  bootstrap: {r['bootstrap_entries_equiv_per_s']:,.0f} entries/s equivalent"
             f" in {boot['seconds']:.2f} s ({r['bootstrap_speedup']:.1f}x replay)"
         )
+        ref = reference_catchup(tmp, max(2000, n // 10))
+        if ref is not None:
+            r["reference_catchup_n"] = ref["n"]
+            r["catchup_hctree_entries_per_s"] = ref["ours_per_s"]
+            r["reference_catchup_entries_per_s"] = ref["reference_per_s"]
+            r["catchup_vs_reference_ratio"] = ref["ours_per_s"] / ref["reference_per_s"]
+            _say(
+                f"  catch-up of {ref['n']:,} hctree entries: ours {ref['ours_per_s']:,.0f}/s,"
+                f" the original C follower {ref['reference_per_s']:,.0f}/s"
+            )
+        else:
+            _say("  no reference build ($HCTSERVER_REFERENCE): catchup_vs_reference_ratio skipped")
         r["catchup_limit_entries_per_s"] = physical_limit(big, tmp)
         r["catchup_limit_ratio"] = r["catchup_entries_per_s"] / r["catchup_limit_entries_per_s"]
 

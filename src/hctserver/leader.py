@@ -725,7 +725,7 @@ class Leader:
         that reads slowly (or not at all) pins nothing in the WAL, and is
         cut off once one chunk has waited ``send_timeout`` for it."""
         conn.send_all(wire.encode_syncreply_start(action.njob), self.send_timeout)
-        after = action.after
+        after = self.db.sync_start(action.after)
         n = 0
         buf = bytearray()
         reader = JournalReader(self.db)

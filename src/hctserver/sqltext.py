@@ -204,7 +204,7 @@ def parse(sql: str) -> tuple[Statement, ...]:
     out = []
     for text, ended in split_ended(sql):
         st = classify(text)
-        out.append(st._replace(ended=True) if ended else st)
+        out.append(Statement(*st[:-1], ended=True) if ended else st)
     return tuple(out)
 
 

@@ -382,7 +382,21 @@ class Store:
             " UNION ALL SELECT hash FROM hct_baseline WHERE cid=?",
             (cid, cid),
         )
-        return bytes(rows[0][0]) if rows else None
+        if rows:
+            return bytes(rows[0][0])
+        if self.format == "hctree" and 0 <= cid < HCTREE_BASE and self._fresh_hctree():
+            return ZERO_HASH  # before a fresh hctree journal nothing was: as the C leader
+        return None
+
+    def _fresh_hctree(self) -> bool:
+        return self.baseline() == (HCTREE_BASE, 0, ZERO_HASH)
+
+    def sync_start(self, after: int) -> int:
+        """Where a SYNC reply from ``after`` starts: a follower below a fresh
+        hctree journal's start (an empty one) gets it from that start."""
+        if self.format == "hctree" and after < HCTREE_BASE and self._fresh_hctree():
+            return HCTREE_BASE
+        return after
 
     def entry(self, cid: int) -> Entry | None:
         rows = self._query(
