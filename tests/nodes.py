@@ -193,3 +193,16 @@ class FakeLeader:
         self.sock.close()
         for c in self.kept:
             c.close()
+
+
+def end_identical(leader: Node, f: Node, lp: str, fp: str) -> None:
+    """End the leader's run, then the follower's; both closed even when that
+    fails; then they must hold the same."""
+    try:
+        leader.runner.timeout.expire()  # type: ignore[union-attr]
+        leader.wait(60)
+        f.wait(60)
+    finally:
+        f.close()
+        leader.close()
+    assert_identical(lp, fp)

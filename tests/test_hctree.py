@@ -231,7 +231,8 @@ def test_our_nodes_replicate_an_hctree_format_database(tmp_path) -> None:
 
     from hctserver import Database
 
-    from nodes import assert_identical, follower_node, gated_writer, leader_node
+    from helpers import wait_until
+    from nodes import end_identical, follower_node, gated_writer, leader_node
 
     lp, fp = str(tmp_path / "l.db"), str(tmp_path / "f.db")
     db = Database(lp, format="hctree")
@@ -245,15 +246,8 @@ def test_our_nodes_replicate_an_hctree_format_database(tmp_path) -> None:
     leader = leader_node(lp, [gated_writer(gate)] * 2)
     f = follower_node(fp, leader.port, extra={"bootstrap": False})
     try:
-        from helpers import wait_until
-
         wait_until(lambda: f.runner.stats.phase == "stream", 30, "streaming")
         wait_until(lambda: leader.db.max_cid() > 3000, 30, "commits")
-        leader.runner.timeout.expire()
-        leader.wait(60)
-        f.wait(60)
     finally:
-        f.close()
-        leader.close()
-    assert_identical(lp, fp)
+        end_identical(leader, f, lp, fp)
     assert Database(fp).baseline() == (6, 0, bytes(16))

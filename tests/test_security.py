@@ -27,7 +27,7 @@ from hctserver.node import Node
 from hctserver.security import HttpSecurity, Security
 
 from helpers import wait_until
-from nodes import assert_identical, follower_node, gated_writer, init_db, leader_node
+from nodes import assert_identical, end_identical, follower_node, gated_writer, init_db, leader_node
 from procs import HCT, free_port, processes, require_reference, stop
 
 trustme = pytest.importorskip("trustme")
@@ -93,21 +93,8 @@ def _replicates(tmp_path, leader_sec: Security, follower_sec: Security) -> None:
         gate.set()
         wait_until(lambda: leader.db.max_cid() > 2000, 30, "live commits")
     finally:
-        _end_identical(leader, f, lp, fp)
+        end_identical(leader, f, lp, fp)
     assert f.error is None
-
-
-def _end_identical(leader: Node, f: Node, lp: str, fp: str) -> None:
-    """End the leader's run, then the follower's; both closed even when that
-    fails; then they must hold the same."""
-    try:
-        leader.runner.timeout.expire()
-        leader.wait(60)
-        f.wait(60)
-    finally:
-        f.close()
-        leader.close()
-    assert_identical(lp, fp)
 
 
 @pytest.mark.parametrize("setting", ["tls", "mutual-tls", "secret", "tls-and-secret"])
@@ -214,7 +201,7 @@ def test_wrong_credentials_are_refused_within_a_second_and_others_are_served(
         before = leader.db.max_cid()
         wait_until(lambda: leader.db.max_cid() > before + 500, 30, "the leader writing on")
     finally:
-        _end_identical(leader, f, lp, good)
+        end_identical(leader, f, lp, good)
     assert leader.runner.refused_by["tls"] >= 5 and leader.runner.refused_by["auth"] >= 2
 
 
@@ -435,7 +422,6 @@ def test_cli_nodes_over_tls_with_a_secret_and_a_wrong_secret_exits_11(tmp_path, 
 def test_the_http_endpoint_over_tls_with_a_bearer_token(tmp_path, pki: Pki) -> None:
     lp = str(tmp_path / "l.db")
     init_db(lp, 10)
-    from hctserver.node import Node
     from hctserver.top import read_status
 
     token = (Path(pki.secret).read_bytes()).strip()

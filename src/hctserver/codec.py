@@ -22,6 +22,7 @@ from .hctapply import HctApplier
 _NOSAVEPOINT = apsw.SQLITE_CHANGESETAPPLY_NOSAVEPOINT
 
 Allowed = Callable[[str], bool]
+Datas = Sequence[tuple[int, bytes]]  # consecutive entries' (cid, data), in cid order
 OnConflict = Callable[[int, Any], int]
 
 
@@ -38,7 +39,7 @@ class Codec:
     def apply(
         self,
         conn: apsw.Connection,
-        datas: Sequence[tuple[int, bytes]],
+        datas: Datas,
         allowed: Allowed,
         on_conflict: OnConflict,
     ) -> None:
@@ -57,7 +58,7 @@ class SessionCodec(Codec):
     def apply(
         self,
         conn: apsw.Connection,
-        datas: Sequence[tuple[int, bytes]],
+        datas: Datas,
         allowed: Allowed,
         on_conflict: OnConflict,
     ) -> None:
@@ -80,7 +81,7 @@ class HctreeCodec(Codec):
     def apply(
         self,
         conn: apsw.Connection,
-        datas: Sequence[tuple[int, bytes]],
+        datas: Datas,
         allowed: Allowed,
         on_conflict: OnConflict,
     ) -> None:
