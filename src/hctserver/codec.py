@@ -86,11 +86,11 @@ class HctreeCodec(Codec):
         on_conflict: OnConflict,
     ) -> None:
         applier = HctApplier(conn)  # a new one: a schema entry may come before
-        for cid, data in datas:
-            try:
-                applier.apply(data, allowed, f"cid {cid}")
-            except ProtocolError as e:
-                raise ProtocolError(f"cid {cid}: {e}") from None
+        where = f"cid {datas[0][0]}" if len(datas) == 1 else f"cids {datas[0][0]}..{datas[-1][0]}"
+        try:
+            applier.apply_many([d for _, d in datas], allowed, where)
+        except ProtocolError as e:
+            raise ProtocolError(f"{where}: {e}") from None
 
 
 SESSION = SessionCodec()

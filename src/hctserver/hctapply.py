@@ -15,7 +15,7 @@ their effects already).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import apsw
@@ -73,36 +73,65 @@ class HctApplier:
     def apply(self, data: bytes, allowed: Callable[[str], bool], where: str) -> None:
         """Apply one entry's data (``where`` names it in errors); ``allowed``
         says which tables an entry may write."""
-        for table in hctformat.decode(data):
-            if not allowed(table.name):
-                raise ProtocolError(
-                    f"changes to {table.name!r}, which is not a table of the follower's schema"
-                )
-            sh = self._shape(table.name)
-            if sh is None:
-                raise ApplyError(f"{where}: no table {table.name!r} on this follower")
-            for op in table.ops:
-                self._apply_op(table.name, sh, op, where)
+        self.apply_many([data], allowed, where)
+
+    def apply_many(self, datas: list[bytes], allowed: Callable[[str], bool], where: str) -> None:
+        """Apply consecutive entries' data (no schema change among them) as
+        one: every record is its key's final state, so only each key's last
+        one counts, and records of one shape go to SQLite in one
+        ``executemany`` (a C loop)."""
+        final: dict[str, dict[Any, hctformat.RawOp | hctformat.Op]] = {}
+        for data in datas:
+            for name, raw in hctformat.scan(data):
+                if not allowed(name):
+                    raise ProtocolError(
+                        f"changes to {name!r}, which is not a table of the follower's schema"
+                    )
+                sh = self._shape(name)
+                if sh is None:
+                    raise ApplyError(f"{where}: no table {name!r} on this follower")
+                ops = final.setdefault(name, {})
+                npk = len(sh.pk)
+                for r in raw:
+                    if r.kind in "id":
+                        ops[r.rowid] = r  # decoded only if it stays the last
+                    else:
+                        op = r.op()
+                        ops[op.values[:npk]] = op
+        for name, ops in final.items():
+            decoded = [o.op() if isinstance(o, hctformat.RawOp) else o for o in ops.values()]
+            self._apply_table(name, self._shapes[name], decoded, where)
 
     def _shape(self, name: str) -> Shape | None:
         if name not in self._shapes:
             self._shapes[name] = shape_of(self._conn, name)
         return self._shapes[name]
 
-    def _apply_op(self, name: str, sh: Shape, op: hctformat.Op, where: str) -> None:
+    def _apply_table(
+        self, name: str, sh: Shape | None, ops: list[hctformat.Op], where: str
+    ) -> None:
+        assert sh is not None
+        groups: dict[str, list[Any]] = {}
+        for op in ops:
+            sql, args = self._statement(name, sh, op, where)
+            groups.setdefault(sql, []).append(args)
+        for sql, rows in groups.items():
+            self._conn.executemany(sql, rows)
+
+    def _statement(
+        self, name: str, sh: Shape, op: hctformat.Op, where: str
+    ) -> tuple[str, Sequence[Any]]:
         t = quote_ident(name)
         if (op.kind in ("I", "D")) != sh.without_rowid:
             kind = "WITHOUT ROWID" if sh.without_rowid else "rowid"
             raise ApplyError(f"{where}: a {op.kind!r} record for the {kind} table {name!r}")
         if op.kind == "d":
-            self._conn.execute(f"DELETE FROM {t} WHERE {sh.rowid_name}=?", (op.rowid,))
-            return
+            return f"DELETE FROM {t} WHERE {sh.rowid_name}=?", (op.rowid,)
         if op.kind == "D":
             if len(op.values) != len(sh.pk):
                 raise ApplyError(f"{where}: a key of {len(op.values)} fields for {name!r}")
             cond = " AND ".join(f"{quote_ident(sh.columns[i])}=?" for i in sh.pk)
-            self._conn.execute(f"DELETE FROM {t} WHERE {cond}", op.values)
-            return
+            return f"DELETE FROM {t} WHERE {cond}", op.values
         order = _field_order(sh)
         if len(op.values) > len(order):
             raise ApplyError(
@@ -120,7 +149,7 @@ class HctApplier:
             names.append(sh.rowid_name if sh.ipk is None else quote_ident(sh.columns[sh.ipk]))
             values.append(op.rowid)
         marks = ",".join("?" * len(values))
-        self._conn.execute(f"INSERT OR REPLACE INTO {t}({','.join(names)}) VALUES({marks})", values)
+        return f"INSERT OR REPLACE INTO {t}({','.join(names)}) VALUES({marks})", values
 
 
 def _field_order(sh: Shape) -> list[int]:

@@ -56,10 +56,14 @@ def decode_record(rec: bytes | memoryview) -> tuple[Value, ...]:
     hsize, p = get_varint(rec, 0)
     if not 0 < hsize <= len(rec):
         raise ProtocolError(f"a record header of {hsize} bytes in a record of {len(rec)}")
-    types = []
-    while p < hsize:
-        t, p = get_varint(rec, p)
-        types.append(t)
+    head = rec[p:hsize]
+    if max(head, default=0) < 0x80:  # every serial type in one byte: the usual case
+        types = list(head)
+    else:
+        types = []
+        while p < hsize:
+            t, p = get_varint(rec, p)
+            types.append(t)
     out: list[Value] = []
     body = hsize
     for t in types:
@@ -136,11 +140,23 @@ def encode_record(values: Sequence[Value], *, wide_negatives: bool = False) -> b
 # --- entries ---------------------------------------------------------------------
 
 
-def decode(data: bytes | memoryview) -> list[TableOps]:
-    """The tables and records of one entry's data; ProtocolError if it is
-    not hctree's format."""
+class RawOp(NamedTuple):
+    """An op whose record is not decoded yet (``b""`` for ``'d'``)."""
+
+    kind: str
+    rowid: int | None
+    record: bytes
+
+    def op(self) -> Op:
+        return Op(self.kind, self.rowid, decode_record(self.record) if self.record else ())
+
+
+def scan(data: bytes | memoryview) -> list[tuple[str, list[RawOp]]]:
+    """The tables and ops of one entry's data, records left undecoded (a
+    follower decodes only each key's last one); ProtocolError if it is not
+    hctree's format."""
     buf = bytes(data)
-    out: list[TableOps] = []
+    out: list[tuple[str, list[RawOp]]] = []
     p = 0
     n = len(buf)
     try:
@@ -148,15 +164,15 @@ def decode(data: bytes | memoryview) -> list[TableOps]:
             if buf[p] != TABLE:
                 raise ProtocolError(f"byte {p}: expected a table ('T'), found 0x{buf[p]:02x}")
             end = buf.index(b"\x00", p + 1)
-            table = TableOps(buf[p + 1 : end].decode("utf-8"), [])
-            out.append(table)
+            ops: list[RawOp] = []
+            out.append((buf[p + 1 : end].decode("utf-8"), ops))
             p = end + 1
             while p < n and buf[p] != TABLE:
                 kind = buf[p]
                 p += 1
                 if kind == DELETE:
                     u, p = get_varint(buf, p)
-                    table.ops.append(Op("d", _signed(u), ()))
+                    ops.append(RawOp("d", _signed(u), b""))
                     continue
                 if kind == ROW:
                     u, p = get_varint(buf, p)
@@ -166,13 +182,19 @@ def decode(data: bytes | memoryview) -> list[TableOps]:
                 else:
                     raise ProtocolError(f"byte {p - 1}: unknown record kind 0x{kind:02x}")
                 size, p = get_varint(buf, p)
-                if p + size > n:
+                if p + size > n or not size:
                     raise ProtocolError(f"byte {p}: a record of {size} bytes runs past the end")
-                table.ops.append(Op(KINDS[kind], rowid, decode_record(buf[p : p + size])))
+                ops.append(RawOp(KINDS[kind], rowid, buf[p : p + size]))
                 p += size
     except (IndexError, ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(f"hctree entry data is malformed ({e})") from None
     return out
+
+
+def decode(data: bytes | memoryview) -> list[TableOps]:
+    """The tables and records of one entry's data; ProtocolError if it is
+    not hctree's format."""
+    return [TableOps(name, [r.op() for r in ops]) for name, ops in scan(data)]
 
 
 def encode(tables: Sequence[TableOps], *, wide_negatives: bool = False) -> bytes:
