@@ -251,3 +251,49 @@ def test_our_nodes_replicate_an_hctree_format_database(tmp_path) -> None:
     finally:
         end_identical(leader, f, lp, fp)
     assert Database(fp).baseline() == (6, 0, bytes(16))
+
+
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(
+                st.integers(min_value=-3, max_value=3),
+                st.one_of(st.none(), st.integers(-5, 5), st.text(max_size=3)),
+                st.booleans(),
+            ),
+            min_size=1,
+            max_size=4,
+            unique_by=lambda t: t[0],
+        ),
+        max_size=8,
+    )
+)
+def test_entries_applied_together_end_as_applied_one_by_one(entries_ops) -> None:
+    """Only a key's last record counts: a batch ends where entry-by-entry
+    application ends."""
+    datas = [
+        hctformat.encode(
+            [
+                hctformat.TableOps(
+                    "t",
+                    [
+                        hctformat.Op("i", k, (None, v)) if keep else hctformat.Op("d", k, ())
+                        for k, v, keep in sorted(ops)
+                    ],
+                )
+            ]
+        )
+        for ops in entries_ops
+    ]
+    results = []
+    for together in (False, True):
+        conn = apsw.Connection(":memory:")
+        conn.execute("CREATE TABLE t(a INTEGER PRIMARY KEY, b)")
+        applier = HctApplier(conn)
+        if together:
+            applier.apply_many(datas, lambda name: True, "batch")
+        else:
+            for d in datas:
+                applier.apply(d, lambda name: True, "entry")
+        results.append(conn.execute("SELECT a, b FROM t ORDER BY a").fetchall())
+    assert results[0] == results[1]
