@@ -234,3 +234,33 @@ def test_our_follower_starved_by_a_c_leader_follows_it_by_sync(tmp_path: Path) -
     ):
         ch = fold(ch, bytes.fromhex(line.split()[1]))
     assert ch == h
+
+
+def test_hostile_hctree_data_stops_a_follower_with_nothing_applied(tmp_path: Path) -> None:
+    import pytest
+
+    from hctserver import Database, hctformat, wire
+    from hctserver.errors import ProtocolError
+
+    from nodes import FakeLeader, follower_node
+
+    create = (7, 0, "CREATE TABLE t1(a INTEGER PRIMARY KEY, b)", b"")
+    system = hctformat.encode([hctformat.TableOps("hct_journal", [hctformat.Op("d", 7, ())])])
+    cases = {
+        "system table": (system, "not a table of the follower's schema"),
+        "malformed": (b"Tt1\x00i\x01\x7f\x02", "cid 8: .*runs past the end"),
+        "unknown kind": (b"Tt1\x00z", "cid 8: .*unknown record kind"),
+    }
+    for name, (data, match) in cases.items():
+        fake = FakeLeader(_reply(create, (8, 7, "", data)), sub_reply=wire.encode_subreply_start())
+        fp = str(tmp_path / f"{name}.db")
+        f = follower_node(fp, fake.port)
+        try:
+            with pytest.raises(ProtocolError, match=match):
+                f.wait(10)
+        finally:
+            f.close()
+            fake.close()
+        db = Database(fp, init=False)
+        assert db.position().cid == 7, name  # the CREATE; nothing of cid 8
+        db.close()
