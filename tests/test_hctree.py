@@ -297,3 +297,23 @@ def test_entries_applied_together_end_as_applied_one_by_one(entries_ops) -> None
                 applier.apply(d, lambda name: True, "entry")
         results.append(conn.execute("SELECT a, b FROM t ORDER BY a").fetchall())
     assert results[0] == results[1]
+
+
+def test_writes_then_a_rename_in_one_transaction_are_refused_on_hctree(tmp_path) -> None:
+    from hctserver import Database
+    from hctserver.errors import UnsupportedStatementError
+
+    db = Database(str(tmp_path / "l.db"), format="hctree")
+    db.set_mode("leader")
+    c = db.connect()
+    c.execute("CREATE TABLE t(a INTEGER PRIMARY KEY, b)")
+    with pytest.raises(UnsupportedStatementError, match="rename it in a transaction of its own"):
+        c.execute("BEGIN; INSERT INTO t VALUES(1, 'x'); ALTER TABLE t RENAME TO u; COMMIT")
+    assert c.execute(
+        "SELECT name FROM sqlite_schema WHERE type='table' AND name IN ('t','u')"
+    ).fetchall() == [("t",)]
+    c.execute("INSERT INTO t VALUES(1, 'x')")
+    c.execute("ALTER TABLE t RENAME TO u")  # on its own: fine
+    assert c.execute("SELECT * FROM u").fetchall() == [(1, "x")]
+    c.close()
+    db.close()

@@ -44,6 +44,13 @@ def entry_data(
                     rows.add(key)
     tables = conn.execute("SELECT name FROM sqlite_schema WHERE type='table' ORDER BY rowid")
     order = [name for (name,) in tables if name in keys]
+    gone = [name for name in keys if keys[name] and name not in order]
+    if gone and "RENAME" in schema.upper():
+        raise UnsupportedStatementError(
+            f"table {gone[0]!r} was written and then renamed in one transaction: an"
+            " hctree-format leader could not journal those rows under its new name; the"
+            " transaction was rolled back (rename it in a transaction of its own)"
+        )
     out = []
     for name in order:
         sh = shape_of(conn, name)
