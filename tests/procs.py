@@ -115,21 +115,13 @@ def wal_size(db: str) -> int:
     return os.path.getsize(wal) if os.path.exists(wal) else 0
 
 
-def reference() -> Path | None:
-    """The original C system's ``testfixture``: ``$HCTSERVER_REFERENCE``, else
-    ``../shared/reference/testfixture``; None when neither is there."""
-    env = os.environ.get("HCTSERVER_REFERENCE")
-    path = (
-        Path(env) if env else Path(__file__).resolve().parents[2] / "shared/reference/testfixture"
-    )
-    return path if os.access(path, os.X_OK) else None
-
-
 def require_reference() -> Path:
     """:func:`reference`, or skip the test saying why."""
     import pytest
 
-    fixture = reference()
+    from hctserver.bench import reference_fixture
+
+    fixture = reference_fixture()
     if fixture is None:
         pytest.skip("the original C system is not here ($HCTSERVER_REFERENCE, ../shared/reference)")
     return fixture

@@ -39,9 +39,9 @@ def test_the_same_secret_passes_however_the_bytes_are_split(cut: int) -> None:
 
 def test_a_wrong_secret_is_refused_by_the_leader() -> None:
     f, ld = auth.FollowerAuth(b"x" * 32), auth.LeaderAuth(SECRET)
-    with pytest.raises(AuthError) as e:
+    with pytest.raises(auth.Refused) as e:
         run(f, ld)
-    assert auth.refusal(e.value) == (
+    assert (e.value.reply, str(e.value)) == (
         auth.WRONG,
         "wrong shared secret (the follower's --auth-file differs)",
     )
@@ -82,9 +82,9 @@ def test_a_proof_cannot_be_reflected() -> None:
     ],
 )
 def test_a_client_without_the_extension_is_refused_at_its_first_message(first, said) -> None:
-    with pytest.raises(AuthError) as e:
+    with pytest.raises(auth.Refused) as e:
         auth.LeaderAuth(SECRET).receive(first)
-    message, why = auth.refusal(e.value)
+    message, why = e.value.reply, str(e.value)
     assert message == auth.NEEDED and said in why
 
 

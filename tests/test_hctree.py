@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hctserver import hctformat
+from hctserver import Database, hctformat
 from hctserver.errors import ProtocolError
 from hctserver.hctapply import HctApplier
 from hctserver.position import entry_hash, fold
@@ -26,6 +26,13 @@ VECTORS = Path(__file__).with_name("data") / "hctree-vectors.json"
 @pytest.fixture(scope="module")
 def vectors() -> dict[str, Any]:
     return dict(json.loads(VECTORS.read_text()))
+
+
+def hctree_leader(path: str) -> Database:
+    """A new `--format hctree` database in LEADER mode."""
+    db = Database(path, format="hctree")
+    db.set_mode("leader")
+    return db
 
 
 def entries(v: dict[str, Any]) -> list[dict[str, Any]]:
@@ -156,10 +163,7 @@ def test_a_hctree_format_leader_writes_what_the_c_system_wrote(vectors, tmp_path
     schemas, schemacids, and data byte for byte, except that negative
     integers take 8 bytes (the C follower misreads shorter ones); entry
     hashes equal wherever the bytes are."""
-    from hctserver import Database
-
-    db = Database(str(tmp_path / "l.db"), format="hctree")
-    db.set_mode("leader")
+    db = hctree_leader(str(tmp_path / "l.db"))
     assert db.baseline() == (6, 0, bytes(16))
     conn = db.connect()
     want = []
@@ -183,11 +187,9 @@ def test_a_hctree_format_leader_writes_what_the_c_system_wrote(vectors, tmp_path
 
 
 def test_what_a_c_follower_cannot_take_is_refused_at_commit(tmp_path) -> None:
-    from hctserver import Database
     from hctserver.errors import UnsupportedStatementError
 
-    db = Database(str(tmp_path / "l.db"), format="hctree")
-    db.set_mode("leader")
+    db = hctree_leader(str(tmp_path / "l.db"))
     c = db.connect()
     c.execute("CREATE TABLE t(a INTEGER PRIMARY KEY, b REAL)")
     with pytest.raises(UnsupportedStatementError, match="WITHOUT ROWID"):
@@ -203,7 +205,6 @@ def test_what_a_c_follower_cannot_take_is_refused_at_commit(tmp_path) -> None:
 
 
 def test_the_format_is_chosen_when_a_database_is_made(tmp_path) -> None:
-    from hctserver import Database
     from hctserver.errors import ConfigError
 
     plain = str(tmp_path / "plain.db")
@@ -229,14 +230,11 @@ def test_our_nodes_replicate_an_hctree_format_database(tmp_path) -> None:
     that start as its baseline; writers run all along."""
     import threading
 
-    from hctserver import Database
-
     from helpers import wait_until
     from nodes import end_identical, follower_node, gated_writer, leader_node
 
     lp, fp = str(tmp_path / "l.db"), str(tmp_path / "f.db")
-    db = Database(lp, format="hctree")
-    db.set_mode("leader")
+    db = hctree_leader(lp)
     db.connect().execute("CREATE TABLE t1(a INTEGER PRIMARY KEY, b, c)")
     assert [db.hash_at(c) for c in (0, 5, 6)] == [bytes(16)] * 3
     assert db.sync_start(0) == 6 and db.sync_start(7) == 7
@@ -300,11 +298,9 @@ def test_entries_applied_together_end_as_applied_one_by_one(entries_ops) -> None
 
 
 def test_writes_then_a_rename_in_one_transaction_are_refused_on_hctree(tmp_path) -> None:
-    from hctserver import Database
     from hctserver.errors import UnsupportedStatementError
 
-    db = Database(str(tmp_path / "l.db"), format="hctree")
-    db.set_mode("leader")
+    db = hctree_leader(str(tmp_path / "l.db"))
     c = db.connect()
     c.execute("CREATE TABLE t(a INTEGER PRIMARY KEY, b)")
     with pytest.raises(UnsupportedStatementError, match="rename it in a transaction of its own"):

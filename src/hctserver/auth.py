@@ -172,9 +172,8 @@ class FollowerAuth:
 
 class LeaderAuth:
     """The leader's side. :meth:`receive` returns bytes to send; raises
-    :class:`AuthError` (with the ERROR text for the client as its message)
-    for a client without the secret. The client may send its request only
-    after WELCOME, so nothing is left over."""
+    :class:`Refused` for a client without the secret. The client may send
+    its request only after WELCOME, so nothing is left over."""
 
     def __init__(self, secret: bytes, my_nonce: bytes | None = None) -> None:
         self._secret = secret
@@ -195,7 +194,7 @@ class LeaderAuth:
                 return out
             _, cid, h = _sync.unpack_from(buf)
             if cid != REQUEST_CID or h != REQUEST_HASH:
-                raise AuthError(NEEDED, f"no authentication (it sent SYNC from cid {cid})")
+                raise Refused(NEEDED, f"no authentication (it sent SYNC from cid {cid})")
             del buf[: _sync.size]
             self._stage = 1
         if self._stage == 1:
@@ -204,7 +203,7 @@ class LeaderAuth:
                 return out
             version, self._theirs = _hello.unpack(body)
             if version != VERSION:
-                raise AuthError(
+                raise Refused(
                     f"authentication version {version} is not {VERSION}: upgrade the older node"
                 )
             self._stage = 2
@@ -215,7 +214,7 @@ class LeaderAuth:
         if not hmac.compare_digest(
             body, _mac(self._secret, b"follower", self._theirs, self._nonce)
         ):
-            raise AuthError(WRONG, "wrong shared secret (the follower's --auth-file differs)")
+            raise Refused(WRONG, "wrong shared secret (the follower's --auth-file differs)")
         if buf:
             raise ProtocolError("the follower sent its request before the WELCOME")
         self.done = True
@@ -226,16 +225,19 @@ def _no_request(buf: bytearray) -> None:
     (kind,) = struct.unpack_from("<i", buf)
     if kind != wire.SYNC:
         name = wire.NAMES.get(kind, f"a message of type {kind}")
-        raise AuthError(NEEDED, f"no authentication (it sent {name})")
+        raise Refused(NEEDED, f"no authentication (it sent {name})")
 
 
 REFUSALS = (NEEDED, WRONG, NOT_HERE, TLS_NEEDED)
 
 
-def refusal(e: AuthError) -> tuple[str, str]:
-    """(the ERROR text for the client, the reason for the leader's log)."""
-    args = e.args
-    return (str(args[0]), str(args[1]) if len(args) > 1 else str(args[0]))
+class Refused(AuthError):
+    """A client the leader refuses: ``reply`` is the ERROR text for it, the
+    message the reason for the leader's log."""
+
+    def __init__(self, reply: str, why: str | None = None) -> None:
+        super().__init__(why or reply)
+        self.reply = reply
 
 
 class _Conn(Protocol):

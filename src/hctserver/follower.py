@@ -46,7 +46,7 @@ from .nodelock import NodeLock
 from .position import Entry, chain
 from .reporter import Reporter
 from .retention import Pins, Retainer, RetentionPolicy
-from .security import Security
+from .security import Security, describe
 from .session import (
     Backoff,
     BackoffOver,
@@ -653,13 +653,11 @@ class Follower:
 
     def protection(self) -> str:
         """How this follower and its leader authenticate each other, in words."""
-        parts = []
+        tls = None
         if self.security.ca is not None:
             client = self.security.cert is not None
-            parts.append("TLS with a client certificate" if client else "TLS")
-        if self._secret is not None:
-            parts.append("a shared secret")
-        return " and ".join(parts) or "no TLS, no authentication"
+            tls = "TLS with a client certificate" if client else "TLS"
+        return describe(tls, self._secret is not None)
 
     # --- talking to the leader ------------------------------------------------
 

@@ -15,7 +15,7 @@ their effects already).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import apsw
@@ -66,9 +66,11 @@ class HctApplier:
     def __init__(self, conn: apsw.Connection) -> None:
         self._conn = conn
         self._shapes: dict[str, Shape | None] = {}
+        self._plans: dict[tuple[str, str, int], tuple[str, tuple[int, ...]]] = {}
 
     def schema_changed(self) -> None:
         self._shapes.clear()
+        self._plans.clear()
 
     def apply(self, data: bytes, allowed: Callable[[str], bool], where: str) -> None:
         """Apply one entry's data (``where`` names it in errors); ``allowed``
@@ -113,43 +115,50 @@ class HctApplier:
         assert sh is not None
         groups: dict[str, list[Any]] = {}
         for op in ops:
-            sql, args = self._statement(name, sh, op, where)
+            sql, fields = self._plan(name, sh, op.kind, len(op.values), where)
+            args = [op.values[i] for i in fields]
+            if op.kind in "id":
+                args.append(op.rowid)
             groups.setdefault(sql, []).append(args)
         for sql, rows in groups.items():
             self._conn.executemany(sql, rows)
 
-    def _statement(
-        self, name: str, sh: Shape, op: hctformat.Op, where: str
-    ) -> tuple[str, Sequence[Any]]:
-        t = quote_ident(name)
-        if (op.kind in ("I", "D")) != sh.without_rowid:
-            kind = "WITHOUT ROWID" if sh.without_rowid else "rowid"
-            raise ApplyError(f"{where}: a {op.kind!r} record for the {kind} table {name!r}")
-        if op.kind == "d":
-            return f"DELETE FROM {t} WHERE {sh.rowid_name}=?", (op.rowid,)
-        if op.kind == "D":
-            if len(op.values) != len(sh.pk):
-                raise ApplyError(f"{where}: a key of {len(op.values)} fields for {name!r}")
-            cond = " AND ".join(f"{quote_ident(sh.columns[i])}=?" for i in sh.pk)
-            return f"DELETE FROM {t} WHERE {cond}", op.values
-        order = _field_order(sh)
-        if len(op.values) > len(order):
-            raise ApplyError(
-                f"{where}: a record of {len(op.values)} fields for {name!r},"
-                f" which has {len(order)} columns"
-            )
-        names: list[str] = []
-        values: list[Any] = []
-        for i, v in zip(order, op.values, strict=False):
-            if i == sh.ipk:
-                continue  # NULL in the record: the rowid is its value
-            names.append(quote_ident(sh.columns[i]))
-            values.append(v)
-        if op.kind == "i":
-            names.append(sh.rowid_name if sh.ipk is None else quote_ident(sh.columns[sh.ipk]))
-            values.append(op.rowid)
-        marks = ",".join("?" * len(values))
-        return f"INSERT OR REPLACE INTO {t}({','.join(names)}) VALUES({marks})", values
+    def _plan(
+        self, name: str, sh: Shape, kind: str, n: int, where: str
+    ) -> tuple[str, tuple[int, ...]]:
+        """The statement for a ``kind`` record of ``n`` fields of ``name``,
+        and which fields it binds (then the rowid, for ``'i'`` and ``'d'``)."""
+        key = (name, kind, n)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = _statement(name, sh, kind, n, where)
+        return plan
+
+
+def _statement(name: str, sh: Shape, kind: str, n: int, where: str) -> tuple[str, tuple[int, ...]]:
+    t = quote_ident(name)
+    if (kind in ("I", "D")) != sh.without_rowid:
+        table_kind = "WITHOUT ROWID" if sh.without_rowid else "rowid"
+        raise ApplyError(f"{where}: a {kind!r} record for the {table_kind} table {name!r}")
+    if kind == "d":
+        return f"DELETE FROM {t} WHERE {sh.rowid_name}=?", ()
+    if kind == "D":
+        if n != len(sh.pk):
+            raise ApplyError(f"{where}: a key of {n} fields for {name!r}")
+        cond = " AND ".join(f"{quote_ident(sh.columns[i])}=?" for i in sh.pk)
+        return f"DELETE FROM {t} WHERE {cond}", tuple(range(n))
+    order = _field_order(sh)
+    if n > len(order):
+        raise ApplyError(
+            f"{where}: a record of {n} fields for {name!r}, which has {len(order)} columns"
+        )
+    # the INTEGER PRIMARY KEY's field is NULL in the record: the rowid is its value
+    fields = tuple(f for f in range(n) if order[f] != sh.ipk)
+    names = [quote_ident(sh.columns[order[f]]) for f in fields]
+    if kind == "i":
+        names.append(sh.rowid_name if sh.ipk is None else quote_ident(sh.columns[sh.ipk]))
+    marks = ",".join("?" * len(names))
+    return f"INSERT OR REPLACE INTO {t}({','.join(names)}) VALUES({marks})", fields
 
 
 def _field_order(sh: Shape) -> list[int]:

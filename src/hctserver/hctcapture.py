@@ -56,30 +56,33 @@ def entry_data(
         sh = shape_of(conn, name)
         if sh is None or not keys[name]:
             continue  # dropped by the transaction: hctree journals the DROP alone
-        out.append(hctformat.TableOps(name, [_op(conn, name, sh, r) for r in sorted(keys[name])]))
+        out.append(hctformat.TableOps(name, _table_ops(conn, name, sh, sorted(keys[name]))))
     return hctformat.encode(out, wide_negatives=True)
 
 
-def _op(conn: apsw.Connection, name: str, sh: Shape, rowid: int) -> hctformat.Op:
+def _table_ops(
+    conn: apsw.Connection, name: str, sh: Shape, rowids: list[int]
+) -> list[hctformat.Op]:
+    """Each rowid's final state: ``'i'`` and its row as a record holds it, or ``'d'``."""
     cols = ", ".join(quote_ident(c) for c in sh.columns)
-    row = conn.execute(
-        f"SELECT {cols} FROM main.{quote_ident(name)} WHERE {sh.rowid_name}=?", (rowid,)
-    ).fetchone()
-    if row is None:
-        return hctformat.Op("d", rowid, ())
-    values = list(row)
-    if sh.ipk is not None:
-        values[sh.ipk] = None  # the rowid is its value
-    for i in _real_columns(conn, name):
-        v = values[i]
-        if isinstance(v, float) and v.is_integer() and -_REAL_AS_INT <= v < _REAL_AS_INT:
-            values[i] = int(v)
-    return hctformat.Op("i", rowid, tuple(values))
-
-
-def _real_columns(conn: apsw.Connection, name: str) -> list[int]:
+    select = f"SELECT {cols} FROM main.{quote_ident(name)} WHERE {sh.rowid_name}=?"
     types = [r[0] for r in conn.execute("SELECT type FROM pragma_table_info(?)", (name,))]
-    return [i for i, t in enumerate(types) if _affinity(t) == "REAL"]
+    reals = [i for i, t in enumerate(types) if _affinity(t) == "REAL"]
+    ops = []
+    for rowid in rowids:
+        row = conn.execute(select, (rowid,)).fetchone()
+        if row is None:
+            ops.append(hctformat.Op("d", rowid, ()))
+            continue
+        values = list(row)
+        if sh.ipk is not None:
+            values[sh.ipk] = None  # the rowid is its value
+        for i in reals:
+            v = values[i]
+            if isinstance(v, float) and v.is_integer() and -_REAL_AS_INT <= v < _REAL_AS_INT:
+                values[i] = int(v)
+        ops.append(hctformat.Op("i", rowid, tuple(values)))
+    return ops
 
 
 def _affinity(declared: str) -> str:

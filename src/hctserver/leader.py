@@ -49,7 +49,7 @@ from .journal import Database
 from .nodelock import NodeLock
 from .position import Position
 from .retention import Pins, Retainer, RetentionPolicy
-from .security import Security
+from .security import Security, describe
 from .session import (
     BUSY,
     LeaderSession,
@@ -296,13 +296,11 @@ class Leader:
 
     def protection(self) -> str:
         """How followers are authenticated, in words (for the log and /status)."""
-        parts = []
+        tls = None
         if self.transport.tls:
             mutual = self.security.client_ca is not None
-            parts.append("TLS with client certificates" if mutual else "TLS")
-        if self._secret is not None:
-            parts.append("a shared secret")
-        return " and ".join(parts) or "no TLS, no authentication"
+            tls = "TLS with client certificates" if mutual else "TLS"
+        return describe(tls, self._secret is not None)
 
     # --- what the rules see (session.LeaderView) -------------------------------------
 
@@ -669,9 +667,8 @@ class Leader:
             return None
         try:
             auth.exchange(conn, auth.LeaderAuth(self._secret), b"", self.request_timeout)
-        except AuthError as e:
-            message, why = auth.refusal(e)
-            return Refuse(message, "auth", why)
+        except auth.Refused as e:
+            return Refuse(e.reply, "auth", str(e))
         except ProtocolError as e:
             return Refuse(str(e), "protocol")
         return None

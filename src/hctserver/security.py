@@ -87,6 +87,13 @@ class Security:
         return None if self.auth_file is None else read_secret(self.auth_file, "--auth-file")
 
 
+def describe(tls: str | None, secret: bool) -> str:
+    """How a node and its peers authenticate each other, in words (for the
+    log and ``/status``): ``tls`` names the kind of TLS, if any."""
+    parts = [p for p in (tls, "a shared secret" if secret else None) if p]
+    return " and ".join(parts) or "no TLS, no authentication"
+
+
 def read_secret(path: str, flag: str) -> bytes:
     """A secret from a file that only its owner may read (as ssh and
     PostgreSQL insist), trailing white space removed."""

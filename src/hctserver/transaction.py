@@ -150,10 +150,9 @@ class Transactions:
                 data = patchset.merge([tx.acc, self.cap.take()])
                 hctree = self.db.format == "hctree"
                 schema = ";".join(d[1] if hctree else d[0] for d in tx.ddl)
-                if hctree:  # every write transaction is journaled, as hctree does
+                if hctree:
                     data = hctcapture.entry_data(self.conn, self.cap.touched, data, schema)
-                    entry = self._journal(schema, data)
-                elif data or schema:
+                if data or schema or hctree:  # hctree journals every write transaction
                     entry = self._journal(schema, data)
                 if schema:
                     with self.auth.bypass():

@@ -37,6 +37,7 @@ from .errors import (
     PlainClientError,
     TimedOutError,
 )
+from .wire import TLS_HANDSHAKE
 
 # "Nothing now, try later": a TLS layer says it with its own OSError subclasses.
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -191,9 +192,6 @@ _TLS_PIECE = 16 << 10
 
 def _is_alert(e: OSError) -> bool:
     return isinstance(e, ssl.SSLError) and "ALERT" in str(e.reason)
-
-
-TLS_HANDSHAKE = 0x16  # the first byte of every TLS connection (a handshake record)
 
 
 def _tls_why(e: ssl.SSLError) -> str:

@@ -51,7 +51,7 @@ _iiq = struct.Struct("<iiq")
 _qq = struct.Struct("<qq")
 
 END_OF_ENTRIES = _i32.pack(0)
-_TLS_HANDSHAKE = 0x16  # the first byte a TLS client sends
+TLS_HANDSHAKE = 0x16  # the first byte a TLS client sends (a handshake record)
 _tuple_new = tuple.__new__  # builds an Entry without the namedtuple's Python-level __new__
 
 
@@ -233,7 +233,7 @@ class RequestDecoder(_Decoder):
                     self._state, self._need = _WANT_SUBX_BODY, 12
                 else:
                     self._state = _DONE
-                    if buf[p] == _TLS_HANDSHAKE:
+                    if buf[p] == TLS_HANDSHAKE:
                         raise UnknownMessageTypeError(
                             "a TLS handshake: this leader does not use TLS (start it with"
                             " --tls-cert and --tls-key, or the follower without --tls-ca)"
