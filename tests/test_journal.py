@@ -600,3 +600,30 @@ def test_a_table_from_an_earlier_transaction_can_be_dropped(tmp_path) -> None:
     f = replay(db, str(tmp_path / "f.db"))
     assert dbdump.tables(f.path) == dbdump.tables(db.path)
     assert "old" not in dbdump.tables(f.path)
+
+
+def test_first_hole_sees_no_hole_while_another_connection_commits(tmp_path) -> None:
+    """It reads the applied and the stored cids in one snapshot: a commit by
+    another connection in between is not a hole (hctserver.connect() would
+    refuse to make the database a leader)."""
+    path = str(tmp_path / "l.db")
+    writer_db = leader(path, 0)
+    stop = threading.Event()
+
+    def write() -> None:
+        c = writer_db.connect()
+        while not stop.is_set():
+            c.execute("INSERT INTO t1 VALUES(NULL, 1, 2)")
+        c.close()
+
+    t = threading.Thread(target=write)
+    t.start()
+    reader = Database(path)
+    try:
+        wait_until(lambda: reader.snapshot() > 50, what="commits")
+        holes = [h for h in (reader.first_hole() for _ in range(3000)) if h is not None]
+    finally:
+        stop.set()
+        t.join(30)
+    assert holes == []
+    assert reader.snapshot() > 50

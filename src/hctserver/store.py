@@ -366,9 +366,16 @@ class Store:
         return int(max(r[0] for r in rows if r[0] is not None))
 
     def first_hole(self) -> int | None:
-        """The lowest missing cid below the newest stored one, or None."""
-        snap = self.snapshot()
-        return snap + 1 if self.max_cid() > snap else None
+        """The lowest missing cid below the newest stored one, or None. One
+        statement, so one read snapshot: another process committing between
+        two queries would look like a hole."""
+        ((base, applied, stored),) = self._query(
+            "SELECT (SELECT cid FROM hct_baseline),"
+            " (SELECT max(cid) FROM hct_journal WHERE vhash IS NOT NULL),"
+            " (SELECT max(cid) FROM hct_journal)"
+        )
+        snap = max(base, applied or base)
+        return snap + 1 if max(base, stored or base) > snap else None
 
     def baseline(self) -> tuple[int, int, bytes]:
         cid, schemacid, h = self._query("SELECT cid, schemacid, hash FROM hct_baseline")[0]
