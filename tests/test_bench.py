@@ -25,7 +25,13 @@ KEYS = [
     "handshake_large_ms",
     "tls_catchup_ratio",
     "tls_leader_commit_ratio",
-] + [f"catchup_entries_per_s_syncthreads_{n}" for n in (1, 2, 8)]
+    "leader_jobs_4_ratio",
+    "leader_journaled_pure_commits_per_s",
+    "catchup_pure_entries_per_s",
+    "leader_full_sync_jobs_8_ratio",
+]
+KEYS += [f"catchup_entries_per_s_syncthreads_{n}" for n in (1, 2, 4, 8)]
+KEYS += [f"leader_jobs_{n}_commits_per_s" for n in (1, 2, 4, 8)]
 
 
 def test_bench_quick_writes_sane_json(tmp_path) -> None:
@@ -48,8 +54,15 @@ def test_bench_quick_writes_sane_json(tmp_path) -> None:
     )
     assert 0 < r["leader_commit_ratio"] < 3 and 0 < r["leader_followers_ratio"] < 3
     assert r["catchup_entries_per_s"] == max(
-        r[f"catchup_entries_per_s_syncthreads_{n}"] for n in (1, 2, 8)
+        r[f"catchup_entries_per_s_syncthreads_{n}"] for n in (1, 2, 4, 8)
     )
+    assert r["leader_jobs_4_ratio"] == (
+        r["leader_jobs_4_commits_per_s"] / r["leader_journaled_commits_per_s"]
+    )
+    from hctserver import speedups
+
+    assert r["implementation"] == speedups.implementation()  # which hot loops ran
+    assert f"hot loops: {r['implementation']}" in p.stdout
     assert 0 < r["catchup_limit_ratio"] < 3
     assert 0 < r["tls_catchup_ratio"] < 3 and 0 < r["tls_leader_commit_ratio"] < 3
     assert r["tls_leader_commit_ratio"] == (

@@ -413,6 +413,7 @@ def test_connect_is_the_public_entry_point_and_refuses_a_followers_database(tmp_
     f = follower_node(fp, leader.port)
     try:
         wait_until(lambda: snapshot_of(fp) == 3, what="the follower caught up")
+        wait_until(lambda: f.runner.stats.phase == "stream", what="the follower subscribed")
     finally:
         leader.close()
         f.wait(30)

@@ -23,8 +23,8 @@ from typing import Any
 
 import apsw
 
-from . import guard
-from .codec import FORMATS, SESSION, codec_of, runs
+from . import guard, speedups
+from .codec import FORMATS, SESSION, Codec, codec_of, runs
 from .errors import ApplyError, DiskFullError, DivergenceError, ModeError, ProtocolError
 from .policy import DataPolicy, SchemaPolicy
 from .position import Entry, Position, entry_hash, fold
@@ -45,6 +45,26 @@ _CONFLICT_NAMES = {
 
 
 _ENCODINGS = frozenset(c.tag for c in FORMATS.values())
+_BY_TAG: dict[int, Codec] = {c.tag: c for c in FORMATS.values()}
+NO_DATA, MIXED = -2, -1  # journal_rows' tag when no entry has data, or their formats differ
+
+
+def py_journal_rows(
+    entries: Sequence[Entry], hashes: Sequence[Any]
+) -> tuple[list[tuple[Any, ...]], int, int, int]:
+    """A run's journal rows (cid, schema, data, schemacid, hash, H), its size
+    in bytes, the index of its first schema entry (-1: none) and the first
+    byte its entries' data share (NO_DATA, MIXED)."""
+    rows = [(e[0], e[2], e[3], e[1], h[0], h[1]) for e, h in zip(entries, hashes, strict=True)]
+    nbytes = sum(len(e[3]) + len(e[2]) for e in entries)
+    schema_at = next((i for i, e in enumerate(entries) if e[2]), -1)
+    tags = {e[3][0] for e in entries if e[3]}
+    tag = NO_DATA if not tags else (tags.pop() if len(tags) == 1 else MIXED)
+    return rows, nbytes, schema_at, tag
+
+
+_native: Any = speedups.native()
+journal_rows = py_journal_rows if _native is None else _native.journal_rows
 
 
 def check_encoding(e: Entry) -> None:
@@ -88,6 +108,12 @@ class Applier:
             )
         }
         self._pre: dict[int, Any] = {}  # cid -> (hash, H, chain id) computed by a receiver
+        # the fast path: contiguous entries from the snapshot on, hashed by the
+        # receiver along one chain, kept as journal rows (see add_many)
+        self._run: list[tuple[list[tuple[Any, ...]], int, int]] = []  # (rows, bytes, tag)
+        self._run_count = 0
+        self._run_next = 0  # the cid the run goes on with
+        self._run_chain: object = None
         self._conflict: str | None = None
         self._interrupted = False
         self.applied = 0  # entries applied by this object
@@ -105,7 +131,7 @@ class Applier:
     @property
     def pending(self) -> int:
         """Entries received above the snapshot, not yet applied."""
-        return len(self._pending) + len(self._spilled)
+        return len(self._pending) + len(self._spilled) + self._run_count
 
     def close(self) -> None:
         self._conn.close()
@@ -137,7 +163,52 @@ class Applier:
     def add_many(self, entries: Iterable[Entry], hashes: Sequence[Any] | None = None) -> None:
         """Add entries; ``hashes``, if given, holds for each entry its hash and
         the version hash H after it, computed by the caller along a contiguous
-        chain tagged with an id: (hash, H, chain id), or None."""
+        chain tagged with an id: (hash, H, chain id), or None.
+
+        Catching up, entries come in cid order from the snapshot on, all
+        hashed along one chain: such a run skips the per-entry bookkeeping
+        below and is kept as ready journal rows."""
+        if hashes is not None and isinstance(entries, list) and self._extends_run(entries, hashes):
+            rows, nbytes, schema_at, tag = journal_rows(entries, hashes)
+            if schema_at < 0 and (tag == NO_DATA or tag in _ENCODINGS):
+                self._run.append((rows, nbytes, tag))
+                self._run_count += len(rows)
+                self._run_next = entries[-1][0] + 1
+                self._run_chain = hashes[0][2]
+                return
+        self._drain_run()
+        self._add_many(entries, hashes)
+
+    def _extends_run(self, entries: list[Entry], hashes: Sequence[Any]) -> bool:
+        if not entries:
+            return False
+        h0, h1 = hashes[0], hashes[-1]
+        if h0 is None or h1 is None or h1[2] is not h0[2]:
+            return False
+        first = entries[0][0]
+        if entries[-1][0] - first != len(entries) - 1:  # then every one is hashed
+            return False
+        if self._run:
+            return first == self._run_next and h0[2] is self._run_chain
+        return (
+            not self._pending
+            and not self._spilled
+            and first == self._snapshot + 1
+            and fold(self._position.hash, h0[0]) == h0[1]  # the chain starts at our H
+        )
+
+    def _drain_run(self) -> None:
+        """Hand the run to the general path (before anything else is added)."""
+        if not self._run:
+            return
+        run, self._run, self._run_count = self._run, [], 0
+        chain = self._run_chain
+        for rows, _, _ in run:
+            self._add_many(
+                [Entry(r[0], r[3], r[1], r[2]) for r in rows], [(r[4], r[5], chain) for r in rows]
+            )
+
+    def _add_many(self, entries: Iterable[Entry], hashes: Sequence[Any] | None) -> None:
         pending, spilled, pre = self._pending, self._spilled, self._pre
         snap = self._snapshot
         nbytes = 0
@@ -182,6 +253,8 @@ class Applier:
 
     def apply(self) -> int:
         """Apply every entry that is now contiguous; return the new snapshot."""
+        if self._run:
+            self._apply_run()
         while True:
             if self._interrupted:
                 raise ApplyError(f"applying to {self.db.path} was interrupted (stopping)")
@@ -261,6 +334,55 @@ class Applier:
         self._snapshot = last
         self.applied += len(batch)
         self.db.notify_snapshot(last)
+
+    def _apply_run(self) -> None:
+        """Apply the run in batches. Anything unusual (an error above all) is
+        handed to the general path, which says what went wrong."""
+        while self._run:
+            if self._interrupted:
+                raise ApplyError(f"applying to {self.db.path} was interrupted (stopping)")
+            n = size = 0
+            k = 0
+            while k < len(self._run) and n < self.batch_entries and size < self.batch_bytes:
+                n += len(self._run[k][0])
+                size += self._run[k][1]
+                k += 1
+            chunks = self._run[:k]
+            tags = {t for _, _, t in chunks if t != NO_DATA}
+            rows = chunks[0][0] if k == 1 else [r for c in chunks for r in c[0]]
+            lock = self.db.share
+            try:
+                if len(tags) > 1:
+                    raise ValueError("formats differ")
+                with lock:
+                    self._commit_rows(rows, _BY_TAG[tags.pop()] if tags else None)
+            except Exception:
+                self._drain_run()  # the general path applies them, or names the error
+                return
+            del self._run[:k]
+            self._run_count -= len(rows)
+            last = rows[-1]
+            lock.tail = None  # what a leader in this process cached is stale now
+            self._position = Position(last[0], last[5])
+            self._snapshot = last[0]
+            self.applied += len(rows)
+            self.db.notify_snapshot(last[0])
+
+    def _commit_rows(self, rows: list[tuple[Any, ...]], codec: Codec | None) -> None:
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            if codec is not None:
+                data_policy = DataPolicy(c)
+                codec.apply(c, [(r[0], r[2]) for r in rows], data_policy, self._on_conflict)
+                if data_policy.refused is not None:
+                    raise ProtocolError(data_policy.refused)
+            c.executemany(INSERT_ENTRY, rows)
+            c.execute("COMMIT")
+        except BaseException:
+            if not c.get_autocommit():
+                c.execute("ROLLBACK")
+            raise
 
     def _commit_batch(self, batch: list[Entry], rows: list[Any]) -> None:
         c = self._conn

@@ -275,7 +275,7 @@ class Capture:
                     _put(rows, kold, True, old, None)
                     _put(rows, knew, False, None, new)
         parts = []
-        enc = patchset.encode_value
+        enc, encode_values = patchset.encode_value, patchset.encode_values
         for name, rows in tables.items():
             sh = shapes[name]
             body = []
@@ -294,7 +294,7 @@ class Capture:
                     ]
                     if any(c is not _UNDEF_BYTES for c in changed):
                         body.append(
-                            _UPDATE_OP + b"".join(map(enc, sh.pkvalues(old))) + b"".join(changed)
+                            _UPDATE_OP + encode_values(sh.pkvalues(old)) + b"".join(changed)
                         )
             if body:
                 parts.append(sh.header)

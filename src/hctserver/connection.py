@@ -23,6 +23,7 @@ from . import sqltext
 from .authorizer import Authorizer
 from .capture import Capture
 from .errors import BusyError, ModeError, UnsupportedStatementError
+from .groupcommit import Committed, GroupCommitter, Statements, prepare
 from .reshape import Reshaper
 from .sqltext import Kind, Statement, ddl_texts
 from .store import CommitHook, Mode, Store
@@ -60,9 +61,13 @@ class JournaledConnection:
     savepoint when one is already open). A connection reads its own writes.
     """
 
-    def __init__(self, db: Store, *, owns_db: bool = False) -> None:
+    def __init__(
+        self, db: Store, *, owns_db: bool = False, committer: GroupCommitter | None = None
+    ) -> None:
         self.db = db
         self._owns_db = owns_db
+        self._committer = committer
+        self._own_committer: GroupCommitter | None = None
         self._conn = db.open_connection()
         self._epoch = -1
         self._ctx: list[str | None] = []
@@ -121,6 +126,31 @@ class JournaledConnection:
             raise
         return Rows(rows)
 
+    def transact(self, statements: Statements) -> Committed:
+        """Run ``statements`` (each ``"sql"`` or ``("sql", bindings)``: one
+        INSERT/UPDATE/DELETE/REPLACE or SELECT each) as one journaled
+        transaction, in one call. Transactions that threads submit at the
+        same time are committed together (group commit), each atomic on its
+        own with its own cid; this returns once its group is committed, with
+        the cid (0 if it changed nothing) and each statement's rows. If one
+        statement fails, the transaction is rolled back and the error raised."""
+        if self._epoch != self.db.mode_epoch:
+            self._sync_mode()
+        prepared = prepare(statements)
+        self._check_writable()
+        if self._txs.tx is not None:
+            raise UnsupportedStatementError(
+                "transact() runs a transaction of its own: commit or roll back the open one first"
+            )
+        if self._committer is None:  # a connection on a bare Store: a committer of its own
+            self._committer = self._own_committer = GroupCommitter(self.db)
+        txs = self._txs
+        entry, rows = self._committer.transact(prepared, txs.hooks, txs.tracker)
+        if entry is None:
+            return Committed(0, rows)
+        txs.last_cid = entry.cid
+        return Committed(entry.cid, rows)
+
     def add_commit_hook(self, hook: CommitHook) -> None:
         """Call ``hook(cid, schema, data, schemacid)`` after each journaled commit
         of this connection (the leader streams a job's commits from here)."""
@@ -159,6 +189,8 @@ class JournaledConnection:
         if self._txs.tx is not None:
             self._txs.abort()
         self._conn.close()
+        if self._own_committer is not None:
+            self._own_committer.close()
         if self._owns_db:
             self.db.close()
 

@@ -83,23 +83,27 @@ class HctApplier:
         one counts, and records of one shape go to SQLite in one
         ``executemany`` (a C loop)."""
         final: dict[str, dict[Any, hctformat.RawOp | hctformat.Op]] = {}
+        npks: dict[str, int] = {}  # tables checked so far: their key's width
+        scan = hctformat.scan
         for data in datas:
-            for name, raw in hctformat.scan(data):
-                if not allowed(name):
-                    raise ProtocolError(
-                        f"changes to {name!r}, which is not a table of the follower's schema"
-                    )
-                sh = self._shape(name)
-                if sh is None:
-                    raise ApplyError(f"{where}: no table {name!r} on this follower")
-                ops = final.setdefault(name, {})
-                npk = len(sh.pk)
+            for name, raw in scan(data):
+                ops = final.get(name)
+                if ops is None:
+                    if not allowed(name):
+                        raise ProtocolError(
+                            f"changes to {name!r}, which is not a table of the follower's schema"
+                        )
+                    sh = self._shape(name)
+                    if sh is None:
+                        raise ApplyError(f"{where}: no table {name!r} on this follower")
+                    ops = final[name] = {}
+                    npks[name] = len(sh.pk)
                 for r in raw:
-                    if r.kind in "id":
-                        ops[r.rowid] = r  # decoded only if it stays the last
+                    if r[0] in "id":
+                        ops[r[1]] = r  # decoded only if it stays the last
                     else:
                         op = r.op()
-                        ops[op.values[:npk]] = op
+                        ops[op.values[: npks[name]]] = op
         for name, ops in final.items():
             decoded = [o.op() if isinstance(o, hctformat.RawOp) else o for o in ops.values()]
             self._apply_table(name, self._shapes[name], decoded, where)

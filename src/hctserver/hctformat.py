@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+from . import speedups
 from .errors import ProtocolError
 from .patchset import get_varint, put_varint
 
@@ -50,7 +51,7 @@ class TableOps(NamedTuple):
 # --- records -------------------------------------------------------------------
 
 
-def decode_record(rec: bytes | memoryview) -> tuple[Value, ...]:
+def py_decode_record(rec: bytes | memoryview) -> tuple[Value, ...]:
     """The fields of an SQLite record."""
     rec = bytes(rec)
     hsize, p = get_varint(rec, 0)
@@ -151,7 +152,7 @@ class RawOp(NamedTuple):
         return Op(self.kind, self.rowid, decode_record(self.record) if self.record else ())
 
 
-def scan(data: bytes | memoryview) -> list[tuple[str, list[RawOp]]]:
+def py_scan(data: bytes | memoryview) -> list[tuple[str, list[RawOp]]]:
     """The tables and ops of one entry's data, records left undecoded (a
     follower decodes only each key's last one); ProtocolError if it is not
     hctree's format."""
@@ -189,6 +190,23 @@ def scan(data: bytes | memoryview) -> list[tuple[str, list[RawOp]]]:
     except (IndexError, ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(f"hctree entry data is malformed ({e})") from None
     return out
+
+
+_native: Any = speedups.native()
+
+
+def _native_scan(data: bytes | memoryview) -> list[tuple[str, list[RawOp]]]:
+    out: list[tuple[str, list[RawOp]]] | None = _native.hct_scan(data, RawOp)
+    return py_scan(data) if out is None else out  # malformed: the twin says how
+
+
+def _native_decode_record(rec: bytes | memoryview) -> tuple[Value, ...]:
+    out: tuple[Value, ...] | None = _native.hct_record(rec)
+    return py_decode_record(rec) if out is None else out
+
+
+scan = py_scan if _native is None else _native_scan
+decode_record = py_decode_record if _native is None else _native_decode_record
 
 
 def decode(data: bytes | memoryview) -> list[TableOps]:

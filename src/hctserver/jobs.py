@@ -72,9 +72,7 @@ def writer(db: Any, timeout: Callable[[], bool]) -> None:
     pause = 0.0
     while not timeout():
         try:
-            db.execute("BEGIN CONCURRENT")
-            db.execute(WRITER_SQL)
-            db.execute("COMMIT")
+            db.transact([WRITER_SQL])  # one call; concurrent writers commit in groups
             if pause:
                 log.warning("the disk has space again: the writer goes on")
                 pause = 0.0

@@ -9,11 +9,13 @@ the two ways to change it: journaled connections for user code
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from .apply import Applier
 from .connection import JournaledConnection
 from .errors import ModeError
+from .groupcommit import GroupCommitter
 from .store import Mode, Store
 
 
@@ -25,9 +27,26 @@ class Database(Store):
     received from a leader and refuses to exist in LEADER mode.
     """
 
+    _committer: GroupCommitter | None = None
+    _committer_lock = threading.Lock()
+
     def connect(self) -> JournaledConnection:
         """A connection for user code: journals writes in LEADER mode."""
-        return JournaledConnection(self)
+        return JournaledConnection(self, committer=self.committer())
+
+    def committer(self) -> GroupCommitter:
+        """The group committer that every connection's ``transact`` shares."""
+        with self._committer_lock:
+            if self._committer is None:
+                self._committer = GroupCommitter(self)
+            return self._committer
+
+    def close(self) -> None:
+        with self._committer_lock:
+            if self._committer is not None:
+                self._committer.close()
+                self._committer = None
+        super().close()
 
     def applier(self, **options: Any) -> Applier:
         """The follower's entry applier (see :class:`hctserver.apply.Applier`)."""
@@ -54,7 +73,7 @@ def connect(path: str | os.PathLike[str], **options: Any) -> JournaledConnection
                 " diverge from its leader; connect to the leader's database instead"
             )
         db.set_mode(Mode.LEADER)
-        return JournaledConnection(db, owns_db=True)
+        return JournaledConnection(db, owns_db=True, committer=db.committer())
     except BaseException:
         db.close()
         raise

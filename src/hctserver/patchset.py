@@ -22,6 +22,7 @@ from typing import Any
 
 import apsw
 
+from . import speedups
 from .errors import ApplyError
 
 INSERT = 18
@@ -189,13 +190,27 @@ _OPS = {
 }
 
 
+def py_encode_values(values: Sequence[object]) -> bytes:
+    """The values as a record's fields, one after the other."""
+    return b"".join(map(encode_value, values))
+
+
+def _native_encode_values(values: Sequence[object]) -> bytes:
+    out: bytes | None = _native.encode_values(values, UNDEFINED)
+    return py_encode_values(values) if out is None else out
+
+
+_native: Any = speedups.native()
+encode_values = py_encode_values if _native is None else _native_encode_values
+
+
 def encode_insert(values: Sequence[object], indirect: bool = False) -> bytes:
-    return _OPS[INSERT, indirect] + b"".join(map(encode_value, values))
+    return _OPS[INSERT, indirect] + encode_values(values)
 
 
 def encode_delete(pk_values: Sequence[object], indirect: bool = False) -> bytes:
     """pk_values: the primary-key columns' values, in column order."""
-    return _OPS[DELETE, indirect] + b"".join(map(encode_value, pk_values))
+    return _OPS[DELETE, indirect] + encode_values(pk_values)
 
 
 def encode_update(
@@ -203,11 +218,7 @@ def encode_update(
 ) -> bytes:
     """pk_values in column order; new: the non-key columns in column order,
     UNDEFINED for the unchanged ones."""
-    return (
-        _OPS[UPDATE, indirect]
-        + b"".join(map(encode_value, pk_values))
-        + b"".join(map(encode_value, new))
-    )
+    return _OPS[UPDATE, indirect] + encode_values(pk_values) + encode_values(new)
 
 
 def decode(data: bytes) -> list[Table]:

@@ -9,6 +9,8 @@ import hashlib
 import struct
 from typing import Any, NamedTuple
 
+from . import speedups
+
 HASH_SIZE = 16
 ZERO_HASH = bytes(HASH_SIZE)
 
@@ -38,7 +40,7 @@ class Position(NamedTuple):
         return f"{self.cid}:{self.hash.hex()}"
 
 
-def entry_hash(cid: int, schema: str | bytes, data: bytes, schemacid: int) -> bytes:
+def py_entry_hash(cid: int, schema: str | bytes, data: bytes, schemacid: int) -> bytes:
     """MD5(be64(cid) || schema || data || be64(schemacid))."""
     if not schema:
         return _md5(_be64(cid) + data + _be64(schemacid)).digest()
@@ -46,7 +48,7 @@ def entry_hash(cid: int, schema: str | bytes, data: bytes, schemacid: int) -> by
     return _md5(_be64(cid) + s + data + _be64(schemacid)).digest()
 
 
-def fold(h: bytes, entry_hash_: bytes) -> bytes:
+def py_fold(h: bytes, entry_hash_: bytes) -> bytes:
     """One step of the version hash: MD5(H || entry.hash)."""
     return _md5(h + entry_hash_).digest()
 
@@ -58,7 +60,7 @@ def fold_all(h: bytes, entry_hashes: list[bytes]) -> bytes:
     return h
 
 
-def chain(entries: list[Entry], cid: int, h: bytes, tag: object) -> tuple[list[Any], int, bytes]:
+def py_chain(entries: list[Entry], cid: int, h: bytes, tag: object) -> tuple[list[Any], int, bytes]:
     """Hash entries that follow position (cid, h) in cid order: for each,
     (entry hash, H after it, tag) or None once the run stops being contiguous.
     Returns (hashes, next expected cid, H)."""
@@ -79,3 +81,11 @@ def chain(entries: list[Entry], cid: int, h: bytes, tag: object) -> tuple[list[A
         append((eh, h, tag))
         nxt += 1
     return out, nxt - 1, h
+
+
+entry_hash = py_entry_hash
+fold = py_fold
+chain = py_chain
+_native: Any = speedups.native()
+if _native is not None:  # compiled twins (tests/test_speedups.py checks they agree)
+    entry_hash, fold, chain = _native.entry_hash, _native.fold, _native.chain

@@ -153,7 +153,7 @@ class Transactions:
                 if hctree:
                     data = hctcapture.entry_data(self.conn, self.cap.touched, data, schema)
                 if data or schema or hctree:  # hctree journals every write transaction
-                    entry = self._journal(schema, data)
+                    entry = self.journal(schema, data)
                 if schema:
                     with self.auth.bypass():
                         guard.protect(self.conn)
@@ -175,14 +175,9 @@ class Transactions:
         self.end()
         if entry is not None:
             self.db.notify_snapshot(entry.cid)
-            args = (entry.cid, entry.schema, entry.data, entry.schemacid)
-            for hook in (*self.hooks, *self.db.commit_hooks):
-                try:
-                    hook(*args)
-                except Exception:
-                    log.exception("commit hook %r failed for cid %d", hook, entry.cid)
+            run_hooks((*self.hooks, *self.db.commit_hooks), entry)
 
-    def _journal(self, schema: str, data: bytes) -> Appended:
+    def journal(self, schema: str, data: bytes) -> Appended:
         """Append the journal row. The tail of the last commit in this process
         is cached; if another process committed since, the insert meets its
         row, and the transaction carries on from the fresh tail, unless that
@@ -265,6 +260,16 @@ class Transactions:
         except BaseException:
             self.failed()
             raise
+
+
+def run_hooks(hooks: tuple[CommitHook, ...], entry: Appended) -> None:
+    """Tell each hook of a commit; a failing hook is logged, not raised."""
+    args = (entry.cid, entry.schema, entry.data, entry.schemacid)
+    for hook in hooks:
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("commit hook %r failed for cid %d", hook, entry.cid)
 
 
 def disk_full(path: str) -> DiskFullError:

@@ -17,6 +17,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+from . import speedups
 from .errors import (
     EntryTooSmallError,
     MissingNulError,
@@ -53,6 +54,10 @@ _qq = struct.Struct("<qq")
 END_OF_ENTRIES = _i32.pack(0)
 TLS_HANDSHAKE = 0x16  # the first byte a TLS client sends (a handshake record)
 _tuple_new = tuple.__new__  # builds an Entry without the namedtuple's Python-level __new__
+_native: Any = speedups.native()
+# the compiled twin of the loop in ReplyDecoder._entries: takes the whole,
+# well-formed entries and leaves everything else (errors, the end) to it
+NATIVE_DECODE = _native.decode_entries if _native is not None else None
 
 
 # --- events ------------------------------------------------------------------
@@ -264,11 +269,12 @@ class ReplyDecoder(_Decoder):
     """The follower's side: decodes the reply to a SYNC (``request=SYNC``) or a
     SUB (``request=SUB``), including the stream of entries that follows."""
 
-    def __init__(self, request: int, max_size: int = DEFAULT_MAX_SIZE) -> None:
+    def __init__(self, request: int, max_size: int = DEFAULT_MAX_SIZE, pure: bool = False) -> None:
         super().__init__(max_size)
         if request not in (SYNC, SUB):
             raise ValueError("request must be SYNC or SUB")
         self.request = request
+        self._native = None if pure else NATIVE_DECODE
         self.entry_bytes = 0  # bytes of entries decoded so far (size fields included)
 
     def _mid_message(self) -> bool:
@@ -350,7 +356,10 @@ class ReplyDecoder(_Decoder):
 
     def _entries(self, buf: bytearray, out: list[Event]) -> None:
         """The hot loop: whole entries straight out of the buffer."""
-        p = self._pos
+        p = n0 = self._pos
+        if self._native is not None:
+            got, p = self._native(buf, p, self.max_size, Entry)
+            out.extend(got)
         end = len(buf)
         maxsize = self.max_size
         unpack_size, unpack_ids, find, append = (
@@ -359,7 +368,6 @@ class ReplyDecoder(_Decoder):
             buf.find,
             out.append,
         )
-        n0 = p
         try:
             while end - p >= 4:
                 (size,) = unpack_size(buf, p)
