@@ -110,7 +110,8 @@ class Applier:
         self._pre: dict[int, Any] = {}  # cid -> (hash, H, chain id) computed by a receiver
         # the fast path: contiguous entries from the snapshot on, hashed by the
         # receiver along one chain, kept as journal rows (see add_many)
-        self._run: list[tuple[list[tuple[Any, ...]], int, int]] = []  # (rows, bytes, tag)
+        # (rows, bytes, tag, a schema entry)
+        self._run: list[tuple[list[tuple[Any, ...]], int, int, bool]] = []
         self._run_count = 0
         self._run_next = 0  # the cid the run goes on with
         self._run_chain: object = None
@@ -118,6 +119,7 @@ class Applier:
         self._interrupted = False
         self.applied = 0  # entries applied by this object
         self.duplicates = 0
+        self.fast = 0  # of them, applied as a run (see add_many)
 
     @property
     def snapshot(self) -> int:
@@ -170,14 +172,31 @@ class Applier:
         below and is kept as ready journal rows."""
         if hashes is not None and isinstance(entries, list) and self._extends_run(entries, hashes):
             rows, nbytes, schema_at, tag = journal_rows(entries, hashes)
-            if schema_at < 0 and (tag == NO_DATA or tag in _ENCODINGS):
-                self._run.append((rows, nbytes, tag))
+            if tag == NO_DATA or tag in _ENCODINGS:
+                if schema_at < 0:
+                    self._run.append((rows, nbytes, tag, False))
+                else:
+                    self._split_run(rows, tag)
                 self._run_count += len(rows)
                 self._run_next = entries[-1][0] + 1
                 self._run_chain = hashes[0][2]
                 return
         self._drain_run()
         self._add_many(entries, hashes)
+
+    def _split_run(self, rows: list[tuple[Any, ...]], tag: int) -> None:
+        """Add rows to the run with each schema entry as a chunk of its own."""
+        start = 0
+        for i, r in enumerate(rows):
+            if r[1]:
+                for seg, schema in ((rows[start:i], False), ([r], True)):
+                    if seg:
+                        nbytes = sum(len(x[1]) + len(x[2]) for x in seg)
+                        self._run.append((seg, nbytes, tag, schema))
+                start = i + 1
+        if start < len(rows):
+            seg = rows[start:]
+            self._run.append((seg, sum(len(x[1]) + len(x[2]) for x in seg), tag, False))
 
     def _extends_run(self, entries: list[Entry], hashes: Sequence[Any]) -> bool:
         if not entries:
@@ -203,7 +222,7 @@ class Applier:
             return
         run, self._run, self._run_count = self._run, [], 0
         chain = self._run_chain
-        for rows, _, _ in run:
+        for rows, _, _, _ in run:
             self._add_many(
                 [Entry(r[0], r[3], r[1], r[2]) for r in rows], [(r[4], r[5], chain) for r in rows]
             )
@@ -322,51 +341,69 @@ class Applier:
                 chain = p[2] if p is not None and p[1] == vh else None
             rows.append((e.cid, e.schema, e.data, e.schemacid, h, vh))
         self._conflict = None
-        lock = self.db.share  # a background checkpointer waits on it to finish the WAL
-        with lock:
+        with self.db.share:  # a background checkpointer waits on it to finish the WAL
             self._commit_batch(batch, rows)
         for e in batch:
             self._spilled.discard(e.cid)
+        self._advance(last, vh, len(batch), bool(batch[0].schema))
+
+    def _advance(self, last: int, vh: bytes, n: int, schema: bool) -> None:
+        """A batch ending at ``last`` (H ``vh``) of ``n`` entries committed."""
+        lock = self.db.share
         lock.tail = None  # what a leader in this process cached is stale now
-        if batch[0].schema:
+        if schema:
             lock.schema_epoch += 1
         self._position = Position(last, vh)
         self._snapshot = last
-        self.applied += len(batch)
+        self.applied += n
         self.db.notify_snapshot(last)
 
     def _apply_run(self) -> None:
-        """Apply the run in batches. Anything unusual (an error above all) is
-        handed to the general path, which says what went wrong."""
-        while self._run:
+        """Apply the run in batches, a schema entry alone. Anything unusual
+        (an error above all) is handed to the general path, which says what
+        went wrong."""
+        run = self._run
+        while run:
             if self._interrupted:
                 raise ApplyError(f"applying to {self.db.path} was interrupted (stopping)")
-            n = size = 0
-            k = 0
-            while k < len(self._run) and n < self.batch_entries and size < self.batch_bytes:
-                n += len(self._run[k][0])
-                size += self._run[k][1]
+            if run[0][3]:  # a schema entry: through the general commit, alone
+                rows = run[0][0]
+                r = rows[0]
+                try:
+                    with self.db.share:
+                        self._commit_batch([Entry(r[0], r[3], r[1], r[2])], rows)
+                except Exception:
+                    del run[0]  # _commit_batch keeps it pending
+                    self._run_count -= 1
+                    self._drain_run()
+                    raise
+                del run[0]
+                self._run_count -= 1
+                self._advance(r[0], r[5], 1, True)
+                continue
+            n = size = k = 0
+            while k < len(run) and not run[k][3] and n < self.batch_entries:
+                if size >= self.batch_bytes:
+                    break
+                n += len(run[k][0])
+                size += run[k][1]
                 k += 1
-            chunks = self._run[:k]
-            tags = {t for _, _, t in chunks if t != NO_DATA}
+            chunks = run[:k]
+            tags = {c[2] for c in chunks if c[2] != NO_DATA}
             rows = chunks[0][0] if k == 1 else [r for c in chunks for r in c[0]]
-            lock = self.db.share
             try:
                 if len(tags) > 1:
                     raise ValueError("formats differ")
-                with lock:
+                with self.db.share:
                     self._commit_rows(rows, _BY_TAG[tags.pop()] if tags else None)
             except Exception:
                 self._drain_run()  # the general path applies them, or names the error
                 return
-            del self._run[:k]
+            del run[:k]
             self._run_count -= len(rows)
             last = rows[-1]
-            lock.tail = None  # what a leader in this process cached is stale now
-            self._position = Position(last[0], last[5])
-            self._snapshot = last[0]
-            self.applied += len(rows)
-            self.db.notify_snapshot(last[0])
+            self.fast += len(rows)
+            self._advance(last[0], last[5], len(rows), False)
 
     def _commit_rows(self, rows: list[tuple[Any, ...]], codec: Codec | None) -> None:
         c = self._conn
