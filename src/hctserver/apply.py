@@ -24,7 +24,7 @@ from typing import Any
 import apsw
 
 from . import guard, speedups
-from .codec import FORMATS, SESSION, Codec, codec_of, runs
+from .codec import FORMATS, SESSION, Codec, codec_of, runs, where
 from .errors import ApplyError, DiskFullError, DivergenceError, ModeError, ProtocolError
 from .policy import DataPolicy, SchemaPolicy
 from .position import Entry, Position, entry_hash, fold
@@ -411,7 +411,10 @@ class Applier:
         try:
             if codec is not None:
                 data_policy = DataPolicy(c)
-                codec.apply(c, [(r[0], r[2]) for r in rows], data_policy, self._on_conflict)
+                datas = [r[2] for r in rows]
+                codec.apply(
+                    c, datas, where(rows[0][0], rows[-1][0]), data_policy, self._on_conflict
+                )
                 if data_policy.refused is not None:
                     raise ProtocolError(data_policy.refused)
             c.executemany(INSERT_ENTRY, rows)
@@ -435,7 +438,13 @@ class Applier:
             for codec, datas in runs([(e.cid, e.data) for e in batch]):
                 if data_policy is None:
                     data_policy = DataPolicy(c)
-                codec.apply(c, datas, data_policy, self._on_conflict)
+                codec.apply(
+                    c,
+                    [d for _, d in datas],
+                    where(datas[0][0], datas[-1][0]),
+                    data_policy,
+                    self._on_conflict,
+                )
                 if data_policy.refused is not None:
                     raise ProtocolError(data_policy.refused)
             if self._spilled:
@@ -449,10 +458,10 @@ class Applier:
                 if e.cid not in self._spilled:
                     self._pending[e.cid] = e
                     self._pending_bytes += len(e.data) + len(e.schema)
-            where = f"cid {first}" if first == last else f"cids {first}..{last}"
+            span = where(first, last)
             if isinstance(exc, apsw.FullError):
                 raise DiskFullError(
-                    f"{self.db.path}: the disk is full; {where} were not applied and will be"
+                    f"{self.db.path}: the disk is full; {span} were not applied and will be"
                     " once space is freed"
                 ) from exc
             if schema_policy is not None and schema_policy.refused is not None:
@@ -463,24 +472,24 @@ class Applier:
             if isinstance(exc, ProtocolError) and (
                 data_policy is None or data_policy.refused is None
             ):
-                raise ProtocolError(f"{exc}; nothing of {where} was applied") from None
+                raise ProtocolError(f"{exc}; nothing of {span} was applied") from None
             if isinstance(exc, ProtocolError) or (
                 data_policy is not None and data_policy.refused is not None
             ):
                 refused = (data_policy.refused if data_policy is not None else None) or str(exc)
                 raise ProtocolError(
                     f"{_culprit(batch, refused)}: the leader sent {refused}; nothing of"
-                    f" {where} was applied"
+                    f" {span} was applied"
                 ) from None
             if isinstance(exc, (apsw.CorruptError, ValueError)):
                 raise ProtocolError(
                     f"{_corrupt(batch)}: the entry's data is not a valid session patchset"
-                    f" ({exc}); nothing of {where} was applied"
+                    f" ({exc}); nothing of {span} was applied"
                 ) from exc
             if isinstance(exc, apsw.Error):
                 detail = self._conflict or str(exc)
                 raise ApplyError(
-                    f"cannot apply {where} to {self.db.path}: {detail}; nothing of it was"
+                    f"cannot apply {span} to {self.db.path}: {detail}; nothing of it was"
                     " applied (the follower is not at the state these entries build on)"
                 ) from exc
             raise

@@ -22,7 +22,6 @@ from .hctapply import HctApplier
 _NOSAVEPOINT = apsw.SQLITE_CHANGESETAPPLY_NOSAVEPOINT
 
 Allowed = Callable[[str], bool]
-Datas = Sequence[tuple[int, bytes]]  # consecutive entries' (cid, data), in cid order
 OnConflict = Callable[[int, Any], int]
 
 
@@ -39,12 +38,13 @@ class Codec:
     def apply(
         self,
         conn: apsw.Connection,
-        datas: Datas,
+        datas: list[bytes],
+        where: str,
         allowed: Allowed,
         on_conflict: OnConflict,
     ) -> None:
-        """Apply consecutive entries' data, (cid, data) in cid order, inside
-        the caller's transaction."""
+        """Apply consecutive entries' data, in cid order, inside the caller's
+        transaction; ``where`` names the entries in errors ("cids 7..9")."""
         raise NotImplementedError
 
 
@@ -58,13 +58,14 @@ class SessionCodec(Codec):
     def apply(
         self,
         conn: apsw.Connection,
-        datas: Datas,
+        datas: list[bytes],
+        where: str,
         allowed: Allowed,
         on_conflict: OnConflict,
     ) -> None:
         # merged by SQLite's changegroup and applied in one call: per-entry
         # work in Python stays a hash and a journal row
-        data = patchset.merge([d for _, d in datas])
+        data = patchset.merge(datas)
         if data:
             apsw.Changeset.apply(
                 data, conn, flags=_NOSAVEPOINT, conflict=on_conflict, filter=allowed
@@ -81,14 +82,14 @@ class HctreeCodec(Codec):
     def apply(
         self,
         conn: apsw.Connection,
-        datas: Datas,
+        datas: list[bytes],
+        where: str,
         allowed: Allowed,
         on_conflict: OnConflict,
     ) -> None:
         applier = HctApplier(conn)  # a new one: a schema entry may come before
-        where = f"cid {datas[0][0]}" if len(datas) == 1 else f"cids {datas[0][0]}..{datas[-1][0]}"
         try:
-            applier.apply_many([d for _, d in datas], allowed, where)
+            applier.apply_many(datas, allowed, where)
         except ProtocolError as e:
             raise ProtocolError(f"{where}: {e}") from None
 
@@ -110,6 +111,11 @@ def codec_of(cid: int, data: bytes) -> Codec | None:
             " patchsets and hctree records); upgrade hctserver"
         )
     return codec
+
+
+def where(first: int, last: int) -> str:
+    """How errors name the entries from ``first`` to ``last``."""
+    return f"cid {first}" if first == last else f"cids {first}..{last}"
 
 
 def runs(entries: Sequence[tuple[int, bytes]]) -> list[tuple[Codec, list[tuple[int, bytes]]]]:

@@ -162,11 +162,16 @@ class Table:
 
 
 def merge(datas: Sequence[bytes]) -> bytes:
-    """Many patchsets as one, merged by SQLite's changegroup (in C)."""
-    datas = [d for d in datas if d]
-    if len(datas) <= 1:
-        return datas[0] if datas else b""
+    """Many patchsets as one, merged by SQLite's changegroup (in C). A lone
+    non-empty patchset among a few (a leader's parts of one transaction) is
+    returned as it is; a follower's long lists are not filtered first."""
+    if len(datas) <= 16:
+        datas = [d for d in datas if d]
+        if len(datas) <= 1:
+            return datas[0] if datas else b""
     data = b"".join(datas)  # a patchset may hold a table's block more than once
+    if not data:
+        return b""
     builder = apsw.ChangesetBuilder()  # type: ignore[no-untyped-call]
     try:
         builder.add(data)
