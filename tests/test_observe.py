@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hctserver import Database, bootstrap, feedback, wire
+from hctserver import Database, bootstrap, feedback, speedups, wire
 from hctserver.followers import CommitClock, FollowerTable
 from hctserver.session import LeaderSession, ServeFeedback, ServeSub
 
@@ -255,6 +255,8 @@ def test_status_url_and_top(tmp_path) -> None:
         assert out.returncode == 0, out.stderr
         doc = json.loads(out.stdout)
         assert doc["role"] == "leader" and doc["snapshot"] == snapshot_of(lp)
+        # the node (a child process, with this environment) reports its hot loops
+        assert doc["implementation"] == speedups.implementation()
         out = subprocess.run([*HCT, "status", furl], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and re.search(r"state\s+streaming", out.stdout), out.stdout
         out = subprocess.run(

@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from . import speedups
 from .follower import Follower
 from .leader import Leader
 from .reporter import HeardFromLeader
@@ -28,6 +29,7 @@ def _file(runner: Leader | Follower) -> dict[str, Any]:
     return {
         "database": db.path,
         "version": VERSION,
+        "implementation": speedups.implementation(),
         "pid": os.getpid(),
         "uptime_s": round(time.monotonic() - runner.started_at, 3),
         "position": {"cid": st["snapshot"], "hash": st["hash"]},
