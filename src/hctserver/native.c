@@ -12,6 +12,30 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Append a new reference to a list and drop it; -1 on error (item NULL too). */
+static int append_new(PyObject *list, PyObject *item) {
+    if (!item) return -1;
+    int rc = PyList_Append(list, item);
+    Py_DECREF(item);
+    return rc;
+}
+
+/* A tuple of type tp (a namedtuple) from n new references, which it steals;
+ * NULL (and all of them dropped) if any is NULL or allocation fails. */
+static PyObject *new_tuple(PyTypeObject *tp, Py_ssize_t n, PyObject **items) {
+    PyObject *t = NULL;
+    int ok = 1;
+    for (Py_ssize_t i = 0; i < n; i++) ok = ok && items[i] != NULL;
+    if (ok) t = tp->tp_alloc(tp, n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (t)
+            PyTuple_SET_ITEM(t, i, items[i]);
+        else
+            Py_XDECREF(items[i]);
+    }
+    return t;
+}
+
 /* --- MD5 (RFC 1321) ---------------------------------------------------- */
 
 typedef struct {
@@ -398,24 +422,10 @@ static PyObject *decode_entries(PyObject *self, PyObject *args) {
             PyErr_Clear();
             break;
         }
-        PyObject *cid = PyLong_FromLongLong(le64(buf + p + 4));
-        PyObject *scid = PyLong_FromLongLong(le64(buf + p + 12));
-        PyObject *data = PyBytes_FromStringAndSize((const char *)nul + 1, stop - (nul + 1 - buf));
-        PyObject *e = (cid && scid && data) ? tp->tp_alloc(tp, 4) : NULL;
-        if (!e) {
-            Py_XDECREF(cid);
-            Py_XDECREF(scid);
-            Py_XDECREF(data);
-            Py_DECREF(schema);
-            goto done;
-        }
-        PyTuple_SET_ITEM(e, 0, cid);
-        PyTuple_SET_ITEM(e, 1, scid);
-        PyTuple_SET_ITEM(e, 2, schema);
-        PyTuple_SET_ITEM(e, 3, data);
-        int rc = PyList_Append(out, e);
-        Py_DECREF(e);
-        if (rc < 0) goto done;
+        PyObject *items[4] = {
+            PyLong_FromLongLong(le64(buf + p + 4)), PyLong_FromLongLong(le64(buf + p + 12)), schema,
+            PyBytes_FromStringAndSize((const char *)nul + 1, stop - (nul + 1 - buf))};
+        if (append_new(out, new_tuple(tp, 4, items)) < 0) goto done;
         p = stop;
     }
     res = Py_BuildValue("(On)", out, p);
@@ -546,6 +556,13 @@ done:
     return res;
 }
 
+/* The end of a parse: release the input, drop the list, return res. */
+static PyObject *finish(Py_buffer *b, PyObject *out, PyObject *res) {
+    PyBuffer_Release(b);
+    Py_XDECREF(out);
+    return res;
+}
+
 /* --- hctformat.py ------------------------------------------------------ */
 
 /* SQLite's varint, as patchset.get_varint reads it; -1 past the end. */
@@ -568,7 +585,7 @@ static int get_varint(const unsigned char *b, Py_ssize_t n, Py_ssize_t *p, uint6
 /* hct_scan(data, RawOp) -> hctformat.scan's list, or None where the data is
  * malformed (the twin raises the error). */
 static PyObject *hct_scan(PyObject *self, PyObject *args) {
-    PyObject *data, *rawtype, *out = NULL, *res = NULL;
+    PyObject *data, *rawtype, *out = NULL;
     Py_buffer b;
     if (!PyArg_ParseTuple(args, "OO", &data, &rawtype)) return NULL;
     if (!PyType_Check(rawtype)) {
@@ -594,11 +611,7 @@ static PyObject *hct_scan(PyObject *self, PyObject *args) {
         PyObject *pair = ops ? PyTuple_Pack(2, name, ops) : NULL;
         Py_DECREF(name);
         Py_XDECREF(ops); /* the pair holds it */
-        if (!pair || PyList_Append(out, pair) < 0) {
-            Py_XDECREF(pair);
-            goto done;
-        }
-        Py_DECREF(pair);
+        if (append_new(out, pair) < 0) goto done;
         p = nul - buf + 1;
         while (p < n && buf[p] != 'T') {
             unsigned char kind = buf[p++];
@@ -610,33 +623,19 @@ static PyObject *hct_scan(PyObject *self, PyObject *args) {
                 if (get_varint(buf, n, &p, &size) < 0) goto malformed;
                 if (size == 0 || size > (uint64_t)(n - p)) goto malformed;
             }
-            PyObject *k = PyUnicode_FromOrdinal(kind);
-            PyObject *rowid = has_rowid ? PyLong_FromLongLong((long long)(int64_t)u) : Py_NewRef(Py_None);
-            PyObject *rec = PyBytes_FromStringAndSize((const char *)buf + p, (Py_ssize_t)size);
-            PyObject *op = (k && rowid && rec) ? tp->tp_alloc(tp, 3) : NULL;
-            if (!op) {
-                Py_XDECREF(k);
-                Py_XDECREF(rowid);
-                Py_XDECREF(rec);
-                goto done;
-            }
-            PyTuple_SET_ITEM(op, 0, k);
-            PyTuple_SET_ITEM(op, 1, rowid);
-            PyTuple_SET_ITEM(op, 2, rec);
+            PyObject *items[3] = {
+                PyUnicode_FromOrdinal(kind),
+                has_rowid ? PyLong_FromLongLong((long long)(int64_t)u) : Py_NewRef(Py_None),
+                PyBytes_FromStringAndSize((const char *)buf + p, (Py_ssize_t)size)};
             p += (Py_ssize_t)size;
-            int rc = PyList_Append(ops, op);
-            Py_DECREF(op);
-            if (rc < 0) goto done;
+            if (append_new(ops, new_tuple(tp, 3, items)) < 0) goto done;
         }
     }
-    res = Py_NewRef(out);
-    goto done;
+    return finish(&b, out, Py_NewRef(out));
 malformed:
-    res = Py_NewRef(Py_None);
+    return finish(&b, out, Py_NewRef(Py_None));
 done:
-    PyBuffer_Release(&b);
-    Py_XDECREF(out);
-    return res;
+    return finish(&b, out, NULL);
 }
 
 static const int INT_SIZES[7] = {0, 1, 2, 3, 4, 6, 8};
@@ -645,7 +644,7 @@ static const int INT_SIZES[7] = {0, 1, 2, 3, 4, 6, 8};
  * record is malformed (the twin raises the error). */
 static PyObject *hct_record(PyObject *self, PyObject *arg) {
     Py_buffer b;
-    PyObject *out = NULL, *res = NULL;
+    PyObject *out = NULL;
     if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0) return NULL;
     const unsigned char *r = b.buf;
     Py_ssize_t n = b.len, p = 0;
@@ -688,19 +687,13 @@ static PyObject *hct_record(PyObject *self, PyObject *arg) {
         } else {
             goto malformed;
         }
-        if (!v) goto done;
-        int rc = PyList_Append(out, v);
-        Py_DECREF(v);
-        if (rc < 0) goto done;
+        if (append_new(out, v) < 0) goto done;
     }
-    res = PyList_AsTuple(out);
-    goto done;
+    return finish(&b, out, PyList_AsTuple(out));
 malformed:
-    res = Py_NewRef(Py_None);
+    return finish(&b, out, Py_NewRef(Py_None));
 done:
-    PyBuffer_Release(&b);
-    Py_XDECREF(out);
-    return res;
+    return finish(&b, out, NULL);
 }
 
 static PyMethodDef methods[] = {
@@ -715,7 +708,14 @@ static PyMethodDef methods[] = {
     {"encode_values", encode_values, METH_VARARGS, "encode_values(values, UNDEFINED)"},
     {NULL, NULL, 0, NULL}};
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "hctserver.native",
-                                    "Compiled twins of hctserver's hot loops.", -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT,
+                                    "hctserver.native",
+                                    "Compiled twins of hctserver's hot loops.",
+                                    -1,
+                                    methods,
+                                    NULL,
+                                    NULL,
+                                    NULL,
+                                    NULL};
 
 PyMODINIT_FUNC PyInit_native(void) { return PyModule_Create(&module); }
