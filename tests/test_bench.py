@@ -29,6 +29,9 @@ KEYS = [
     "leader_journaled_pure_commits_per_s",
     "catchup_pure_entries_per_s",
     "leader_full_sync_jobs_8_ratio",
+    "sync_commit_ratio",
+    "sync_commit_p99_ms",
+    "async_commit_p99_ms",
 ]
 KEYS += [f"catchup_entries_per_s_syncthreads_{n}" for n in (1, 2, 4, 8)]
 KEYS += [f"leader_jobs_{n}_commits_per_s" for n in (1, 2, 4, 8)]
@@ -59,6 +62,10 @@ def test_bench_quick_writes_sane_json(tmp_path) -> None:
     assert r["leader_jobs_4_ratio"] == (
         r["leader_jobs_4_commits_per_s"] / r["leader_journaled_commits_per_s"]
     )
+    assert r["sync_commit_ratio"] == (
+        r["sync_commit_commits_per_s"] / r["async_commit_commits_per_s"]
+    )
+    assert 0 < r["sync_commit_ratio"] < 3
     from hctserver import speedups
 
     assert r["implementation"] == speedups.implementation()  # which hot loops ran

@@ -31,8 +31,11 @@ def test_configure_validates_every_option(tmp_path) -> None:
         "health_max_lag": 10.0,
         "security": None,
         "http_security": None,
+        "synchronous": "NORMAL",
     }
     for bad, match in [
+        ({"synchronous": "FAST"}, "synchronous must be NORMAL, FULL"),
+        ({"synchronous": "FULL"}, "set when the node is made"),
         ({"security": "tls"}, "option security takes Security"),
         ({"http": "nope"}, "--http takes HOST:PORT or PORT"),
         ({"http": "127.0.0.1:99999"}, "port must be between 0 and 65535"),
@@ -122,3 +125,12 @@ def test_follower_jobs_read_the_snapshot_and_debug_lines_are_emitted(tmp_path, c
     lines = [r.getMessage() for r in caplog.records if r.name == "hctserver.trace"]
     assert any(re.fullmatch(r"hct_testserver: tm=\d+ms SYNC: first CID = 1", x) for x in lines)
     assert any("syncreply" in x for x in lines)
+
+
+def test_synchronous_is_the_databases_setting(tmp_path) -> None:
+    n = Node(str(tmp_path / "x.db"), synchronous="FULL")
+    assert n.db.synchronous == "FULL"
+    c = n.db.open_connection()
+    assert c.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    c.close()
+    n.db.close()

@@ -225,6 +225,70 @@ def jobs_rate(path: str, seconds: float, jobs: int, synchronous: str = "NORMAL")
     return statistics.median(t.rate for t in timed)
 
 
+class _Latency:
+    """A writer job (one ``transact`` per commit) that records each commit's
+    latency for ``seconds`` once ``gate`` opens."""
+
+    def __init__(self, gate: threading.Event, seconds: float) -> None:
+        self.gate = gate
+        self.seconds = seconds
+        self.latencies: list[float] = []
+        self.elapsed = 0.0
+
+    def __call__(self, db: Any, timeout: Timeout) -> None:
+        while not self.gate.wait(0.05):
+            if timeout():
+                return
+        t0 = time.perf_counter()
+        end = t0 + self.seconds
+        lat = self.latencies
+        while not timeout():
+            t = time.perf_counter()
+            if t >= end:
+                break
+            db.transact([WRITER_SQL])
+            lat.append(time.perf_counter() - t)
+        self.elapsed = time.perf_counter() - t0
+
+
+def sync_commit(path: str, tmp: str, seconds: float, sync: bool, jobs: int = 4) -> dict[str, float]:
+    """``jobs`` writer jobs against one live follower (``synchronous=FULL``,
+    so that it acknowledges commits as durable at once), with
+    ``--sync-followers 1`` or without: commits/s and p99 commit latency."""
+    _leader_db(path)
+    gate = threading.Event()
+    timed = [_Latency(gate, seconds) for _ in range(jobs)]
+    db = Database(path)
+    leader = Leader(
+        db,
+        [Job(t, f"writer{i}") for i, t in enumerate(timed)],
+        port=0,
+        seconds=0,
+        sync_followers=1 if sync else 0,
+    )
+    leader.start()
+    fp = os.path.join(tmp, f"sync-f-{time.time_ns()}.db")
+    child = _spawn(fp, leader.port, ready=True, synchronous="FULL")
+    try:
+        _wait_ready(child)
+        deadline = time.monotonic() + 60
+        while not len(leader.followers) and time.monotonic() < deadline:
+            time.sleep(0.01)  # its feedback channel, which acknowledges
+        gate.set()
+        leader.wait()
+    finally:
+        leader.stop()
+        child.wait(120)
+        db.close()
+        remove_files(fp)
+    lat = sorted(x for t in timed for x in t.latencies)
+    n = len(lat)
+    return {
+        "commits_per_s": n / max(t.elapsed for t in timed),
+        "p99_ms": 1000 * _pct(lat, 0.99) if n else 0.0,
+    }
+
+
 # --- TLS -----------------------------------------------------------------------------
 
 
@@ -284,6 +348,7 @@ def _spawn(
     bootstrap: bool = False,
     tls: Tls | None = None,
     pure: bool = False,
+    synchronous: str = "NORMAL",
 ) -> subprocess.Popen[str]:
     cmd = [
         sys.executable,
@@ -305,6 +370,7 @@ def _spawn(
         cmd.append("--bootstrap")
     if tls is not None:
         cmd += ["--tls-ca", tls.ca]
+    cmd += ["--synchronous", synchronous]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=_env(pure))
 
 
@@ -346,8 +412,9 @@ def _child(argv: list[str]) -> int:
     ap.add_argument("--record", default="")
     ap.add_argument("--bootstrap", action="store_true", help="from a snapshot, not by replay")
     ap.add_argument("--tls-ca", default=None)
+    ap.add_argument("--synchronous", default="NORMAL")
     a = ap.parse_args(argv)
-    db = Database(a.db)
+    db = Database(a.db, synchronous=a.synchronous)
     times: list[tuple[float, int]] = []
     if a.record:
         db.add_snapshot_listener(lambda cid: times.append((time.monotonic(), cid)))
@@ -800,6 +867,18 @@ def run_bench(quick: bool = False, json_path: str | None = None, entries: int | 
             _say(f"  with 2 TLS followers: {_nums(with2_tls)}")
         else:
             _say("  TLS figures skipped: neither trustme nor openssl is installed")
+        on = sync_commit(os.path.join(tmp, "sync1.db"), tmp, secs, True)
+        off = sync_commit(os.path.join(tmp, "sync0.db"), tmp, secs, False)
+        r["sync_commit_commits_per_s"] = on["commits_per_s"]
+        r["sync_commit_p99_ms"] = on["p99_ms"]
+        r["async_commit_commits_per_s"] = off["commits_per_s"]
+        r["async_commit_p99_ms"] = off["p99_ms"]
+        r["sync_commit_ratio"] = on["commits_per_s"] / off["commits_per_s"]
+        _say(
+            f"  4 writer jobs, 1 follower: --sync-followers 1 {on['commits_per_s']:,.0f}/s"
+            f" (p99 {on['p99_ms']:.1f} ms), asynchronous {off['commits_per_s']:,.0f}/s"
+            f" (p99 {off['p99_ms']:.1f} ms)"
+        )
         bare, scraped = [], []
         for i in range(cfg["rounds"]):
             bare.append(journaled_rate(os.path.join(tmp, f"bare{i}.db"), secs))

@@ -35,8 +35,10 @@ class Checkpointer:
         interval: float = 0.1,
         frames: int = 16000,
         position: Callable[[], int] | None = None,
+        on_durable: Callable[[], None] | None = None,
     ) -> None:
         self.db = db
+        self.on_durable = on_durable  # told when ``durable`` moves (a follower reports it)
         self.interval = interval
         self.frames = frames
         self.failures = 0
@@ -63,8 +65,10 @@ class Checkpointer:
             while not stop.wait(delay):
                 try:
                     before = self.position() if self.position is not None else -1
-                    if self._pass(conn):
+                    if self._pass(conn) and before != self.durable:
                         self.durable = before
+                        if self.on_durable is not None:
+                            self.on_durable()
                     if delay > self.interval:
                         log.warning("WAL checkpoints of %s work again", db.path)
                     delay = self.interval

@@ -215,6 +215,34 @@ def _retention(s: argparse.ArgumentParser) -> None:
         )
 
 
+def _sync_opts(s: argparse.ArgumentParser) -> None:
+    """Synchronous commit (docs/FAILOVER.md)."""
+    g = s.add_argument_group("synchronous commit (docs/FAILOVER.md)")
+    g.add_argument(
+        "--sync-followers",
+        type=_count,
+        default=0,
+        metavar="K",
+        help="a commit returns only once K followers acknowledged it (default 0: asynchronous)",
+    )
+    g.add_argument(
+        "--sync-timeout",
+        type=_delay,
+        default=None,
+        metavar="S",
+        help="after S seconds without K acknowledgements, commit asynchronously (said in the"
+        " log, /status and /metrics) until K followers catch up (default: wait as long as"
+        " it takes)",
+    )
+    g.add_argument(
+        "--sync-level",
+        choices=("durable", "applied"),
+        default="durable",
+        help="what a follower acknowledges: applied and on disk (durable, the default), or"
+        " applied (survives the follower process, not its machine)",
+    )
+
+
 def _security_opts(s: argparse.ArgumentParser, leader: bool) -> None:
     """TLS and the shared secret (docs/SECURITY.md)."""
     g = s.add_argument_group("security (docs/SECURITY.md)")
@@ -347,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="also print the original's hct_testserver debug lines (stdout)",
         )
         s.add_argument("--quiet", action="store_true", help="print nothing but errors")
+        s.add_argument(
+            "--synchronous",
+            choices=("NORMAL", "FULL", "EXTRA"),
+            default="NORMAL",
+            help="SQLite's synchronous setting for the database: NORMAL (the default: a commit"
+            " survives the process, and is on disk at the next checkpoint) or FULL (on disk"
+            " at once)",
+        )
         _security_opts(s, leader)
 
     s = sub.add_parser("leader", help="serve a database to followers (until stopped)")
@@ -358,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send followers no snapshots (they replay the journal, or are refused)",
     )
+    _sync_opts(s)
     s = sub.add_parser("follower", help="follow a leader (until stopped)")
     node_opts(s, False)
     _bounds(s, FOLLOWER_BOUNDS, defaults_of(Follower))
@@ -512,6 +549,7 @@ def _node(a: argparse.Namespace, follower: bool) -> Node:
         "follower": follower,
         "http": a.http,
         "health_max_lag": a.health_max_lag,
+        "synchronous": a.synchronous,
     }
     if follower:
         opts.update(syncthreads=a.syncthreads, syncbytes=a.syncbytes, once=a.once)
@@ -539,6 +577,9 @@ def _node(a: argparse.Namespace, follower: bool) -> Node:
         node.extra["bootstrap_min"] = a.bootstrap_min
     else:
         node.extra["snapshots"] = not a.no_snapshots
+        node.extra["sync_followers"] = a.sync_followers
+        node.extra["sync_timeout"] = a.sync_timeout
+        node.extra["sync_level"] = a.sync_level
     node.extra["retention"] = RetentionPolicy(
         **{key: getattr(a, f"retain_{key}") for key, _, _ in RETENTION.values()}
     )

@@ -339,10 +339,15 @@ class Follower:
         self._cancel = Waker()  # wakes a connect in progress when stopping
         self._sink: Sink | None = None
         self._streams: StreamReader | None = None
-        self._checkpointer = Checkpointer(db, position=lambda: self.stats.snapshot)
+        self.reporter = Reporter(name or db.path, self._positions)
+        # report as soon as the position moves (a leader with synchronous
+        # commit waits for it), not only every interval
+        self._checkpointer = Checkpointer(
+            db, position=lambda: self.stats.snapshot, on_durable=self.reporter.wake
+        )
+        db.add_snapshot_listener(self._moved)
         self._node_lock = NodeLock(db.path)
         self.feedback = feedback
-        self.reporter = Reporter(name or db.path, self._positions)
         self._hello_done = False
         self.started_at = time.monotonic()
         self._driver: Task | None = None
@@ -447,6 +452,13 @@ class Follower:
         (the follower's own view of its lag, without the leader's)."""
         sink = self._sink
         return 0.0 if sink is None else sink.arrivals.lag(self.stats.snapshot)
+
+    def _moved(self, cid: int) -> None:
+        """The snapshot reached ``cid`` (in the applying thread, before the
+        sink records it): report it now."""
+        if cid > self.stats.snapshot:
+            self.stats.snapshot = cid
+        self.reporter.wake()
 
     def _positions(self) -> tuple[int, int, int]:
         """(applied, durable, received) cids, for the leader."""

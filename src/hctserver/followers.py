@@ -83,6 +83,7 @@ class FollowerTable:
     def __init__(self, clock: CommitClock) -> None:
         self.clock = clock
         self._lock = threading.Lock()
+        self._reported = threading.Condition(self._lock)  # a report arrived or one left
         self._next = 1
         self._rows: dict[int, FollowerInfo] = {}
 
@@ -96,6 +97,7 @@ class FollowerTable:
     def remove(self, fid: int) -> None:
         with self._lock:
             self._rows.pop(fid, None)
+            self._reported.notify_all()
 
     def report(self, fid: int, r: Report, now: float | None = None) -> float:
         """Record a report; returns the follower's lag in seconds."""
@@ -109,7 +111,36 @@ class FollowerTable:
                 info.applied, info.durable, info.received = r.applied, r.durable, r.received
                 info.reported_at, info.lag_s, info.lag_cids = t, lag, behind
                 info.reports += 1
+                self._reported.notify_all()
         return lag
+
+    def acked(self, cid: int, durable: bool = True) -> int:
+        """How many connected followers reported ``cid`` applied (``durable``:
+        and on disk)."""
+        with self._lock:
+            return self._acked(cid, durable)
+
+    def _acked(self, cid: int, durable: bool) -> int:
+        if durable:
+            return sum(1 for f in self._rows.values() if f.durable >= cid)
+        return sum(1 for f in self._rows.values() if f.applied >= cid)
+
+    def wait_acked(self, cid: int, k: int, durable: bool, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds until ``k`` followers acknowledged
+        ``cid`` (see :meth:`acked`); returns how many did."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                n = self._acked(cid, durable)
+                left = deadline - time.monotonic()
+                if n >= k or left <= 0:
+                    return n
+                self._reported.wait(left)
+
+    def wake(self) -> None:
+        """Wake :meth:`wait_acked` callers (the leader is stopping)."""
+        with self._lock:
+            self._reported.notify_all()
 
     def dropped(self, fid: int) -> None:
         with self._lock:

@@ -30,7 +30,7 @@ from .capture import Capture
 from .errors import BusyError, UnsupportedStatementError
 from .sqltext import Kind, parse
 from .store import CommitHook, Store
-from .transaction import CidTracker, Transactions, disk_full, run_hooks
+from .transaction import CidTracker, Transactions, disk_full, run_hooks, run_waits
 
 
 class Committed(NamedTuple):
@@ -198,6 +198,8 @@ class GroupCommitter:
             if w.entry is not None:
                 self.transactions += 1
                 run_hooks((*w.hooks, *self.db.commit_hooks), w.entry)
+        if last is not None:  # every hook first (they send the entries), then wait once
+            run_waits(self.db, last.cid)
 
     def _one(self, txs: Transactions, w: _Work) -> None:
         """One transaction of the group, inside its own savepoint (none for a

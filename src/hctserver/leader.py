@@ -62,6 +62,8 @@ from .session import (
 )
 from .store import JournalReader, Mode
 from .streamer import Streamer, Subscriber
+from .synccommit import LEVELS as SYNC_LEVELS
+from .synccommit import SyncCommit
 from .tasks import Task, TaskGroup
 from .trace import Trace
 from .transport import TCP, Conn, Listener, TcpTransport, Transport, Waker, is_loopback
@@ -223,9 +225,28 @@ class Leader:
         trace: Trace | None = None,
         transport: Transport | None = None,
         security: Security | None = None,
+        sync_followers: int = 0,
+        sync_timeout: float | None = None,
+        sync_level: str = "durable",
     ) -> None:
         if not 0 <= port <= 65535:
             raise ConfigError(f"port must be between 0 and 65535, not {port}")
+        if sync_followers < 0:
+            raise ConfigError(f"sync_followers must be 0 or more, not {sync_followers}")
+        if sync_followers and not feedback:
+            raise ConfigError(
+                "synchronous commit needs the followers' feedback channel: do not turn"
+                " feedback off with --sync-followers"
+            )
+        if sync_level not in SYNC_LEVELS:
+            raise ConfigError(
+                f"sync level must be one of {', '.join(SYNC_LEVELS)}, not {sync_level!r}"
+            )
+        if sync_timeout is not None and sync_timeout <= 0:
+            raise ConfigError(
+                f"sync timeout must be more than 0 s, not {sync_timeout:g} (leave it out to wait"
+                " for as long as it takes)"
+            )
         self.db = db
         self.jobs = list(jobs)
         self.host = host
@@ -277,6 +298,10 @@ class Leader:
         self.followers = FollowerTable(self.clock)
         self._feedback = feedback
         self._hub = FeedbackHub(self.followers, lambda: self.clock.newest, max_feedback)
+        self.sync = SyncCommit(
+            self.followers, sync_followers, level=sync_level, timeout=sync_timeout
+        )
+        self._sync_wait = self.sync.wait  # one bound method: removed by identity
         self.pins = Pins()  # what the journal must keep for requests in progress
         self._snapshots_on = snapshots
         self.snapshot_server = SnapshotServer(
@@ -392,6 +417,8 @@ class Leader:
         clean_temp(db.path)
         self.start_cid = db.snapshot()
         self.clock.note(self.start_cid)
+        if self.sync.k:  # after the commit hooks, which queue the entries for the streams
+            db.add_commit_wait(self._sync_wait)
         g = self.group
         stop = g.stopping
         self._named["watchdog"] = g.spawn("hct-watchdog", watch, db, stop, self.watch_interval)
@@ -468,7 +495,15 @@ class Leader:
     def stop(self) -> None:
         """Ask the leader to stop (safe from any thread; see :meth:`close`)."""
         self._draining = True
+        self._release_sync()
         self.group.stop()
+
+    def _release_sync(self) -> None:
+        """No commit waits for followers any more (the leader is stopping):
+        those waiting return, committed here, perhaps not on any follower."""
+        if self.sync.k:
+            self.db.remove_commit_wait(self._sync_wait)
+            self.sync.stop()
 
     def _linger(self) -> None:
         """The run has ended: keep answering while followers are still
@@ -493,6 +528,7 @@ class Leader:
             return
         self._closed = True
         self._draining = True
+        self._release_sync()
         g = self.group
         g.stop()
         start = time.monotonic()

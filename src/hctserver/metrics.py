@@ -86,6 +86,20 @@ class NodeCollector(Collector):
             doc["sent_bytes"],
         )
         yield _counter("hctserver_syncs_served", "SYNC requests answered", doc["syncs_served"])
+        sync = doc["sync_commit"]
+        yield _gauge(
+            "hctserver_sync_commit_degraded",
+            "1 while synchronous commit has fallen back to asynchronous (too few followers)",
+            int(sync["state"] == "degraded"),
+        )
+        yield _counter(
+            "hctserver_sync_commit_degradations",
+            "Times synchronous commit fell back to asynchronous",
+            sync["degradations"],
+        )
+        yield _counter(
+            "hctserver_sync_commit_waits", "Commits that waited for followers", sync["waits"]
+        )
         yield _counter(
             "hctserver_snapshots_sent", "Snapshots sent to followers", doc["snapshots"]["served"]
         )

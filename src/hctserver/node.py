@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "health_max_lag": HEALTH_MAX_LAG,
     "security": None,
     "http_security": None,
+    "synchronous": "NORMAL",
 }
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -68,6 +69,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "health_max_lag": (int, float),
     "security": (Security, type(None)),
     "http_security": (HttpSecurity, type(None)),
+    "synchronous": (str,),
 }
 
 
@@ -84,7 +86,12 @@ class Node:
         holds tables: it would write into it."""
         self.options = dict(DEFAULTS)
         self.configure(**options)
-        self.db = Database(path, init=init, adopt=not self.options["follower"])
+        self.db = Database(
+            path,
+            init=init,
+            adopt=not self.options["follower"],
+            synchronous=self.options["synchronous"],
+        )
         self.db.rollback()
         self.jobs: list[Job] = []
         self.extra: dict[str, Any] = {}
@@ -99,6 +106,10 @@ class Node:
                     f"unknown option {name!r}; options are {', '.join(sorted(DEFAULTS))}"
                 )
             _check(name, value)
+            if name == "synchronous" and hasattr(self, "db") and value != self.db.synchronous:
+                raise ConfigError(
+                    "synchronous is set when the node is made: Node(path, synchronous=...)"
+                )
         self.options.update(options)
         return dict(self.options)
 
@@ -257,3 +268,5 @@ def _check(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be >= 0, not {value}")
     if name == "seconds" and num == float("inf"):
         raise ConfigError("seconds must be finite (0 means never)")
+    if name == "synchronous" and value not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        raise ConfigError(f"synchronous must be NORMAL, FULL, EXTRA or OFF, not {value!r}")

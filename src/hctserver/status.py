@@ -106,6 +106,7 @@ def leader_status(leader: Leader) -> dict[str, Any]:
             "followers": followers,
             "snapshots": leader.snapshot_server.stats(),
             "retention": retention_status(leader),
+            "sync_commit": leader.sync.status(),
         }
     )
     return doc

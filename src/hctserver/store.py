@@ -144,6 +144,7 @@ class Store:
         self._mode = Mode.FOLLOWER
         self._mode_epoch = 0  # bumped on every mode change; connections compare it
         self._hooks: tuple[CommitHook, ...] = ()
+        self._waits: tuple[Callable[[int], object], ...] = ()
         self._listeners: tuple[Callable[[int], None], ...] = ()
         self._lock = threading.Lock()  # guards self._conn
         self._totals = JournalTotals()  # under self._status_lock
@@ -577,6 +578,19 @@ class Store:
 
     def remove_commit_hook(self, hook: CommitHook) -> None:
         self._hooks = tuple(h for h in self._hooks if h is not hook)
+
+    @property
+    def commit_waits(self) -> tuple[Callable[[int], object], ...]:
+        return self._waits
+
+    def add_commit_wait(self, wait: Callable[[int], object]) -> None:
+        """Call ``wait(cid)`` after a commit's hooks (for a group commit, once,
+        with its last cid), in the committing thread, before the committer
+        returns: what a commit must wait for (synchronous commit)."""
+        self._waits = (*self._waits, wait)
+
+    def remove_commit_wait(self, wait: Callable[[int], object]) -> None:
+        self._waits = tuple(w for w in self._waits if w is not wait)
 
     def add_snapshot_listener(self, listener: Callable[[int], None]) -> None:
         """Call ``listener(cid)`` whenever this process moves the snapshot

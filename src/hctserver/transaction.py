@@ -176,6 +176,7 @@ class Transactions:
         if entry is not None:
             self.db.notify_snapshot(entry.cid)
             run_hooks((*self.hooks, *self.db.commit_hooks), entry)
+            run_waits(self.db, entry.cid)
 
     def journal(self, schema: str, data: bytes) -> Appended:
         """Append the journal row. The tail of the last commit in this process
@@ -270,6 +271,16 @@ def run_hooks(hooks: tuple[CommitHook, ...], entry: Appended) -> None:
             hook(*args)
         except Exception:
             log.exception("commit hook %r failed for cid %d", hook, entry.cid)
+
+
+def run_waits(db: Store, cid: int) -> None:
+    """What a commit up to ``cid`` must wait for before its caller goes on
+    (see Store.add_commit_wait); a failing one is logged, not raised."""
+    for wait in db.commit_waits:
+        try:
+            wait(cid)
+        except Exception:
+            log.exception("commit wait %r failed for cid %d", wait, cid)
 
 
 def disk_full(path: str) -> DiskFullError:
