@@ -30,6 +30,8 @@ KEYS = [
     "catchup_pure_entries_per_s",
     "leader_full_sync_jobs_8_ratio",
     "sync_commit_ratio",
+    "failover_seconds_p50",
+    "failover_seconds_max",
     "sync_commit_p99_ms",
     "async_commit_p99_ms",
 ]
@@ -66,6 +68,7 @@ def test_bench_quick_writes_sane_json(tmp_path) -> None:
         r["sync_commit_commits_per_s"] / r["async_commit_commits_per_s"]
     )
     assert 0 < r["sync_commit_ratio"] < 3
+    assert r["failover_kills"] == 3 and 0 < r["failover_seconds_p50"] <= r["failover_seconds_max"]
     from hctserver import speedups
 
     assert r["implementation"] == speedups.implementation()  # which hot loops ran

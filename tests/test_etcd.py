@@ -79,3 +79,22 @@ def test_unreachable_garbage_and_bad_urls_are_typed_errors(tmp_path) -> None:
 def test_prefix_end() -> None:
     assert prefix_end("/c/") == "/c0"
     assert prefix_end("a") == "b"
+
+
+def test_cluster_status_without_etcd_or_nodes(tmp_path) -> None:
+    import subprocess
+
+    from procs import HCT
+
+    down = subprocess.run(
+        [*HCT, "cluster", "status", "--etcd", f"http://127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert down.returncode == 6 and "cannot reach etcd" in down.stderr
+    assert down.stderr.count("\n") == 1  # one line, no traceback
+    with etcd_server(str(tmp_path)) as srv:
+        empty = subprocess.run(
+            [*HCT, "cluster", "status", "--etcd", srv.url], capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert empty.returncode == 1 and "no node of cluster default" in empty.stdout

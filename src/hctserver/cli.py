@@ -27,6 +27,7 @@ from typing import Any
 import apsw
 
 from . import __version__
+from .cluster import ClusterNode, cluster_status
 from .errors import (
     AddressInUseError,
     ApplyError,
@@ -49,7 +50,9 @@ from .errors import (
     UnjournaledWriteError,
     UnsupportedStatementError,
 )
+from .etcd import EtcdClient
 from .follower import Follower
+from .jobs import Job
 from .journal import Database
 from .leader import Leader
 from .logs import FORMATS, LEVELS
@@ -395,6 +398,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="send followers no snapshots (they replay the journal, or are refused)",
     )
     _sync_opts(s)
+    s = sub.add_parser(
+        "node", help="a member of an etcd-coordinated cluster: leads or follows (docs/FAILOVER.md)"
+    )
+    s.add_argument("db", metavar="DB")
+    s.add_argument("--etcd", required=True, metavar="URL", help="etcd's address (http://HOST:PORT)")
+    s.add_argument("--name", required=True, help="this node's name, unique in the cluster")
+    s.add_argument("--port", type=int, required=True, help="port to serve on while leading")
+    s.add_argument("--host", default="127.0.0.1", help="interface to serve on (default 127.0.0.1)")
+    s.add_argument(
+        "--advertise", metavar="HOST:PORT", help="the address followers use (default HOST:PORT)"
+    )
+    s.add_argument("--cluster", default="default", help="the cluster's name in etcd")
+    s.add_argument(
+        "--http", metavar="ADDR", help="serve /status, /metrics and /health on HOST:PORT or PORT"
+    )
+    s.add_argument(
+        "--ttl", type=int, default=5, metavar="S", help="the leader lease's TTL (default 5 s)"
+    )
+    s.add_argument(
+        "--job",
+        action="append",
+        default=[],
+        metavar="J",
+        help="a job run while this node leads: a Python script or a bundled job (repeatable)",
+    )
+    s.add_argument("--log-level", choices=LEVELS, default="info", help="(default info)")
+    s.add_argument("--log-format", choices=FORMATS, default="text", help="text or json lines")
+    s.add_argument("--verbose", action="store_true", help="also print the original's debug lines")
+    s.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    s.add_argument(
+        "--synchronous", choices=("NORMAL", "FULL", "EXTRA"), default="NORMAL",
+        help="SQLite's synchronous setting (see the leader)",
+    )  # fmt: skip
+    _sync_opts(s)
+    s = sub.add_parser("cluster", help="an etcd-coordinated cluster: status")
+    csub = s.add_subparsers(dest="cluster_command", metavar="WHAT", required=True)
+    c = csub.add_parser("status", help="every node: role, position, lag, health")
+    c.add_argument("--etcd", required=True, metavar="URL", help="etcd's address")
+    c.add_argument("--cluster", default="default", help="the cluster's name in etcd")
+    c.add_argument("--json", action="store_true", help="a JSON array of objects")
     s = sub.add_parser("follower", help="follow a leader (until stopped)")
     node_opts(s, False)
     _bounds(s, FOLLOWER_BOUNDS, defaults_of(Follower))
@@ -593,7 +636,7 @@ class _Signals:
     a handler runs between two bytecodes of the main thread, which may hold
     a lock the stop needs)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node | ClusterNode) -> None:
         self.node = node
         self.received: str | None = None
         self._old: dict[int, Any] = {}
@@ -643,6 +686,61 @@ def _banner(node: Node, a: argparse.Namespace, role: str) -> str:
 def cmd_leader(a: argparse.Namespace) -> int:
     _logging(a)
     return _serve(_node(a, False), a, "leader")
+
+
+def cmd_node(a: argparse.Namespace) -> int:
+    _logging(a)
+    etcd = EtcdClient(a.etcd)
+    db = Database(a.db, adopt=False, synchronous=a.synchronous)
+    leader_options: dict[str, Any] = {
+        "sync_followers": a.sync_followers,
+        "sync_timeout": a.sync_timeout,
+        "sync_level": a.sync_level,
+    }
+    node = ClusterNode(
+        db,
+        etcd,
+        name=a.name,
+        port=a.port,
+        host=a.host,
+        advertise=a.advertise,
+        cluster=a.cluster,
+        ttl=a.ttl,
+        jobs=[Job(j) for j in a.job],
+        leader_options=leader_options,
+    )
+    with _Signals(node) as sig:
+        try:
+            node.start()
+            http = f"; HTTP on {node.serve_http(a.http).url}" if a.http else ""
+            log.info("node %s of cluster %s (etcd %s)%s", a.name, a.cluster, etcd.url, http)
+            node.wait()
+        finally:
+            node.stop()
+            node.wait(30)
+            node.close_http()
+            cid = db.snapshot()
+            db.close()
+    how = f"stopped by {sig.received}" if sig.received else "done"
+    log.info("node %s %s at cid %d", a.name, how, cid)
+    return 0
+
+
+def cmd_cluster(a: argparse.Namespace) -> int:
+    rows = cluster_status(EtcdClient(a.etcd), a.cluster)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no node of cluster {a.cluster} is registered in etcd")
+        return 1
+    for r in rows:
+        health = "healthy" if r["healthy"] else "unhealthy"
+        print(
+            f"{r['name']:<16} {r['role']:<9} {r['address']:<22} cid {r['snapshot']:>10,}"
+            f"  lag {r['lag_cids']:>8,} cids  {r['state']}, {health}"
+        )
+    return 0
 
 
 def cmd_follower(a: argparse.Namespace) -> int:
@@ -810,6 +908,8 @@ COMMANDS = {
     "init": cmd_init,
     "leader": cmd_leader,
     "follower": cmd_follower,
+    "node": cmd_node,
+    "cluster": cmd_cluster,
     "status": cmd_status,
     "top": cmd_top,
     "verify": cmd_verify,

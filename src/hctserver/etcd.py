@@ -7,6 +7,7 @@ wants them base64-encoded, and int64 fields as strings.
 
 Every call has a deadline. An etcd that cannot be reached, answers an
 error or garbage raises :class:`EtcdError` (transient: a node retries).
+:class:`Lease` works with any :class:`~hctserver.coordination.Coordination`.
 """
 
 from __future__ import annotations
@@ -17,24 +18,18 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError, TransientError
+from .coordination import Coordination, CoordinationError, KeyValue
+from .errors import ConfigError
+
+__all__ = ["EtcdClient", "EtcdError", "KeyValue", "Lease", "prefix_end"]
 
 MAX_REPLY = 16 << 20  # bytes read from one reply at most
 
 
-class EtcdError(TransientError):
+class EtcdError(CoordinationError):
     """etcd could not be reached, or refused or garbled a request."""
-
-
-@dataclass(frozen=True)
-class KeyValue:
-    key: str
-    value: str
-    lease: int  # 0: none
-    mod_revision: int
 
 
 def _b64(s: str) -> str:
@@ -58,7 +53,7 @@ def prefix_end(prefix: str) -> str:
 
 class EtcdClient:
     """One etcd endpoint (``http://host:port``); thread-safe (no state but
-    the URL)."""
+    the URL). Implements :class:`~hctserver.coordination.Coordination`."""
 
     def __init__(self, url: str, timeout: float = 2.0) -> None:
         u = urllib.parse.urlsplit(url)
@@ -182,7 +177,7 @@ class Lease:
     its countdown after ``t``). A leader stops writing before that time
     passes (docs/FAILOVER.md, "Fencing")."""
 
-    def __init__(self, client: EtcdClient, ttl: int) -> None:
+    def __init__(self, client: Coordination, ttl: int) -> None:
         self.client = client
         self.ttl = ttl
         t = time.monotonic()

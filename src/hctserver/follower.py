@@ -345,7 +345,8 @@ class Follower:
         self._checkpointer = Checkpointer(
             db, position=lambda: self.stats.snapshot, on_durable=self.reporter.wake
         )
-        db.add_snapshot_listener(self._moved)
+        self._moved_listener = self._moved  # one bound method: removed by identity
+        db.add_snapshot_listener(self._moved_listener)
         self._node_lock = NodeLock(db.path)
         self.feedback = feedback
         self._hello_done = False
@@ -429,6 +430,7 @@ class Follower:
         if self._closed:
             return
         self._closed = True
+        self.db.remove_snapshot_listener(self._moved_listener)
         self.group.stop()
         late = self.group.join(timeout)
         if self._sink is not None and "hct-apply" not in late and "hct-follower" not in late:

@@ -597,6 +597,9 @@ class Store:
         (a leader commit or a follower's applied batch), in that thread."""
         self._listeners = (*self._listeners, listener)
 
+    def remove_snapshot_listener(self, listener: Callable[[int], None]) -> None:
+        self._listeners = tuple(x for x in self._listeners if x is not listener)
+
     def notify_snapshot(self, cid: int) -> None:
         """Record that the snapshot reached ``cid`` and wake :meth:`wait_for`."""
         with self._cond:
