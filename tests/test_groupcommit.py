@@ -198,3 +198,43 @@ def test_transact_on_an_hctree_format_leader_journals_final_rows(tmp_path) -> No
     assert db.check_journal() is None
     c.close()
     db.close()
+
+
+def test_a_transaction_that_fails_after_its_statement_ran_leaves_nothing(
+    tmp_path, monkeypatch
+) -> None:
+    """A failure past the statements (here the journal insert, as on a full
+    disk) undoes the transaction's rows too: never a row without its entry."""
+    from hctserver.errors import DiskFullError
+    from hctserver.transaction import Transactions
+
+    db = _leader(str(tmp_path / "l.db"))
+    real = Transactions.journal
+
+    def journal(self: Transactions, schema: str, data: bytes) -> Any:
+        if 77 in _keys(data):
+            raise DiskFullError("the disk is full (injected)")
+        return real(self, schema, data)
+
+    monkeypatch.setattr(Transactions, "journal", journal)
+    c = db.connect()
+    with pytest.raises(DiskFullError):  # alone in its group
+        c.transact([("INSERT INTO t1 VALUES(77, 'x', 0)", None)])
+    res = _in_one_group(  # one of several
+        db,
+        [
+            [("INSERT INTO t1 VALUES(1, 'a', 0)", None)],
+            [("INSERT INTO t1 VALUES(2, 'b', 0)", None)],
+            [("INSERT INTO t1 VALUES(77, 'x', 0)", None)],
+            [("INSERT INTO t1 VALUES(3, 'c', 0)", None)],
+        ],
+    )
+    assert isinstance(res[2], DiskFullError)
+    assert sorted(r.cid for i, r in enumerate(res) if i != 2) == [2, 3, 4]
+    assert c.execute("SELECT a FROM t1 ORDER BY a").fetchall() == [(1,), (2,), (3,)]
+    assert db.max_cid() == 4 and db.check_journal() is None
+    c.close()
+    f = replay(db, str(tmp_path / "f.db"))
+    assert dbdump.everything(db.path) == dbdump.everything(f.path)
+    f.close()
+    db.close()

@@ -170,9 +170,10 @@ class GroupCommitter:
                 w.error = exc
             return
         conn, share = txs.conn, self.db.share
+        alone = len(batch) == 1
         try:
             for w in batch:
-                self._one(txs, w)
+                self._one(txs, w, alone)
                 if conn.get_autocommit():  # an error ended the whole transaction
                     raise w.error or BusyError("the group's transaction ended early; retry")
             conn.execute("COMMIT")
@@ -201,13 +202,14 @@ class GroupCommitter:
         if last is not None:  # every hook first (they send the entries), then wait once
             run_waits(self.db, last.cid)
 
-    def _one(self, txs: Transactions, w: _Work) -> None:
-        """One transaction of the group, inside its own savepoint (none for a
-        one-statement transaction: SQLite undoes a failed statement)."""
+    def _one(self, txs: Transactions, w: _Work, alone: bool) -> None:
+        """One transaction of the group, inside its own savepoint; a group of
+        one needs none: if it fails, the whole SQLite transaction rolls back
+        (a failure after its statements ran, in capture or in the journal
+        insert, must undo them too)."""
         conn, cap, share = txs.conn, txs.cap, self.db.share
         tail = share.tail
-        single = len(w.statements) == 1
-        if not single:
+        if not alone:
             conn.execute("SAVEPOINT hct_group")
         wrote = False
         try:
@@ -229,7 +231,7 @@ class GroupCommitter:
                 txs.tracker = w.tracker
                 w.entry = txs.journal("", data)
                 share.tail = w.entry.next_tail()  # the group's next one builds on it
-            if not single:
+            if not alone:
                 conn.execute("RELEASE hct_group")
             w.rows = rows
         except BaseException as exc:
@@ -240,7 +242,11 @@ class GroupCommitter:
             share.tail = tail
             cap.take()  # forget what it recorded
             cap.touched = {}
-            if not single and not conn.get_autocommit():
+            if conn.get_autocommit():
+                pass  # SQLite ended the whole transaction already
+            elif alone:
+                conn.execute("ROLLBACK")  # the group ends here (see _commit_group)
+            else:
                 conn.execute("ROLLBACK TO hct_group")
                 conn.execute("RELEASE hct_group")
             if not isinstance(exc, Exception):
