@@ -238,3 +238,58 @@ def test_a_transaction_that_fails_after_its_statement_ran_leaves_nothing(
     assert dbdump.everything(db.path) == dbdump.everything(f.path)
     f.close()
     db.close()
+
+
+def test_writes_waiting_for_the_lock_when_the_mode_changes_are_refused(tmp_path) -> None:
+    """A node that fences itself leaves LEADER mode while writers wait for the
+    writer lock: none of them writes once it has the lock."""
+    db = _leader(str(tmp_path / "l.db"))
+    grouped, plain = db.connect(), db.connect()
+    results: dict[str, Any] = {}
+
+    def run(name: str, fn: Any) -> None:
+        try:
+            results[name] = fn()
+        except BaseException as e:
+            results[name] = e
+
+    cm = db.committer()
+    ts = [
+        threading.Thread(
+            target=run,
+            args=("group", lambda: grouped.transact(["INSERT INTO t1 VALUES(1, 'g', 0)"])),
+        ),
+        threading.Thread(
+            target=run, args=("plain", lambda: plain.execute("INSERT INTO t1 VALUES(2, 'p', 0)"))
+        ),
+    ]
+    with db.share:
+        for t in ts:
+            t.start()
+        wait_until(lambda: cm.busy(), what="the group waiting for the lock")
+        wait_until(
+            lambda: any(f.f_code.co_name == "lock" for f in _frames(ts[1])), what="the writer"
+        )
+        db.set_mode("follower")
+    for t in ts:
+        t.join(30)
+    assert isinstance(results["group"], ModeError), results
+    assert isinstance(results["plain"], ModeError), results
+    assert "FOLLOWER mode" in str(results["group"])
+    assert db.max_cid() == 1
+    assert grouped.execute("SELECT count(*) FROM t1").fetchone() == (0,)
+    grouped.close()
+    plain.close()
+    db.close()
+
+
+def _frames(t: threading.Thread) -> list[Any]:
+    """The frames of thread ``t``'s stack, innermost first."""
+    import sys
+
+    f = sys._current_frames().get(t.ident or 0)
+    out = []
+    while f is not None:
+        out.append(f)
+        f = f.f_back
+    return out

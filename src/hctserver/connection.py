@@ -22,12 +22,12 @@ import apsw
 from . import sqltext
 from .authorizer import Authorizer
 from .capture import Capture
-from .errors import BusyError, ModeError, UnsupportedStatementError
+from .errors import BusyError, UnsupportedStatementError
 from .groupcommit import Committed, GroupCommitter, Statements, prepare
 from .reshape import Reshaper
 from .sqltext import Kind, Statement, ddl_texts
 from .store import CommitHook, Mode, Store
-from .transaction import CidTracker, Transactions, disk_full
+from .transaction import CidTracker, Transactions, disk_full, not_leader
 
 
 class Rows:
@@ -305,7 +305,4 @@ class JournaledConnection:
 
     def _check_writable(self) -> None:
         if self.db.mode is not Mode.LEADER:
-            raise ModeError(
-                f"{self.db.path} is in FOLLOWER mode: writes are refused (it is a replica;"
-                " write on the leader, or set_mode('leader') on a database without holes)"
-            )
+            raise not_leader(self.db.path)

@@ -165,7 +165,10 @@ class GroupCommitter:
         try:
             txs = self._open()
             txs.begin(eager=True)
+            txs.start_writing()  # the writer lock, and LEADER mode checked under it
         except BaseException as exc:
+            if self._txs is not None:
+                self._txs.abort()
             for w in batch:
                 w.error = exc
             return

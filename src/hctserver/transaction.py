@@ -19,7 +19,7 @@ from . import guard, hctcapture, patchset
 from .append import Appended, append_entry
 from .authorizer import Authorizer
 from .capture import Capture
-from .errors import BusyError, DiskFullError, UnsupportedStatementError
+from .errors import BusyError, DiskFullError, ModeError, UnsupportedStatementError
 from .sqltext import Statement
 from .store import CommitHook, Mode, Store
 from .systables import read_tail
@@ -83,6 +83,9 @@ class Transactions:
                 f"database is locked: another writer in this process held {db.path}"
                 f" for more than {db.busy_timeout:g} s; retry the transaction"
             )
+        if db.mode is not Mode.LEADER:  # it changed while we waited (a node fenced itself)
+            db.share.release()
+            raise not_leader(db.path)
 
     def begin(self, *, eager: bool, implicit: bool = False) -> None:
         tx = Transaction(implicit)
@@ -261,6 +264,14 @@ class Transactions:
         except BaseException:
             self.failed()
             raise
+
+
+def not_leader(path: str) -> ModeError:
+    """What a write on a database that is not in LEADER mode raises."""
+    return ModeError(
+        f"{path} is in FOLLOWER mode: writes are refused (it is a replica;"
+        " write on the leader, or set_mode('leader') on a database without holes)"
+    )
 
 
 def run_hooks(hooks: tuple[CommitHook, ...], entry: Appended) -> None:
