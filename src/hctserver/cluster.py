@@ -246,7 +246,7 @@ class ClusterNode:
         }
         held = self.etcd.create(self.leader_key, json.dumps(value), lease.id)
         if held is not None:
-            self.etcd.revoke(lease.id)
+            lease.revoke()
             return
         self._lease = lease
         self._become_leader()
@@ -312,12 +312,9 @@ class ClusterNode:
         if runner is None:
             return
         if isinstance(runner, Leader):
-            self.db.set_mode(Mode.FOLLOWER)
-            runner.stop()
-            runner.close()
-        else:
-            runner.stop()
-            runner.close()
+            self.db.set_mode(Mode.FOLLOWER)  # first: no write gets in while it closes
+        runner.stop()
+        runner.close()
         self.upstream = None
 
     def serve_http(self, address: str) -> HttpEndpoint:

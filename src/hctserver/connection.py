@@ -21,8 +21,8 @@ import apsw
 
 from . import sqltext
 from .authorizer import Authorizer
-from .capture import Capture
-from .errors import BusyError, UnsupportedStatementError
+from .capture import Capture, uncaptured
+from .errors import UnsupportedStatementError
 from .groupcommit import Committed, GroupCommitter, Statements, prepare
 from .reshape import Reshaper
 from .sqltext import Kind, Statement, ddl_texts
@@ -273,10 +273,7 @@ class JournaledConnection:
         if cap.broken is not None:
             table = cap.broken
             txs.abort()
-            raise BusyError(
-                f"rows of table {table} (it has generated columns) could not be captured"
-                " in this transaction, which was rolled back: retry it"
-            )
+            raise uncaptured(table)
         if st.kind is Kind.DDL:
             tx.ddl.append(ddl_texts(st))
             cap.invalidate()

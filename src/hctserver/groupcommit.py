@@ -26,7 +26,7 @@ import apsw
 from . import hctcapture
 from .append import Appended
 from .authorizer import Authorizer
-from .capture import Capture
+from .capture import Capture, uncaptured
 from .errors import BusyError, UnsupportedStatementError
 from .sqltext import Kind, parse
 from .store import CommitHook, Store
@@ -221,10 +221,7 @@ class GroupCommitter:
                 rows.append(list(conn.execute(sql, bindings)))
                 wrote = wrote or writes
             if cap.broken is not None:
-                raise BusyError(
-                    f"rows of table {cap.broken} (it has generated columns) could not be"
-                    " captured in this transaction, which was rolled back: retry it"
-                )
+                raise uncaptured(cap.broken)
             data = cap.take()
             hctree = self.db.format == "hctree"
             if hctree:
