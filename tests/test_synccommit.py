@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from hctserver.errors import ConfigError
+from hctserver.errors import CommitUnknownError, ConfigError
 from hctserver.feedback import Report
 from hctserver.followers import CommitClock, FollowerTable
 from hctserver.synccommit import SyncCommit
@@ -28,57 +28,76 @@ def _report(t: FollowerTable, fid: int, applied: int, durable: int) -> None:
     t.report(fid, Report(applied, durable, applied, f"f{fid}"))
 
 
-def test_a_commit_waits_for_k_acknowledgements_at_the_chosen_level() -> None:
+class _Sink:
+    """Records what SyncCommit publishes (the gate's publisher, in memory)."""
+
+    def __init__(self) -> None:
+        self.acked_cid = 0
+        self.degraded = False
+
+    def acked(self, cid: int) -> None:
+        assert cid > self.acked_cid, "published acknowledgements only move forward"
+        self.acked_cid = cid
+
+    def set_degraded(self, degraded: bool) -> None:
+        self.degraded = degraded
+
+
+def _sync(t: FollowerTable, k: int, **kw: object) -> tuple[SyncCommit, _Sink]:
+    sync = SyncCommit(t, k, **kw)  # type: ignore[arg-type]
+    sink = _Sink()
+    sync.attach(sink)
+    t.on_change = sync.refresh
+    return sync, sink
+
+
+def test_k_acknowledgements_at_the_chosen_level_are_published() -> None:
     t, (a, b) = _table(2)
-    sync = SyncCommit(t, 2, timeout=5.0)
-    done: list[bool] = []
-    th = threading.Thread(target=lambda: done.append(sync.wait(10)))
-    th.start()
+    sync, sink = _sync(t, 2)
     _report(t, a, 10, 10)
     _report(t, b, 10, 9)  # applied, not yet on disk: not enough at level durable
-    th.join(0.3)
-    assert th.is_alive() and not done
+    assert sink.acked_cid == 9
     _report(t, b, 10, 10)
-    th.join(5)
-    assert done == [True] and sync.status()["state"] == "sync"
-    assert sync.wait(9)  # below what was acknowledged: at once
-    applied = SyncCommit(t, 2, level="applied", timeout=5.0)
-    _report(t, a, 11, 10)
-    _report(t, b, 11, 10)
-    assert applied.wait(11) and not SyncCommit(t, 2, timeout=0.05).wait(11)
+    assert sink.acked_cid == 10 and sync.status()["state"] == "sync"
+    t.remove(b)  # one follower left: what two had stays acknowledged
+    assert sink.acked_cid == 10
+    _report(t, a, 12, 12)
+    assert sink.acked_cid == 10  # one is not two
+    t2, (c, d) = _table(2)
+    _, applied = _sync(t2, 2, level="applied")
+    _report(t2, c, 11, 3)
+    _report(t2, d, 11, 3)
+    assert applied.acked_cid == 11
 
 
 def test_too_few_followers_degrade_to_asynchronous_then_recover(caplog) -> None:
     t, (a,) = _table(1)
-    sync = SyncCommit(t, 1, timeout=0.2)
+    sync, sink = _sync(t, 1, timeout=0.2)
     caplog.set_level(logging.WARNING, logger="hctserver")
-    t0 = time.monotonic()
-    assert sync.wait(5) is False
-    assert time.monotonic() - t0 >= 0.2
+    t.clock.note(5, now=100.0)  # cid 5 committed at t=100, nobody has it
+    sync.tick(now=100.1)
+    assert not sink.degraded
+    sync.tick(now=100.25)
     st = sync.status()
-    assert st["state"] == "degraded" and st["degradations"] == 1
-    assert "0 of 1 followers acknowledged cid 5 within 0.2 s" in caplog.text
-    t1 = time.monotonic()
-    assert sync.wait(6) is False and time.monotonic() - t1 < 0.1  # no waiting meanwhile
-    _report(t, a, 5, 5)  # it has what was committed when it degraded: sync again
-    assert sync.wait(7) is False  # ... and this commit waited, in vain, and degraded anew
-    assert "waiting for them again" in caplog.text and sync.status()["degradations"] == 2
-    _report(t, a, 8, 8)
-    assert sync.wait(8) is True and sync.status()["state"] == "sync"
+    assert sink.degraded and st["state"] == "degraded" and st["degradations"] == 1
+    assert "0 of 1 followers acknowledged cid 1 within 0.2 s" in caplog.text
+    t.clock.note(7, now=100.3)
+    _report(t, a, 4, 4)  # not yet what was committed when it gave up (cid 5): still async
+    assert sink.degraded and sink.acked_cid == 4
+    _report(t, a, 5, 5)
+    assert not sink.degraded and "waiting for them again" in caplog.text
+    assert sync.status()["state"] == "sync"
 
 
-def test_stopping_releases_waiting_commits_and_no_sync_means_no_wait() -> None:
-    t, _ = _table(1)
-    sync = SyncCommit(t, 1)  # no timeout: as long as it takes
-    done: list[bool] = []
-    th = threading.Thread(target=lambda: done.append(sync.wait(3)))
-    th.start()
-    th.join(0.3)
-    assert th.is_alive()
-    sync.stop()
-    th.join(5)
-    assert done == [False]
-    assert SyncCommit(t, 0).wait(100) and SyncCommit(t, 0).status()["state"] == "off"
+def test_no_sync_publishes_nothing_and_a_detached_sync_publishes_nowhere() -> None:
+    t, (a,) = _table(1)
+    sync, sink = _sync(t, 0)
+    _report(t, a, 5, 5)
+    assert sink.acked_cid == 0 and sync.status()["state"] == "off"
+    sync2, sink2 = _sync(t, 1)
+    sync2.attach(None)
+    _report(t, a, 6, 6)
+    assert sink2.acked_cid == 5  # attached: it published cid 5; detached: nothing after
 
 
 # --- nodes ---------------------------------------------------------------------------
@@ -103,15 +122,18 @@ def test_a_leader_with_sync_followers_returns_after_the_follower_has_the_commit(
             # acknowledged before the commit returned: the follower has it now
             assert snapshot_of(fp) >= app.last_cid
         st = runner.sync.status()
-        assert st["state"] == "sync" and st["waits"] >= 20
-        # the follower goes: commits wait 1 s, then the leader commits
+        assert st["state"] == "sync" and st["acked_cid"] >= app.last_cid
+        # the follower goes: a commit waits 1 s, and gets CommitUnknownError (it
+        # is on the leader, on no follower); the leader then commits
         # asynchronously and says so; the follower comes back and it waits again
         f.close()
         f = None
         t0 = time.monotonic()
-        app.execute("INSERT OR REPLACE INTO t1 VALUES(100, 'alone', 0)")
+        with pytest.raises(CommitUnknownError, match="did not acknowledge|gave up"):
+            app.execute("INSERT OR REPLACE INTO t1 VALUES(100, 'alone', 0)")
         assert time.monotonic() - t0 >= 1.0
-        assert runner.sync.status()["state"] == "degraded"
+        assert app.execute("SELECT b FROM t1 WHERE a = 100").fetchall() == [("alone",)]
+        wait_until(lambda: runner.sync.status()["state"] == "degraded", what="degraded")
         t1 = time.monotonic()
         app.execute("INSERT OR REPLACE INTO t1 VALUES(101, 'alone', 0)")
         assert time.monotonic() - t1 < 0.5
@@ -174,8 +196,7 @@ def test_group_commits_wait_once_and_every_caller_returns_acknowledged(tmp_path)
             t.join(120)
         assert not errors and not late
         cm = leader.db.committer()
-        assert cm.transactions == 60 and cm.groups < 60  # they shared waits
-        assert runner.sync.status()["waits"] <= cm.groups
+        assert cm.transactions == 60 and cm.groups < 60  # they shared groups
     finally:
         f.close()
         leader.close()

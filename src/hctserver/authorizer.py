@@ -1,5 +1,9 @@
 """What user SQL may do on a journaled connection: everything SQLite allows,
-except writing or dropping hctserver's system tables and guard triggers.
+except what followers could not reproduce from the journal and what would
+break replication: writing or dropping hctserver's system tables and guard
+triggers, ATTACH and DETACH (another file's changes are not journaled),
+objects in ``temp`` (they live in one connection, never in the journal),
+and ``PRAGMA writable_schema``. A refusal says why (:attr:`Authorizer.refused`).
 hctserver's own statements run inside :meth:`Authorizer.bypass`."""
 
 from __future__ import annotations
@@ -8,6 +12,20 @@ import apsw
 
 from .systables import GUARD_PREFIX, SYSTEM_TABLES
 
+_REFUSED = {
+    apsw.SQLITE_ATTACH: "ATTACH: changes to another database file are not journaled, so"
+    " followers would never have them",
+    apsw.SQLITE_DETACH: "DETACH (ATTACH is refused on a replicated database)",
+    **{
+        op: "objects in temp: they are not journaled; use a table in the main database"
+        for op in (
+            apsw.SQLITE_CREATE_TEMP_TABLE,
+            apsw.SQLITE_CREATE_TEMP_INDEX,
+            apsw.SQLITE_CREATE_TEMP_VIEW,
+            apsw.SQLITE_CREATE_TEMP_TRIGGER,
+        )
+    },
+}
 _WRITE_OPS = frozenset({apsw.SQLITE_INSERT, apsw.SQLITE_UPDATE, apsw.SQLITE_DELETE})
 _DDL_OPS = frozenset({apsw.SQLITE_DROP_TABLE, apsw.SQLITE_ALTER_TABLE})
 _TRIGGER_OPS = frozenset({apsw.SQLITE_CREATE_TRIGGER, apsw.SQLITE_DROP_TRIGGER})
@@ -23,6 +41,7 @@ class Authorizer:
     def __init__(self, conn: apsw.Connection) -> None:
         self._internal = 0
         self._dropping: str | None = None  # the table a DROP TABLE being prepared drops
+        self.refused: str | None = None  # why the last refused statement was refused
         conn.set_authorizer(self)
 
     def bypass(self) -> Authorizer:
@@ -41,6 +60,12 @@ class Authorizer:
     ) -> int:
         if self._internal:
             return apsw.SQLITE_OK
+        why = _REFUSED.get(op)
+        if why is None and op == apsw.SQLITE_PRAGMA and (p1 or "").lower() == "writable_schema":
+            why = "PRAGMA writable_schema: schema edits behind SQLite's back cannot be journaled"
+        if why is not None:
+            self.refused = f"refused on a replicated database: {why}"
+            return apsw.SQLITE_DENY
         if op in _WRITE_OPS:
             return apsw.SQLITE_DENY if p1 in SYSTEM_TABLES else apsw.SQLITE_OK
         if op in _DDL_OPS and (p1 in SYSTEM_TABLES or p2 in SYSTEM_TABLES):

@@ -34,7 +34,7 @@ from typing import Any
 
 from .coordination import Coordination, CoordinationError, KeyValue
 from .errors import ConfigError
-from .etcd import Lease
+from .etcd import EtcdClient, Lease
 from .follower import Follower
 from .httpserver import HttpEndpoint, Routes, parse_address
 from .jobs import Job
@@ -86,6 +86,8 @@ class ClusterNode:
         self.cluster = cluster
         self.ttl = ttl
         self.jobs = list(jobs)
+        if isinstance(etcd, EtcdClient):  # a call that hangs must not delay fencing
+            etcd.timeout = min(etcd.timeout, max(0.5, ttl / 4))
         self.leader_options = dict(leader_options or {})
         self.follower_options = dict(follower_options or {})
         self.role = "starting"
@@ -253,7 +255,16 @@ class ClusterNode:
 
     def _become_leader(self) -> None:
         self._stop_runner()
-        leader = Leader(self.db, self.jobs, host=self.host, port=self.port, **self.leader_options)
+        lease, margin = self._lease, self.ttl / 4
+        assert lease is not None
+        leader = Leader(
+            self.db,
+            self.jobs,
+            host=self.host,
+            port=self.port,
+            lease=lambda: lease.valid_until - margin,  # the gate's deadline (FAILOVER.md)
+            **self.leader_options,
+        )
         leader.start()
         self.runner = leader
         self.role = "leader"

@@ -83,6 +83,16 @@ class JournaledConnection:
         transaction, its rows already fetched)."""
         if self._epoch != self.db.mode_epoch:
             self._sync_mode()
+        try:
+            return self._execute(sql, bindings)
+        except apsw.AuthError as e:
+            raise self._refusal(e) from None
+
+    def _refusal(self, e: apsw.AuthError) -> BaseException:
+        why, self._auth.refused = self._auth.refused, None
+        return e if why is None else UnsupportedStatementError(why)
+
+    def _execute(self, sql: str, bindings: Any) -> Any:
         stmts = _parse(sql)
         if len(stmts) == 1:
             return self._run(stmts[0], bindings)

@@ -44,6 +44,32 @@ class ModeError(HctError):
     """The operation is not allowed in the database's current mode or role."""
 
 
+class NotLeaderError(ModeError):
+    """A commit was refused before it was made (nothing written): this
+    database's node does not lead now (it follows, or its lease lapsed).
+    ``leader`` is the leader's address where known."""
+
+    def __init__(self, message: str, leader: str | None = None) -> None:
+        super().__init__(message)
+        self.leader = leader
+
+
+class NoNodeError(ModeError):
+    """A commit was refused before it was made (nothing written): the file
+    belongs to a replicated setup and no node serves it now."""
+
+
+class CommitUnknownError(HctError):
+    """The transaction was committed on this node, but its acknowledgement
+    did not come (the leader stopped or lost its lease, or synchronous
+    commit timed out while it waited): it may not be replicated, and may be
+    discarded if another node leads. Not retried blindly: look for it first."""
+
+    def __init__(self, message: str, cid: int = 0) -> None:
+        super().__init__(message)
+        self.cid = cid
+
+
 class BusyError(HctError):
     """The write lock could not be taken within the busy timeout, or the
     transaction met a concurrent change and must be retried."""

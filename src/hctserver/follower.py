@@ -339,7 +339,7 @@ class Follower:
         self._cancel = Waker()  # wakes a connect in progress when stopping
         self._sink: Sink | None = None
         self._streams: StreamReader | None = None
-        self.reporter = Reporter(name or db.path, self._positions)
+        self.reporter = Reporter(name or db.path, self._positions, reopen=self._open_feedback)
         # report as soon as the position moves (a leader with synchronous
         # commit waits for it), not only every interval
         self._checkpointer = Checkpointer(
@@ -350,6 +350,7 @@ class Follower:
         self._node_lock = NodeLock(db.path)
         self.feedback = feedback
         self._hello_done = False
+        self._published = False  # the gate says this node follows
         self.started_at = time.monotonic()
         self._driver: Task | None = None
         self._job_tasks: list[Task] = []
@@ -382,6 +383,8 @@ class Follower:
             self._node_lock.release()
             raise
         self.trace("rollback discarded %d entries", n)
+        db.publisher.follow(f"{self.host}:{self.port}")  # writers here are refused
+        self._published = True
         if self.background_checkpoint:
             self._checkpointer.take_over()  # before the applier's connection opens
         ap = db.applier(**self.applier_options)
@@ -441,6 +444,8 @@ class Follower:
             self.reporter.close()
         if not late:
             self._cancel.close()
+        if self._published and not self.db.closed:
+            self.db.publisher.stop()
         self._node_lock.release()
         self.trace("follower stopped at cid %d", self.stats.snapshot)
 
@@ -695,6 +700,19 @@ class Follower:
                 self._release(conn)
                 if self.group.stopping.is_set():
                     raise _Stopped from None
+                raise
+        return conn
+
+    def _open_feedback(self) -> Conn:
+        """A connection for the reporter's own reconnects (not the driver's:
+        a stop closes the reporter, which closes it)."""
+        conn = self.transport.connect(self.host, self.port, self.connect_timeout, self._cancel)
+        if self._secret is not None:
+            side = auth.FollowerAuth(self._secret)
+            try:
+                auth.exchange(conn, side, side.start(), self.io_timeout)
+            except BaseException:
+                conn.close()
                 raise
         return conn
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,7 @@ class FollowerTable:
         self._reported = threading.Condition(self._lock)  # a report arrived or one left
         self._next = 1
         self._rows: dict[int, FollowerInfo] = {}
+        self.on_change: Callable[[], None] | None = None  # after a report, or one left
 
     def add(self, address: str) -> FollowerInfo:
         with self._lock:
@@ -98,6 +100,12 @@ class FollowerTable:
         with self._lock:
             self._rows.pop(fid, None)
             self._reported.notify_all()
+        self._changed()
+
+    def _changed(self) -> None:
+        cb = self.on_change
+        if cb is not None:
+            cb()
 
     def report(self, fid: int, r: Report, now: float | None = None) -> float:
         """Record a report; returns the follower's lag in seconds."""
@@ -112,6 +120,7 @@ class FollowerTable:
                 info.reported_at, info.lag_s, info.lag_cids = t, lag, behind
                 info.reports += 1
                 self._reported.notify_all()
+        self._changed()
         return lag
 
     def acked(self, cid: int, durable: bool = True) -> int:
@@ -124,6 +133,15 @@ class FollowerTable:
         if durable:
             return sum(1 for f in self._rows.values() if f.durable >= cid)
         return sum(1 for f in self._rows.values() if f.applied >= cid)
+
+    def kth_acked(self, k: int, durable: bool = True) -> int:
+        """The newest cid that ``k`` connected followers have acknowledged
+        (``durable``: on their disk, else applied); 0 if fewer are connected."""
+        with self._lock:
+            got = sorted(
+                (f.durable if durable else f.applied for f in self._rows.values()), reverse=True
+            )
+        return max(0, got[k - 1]) if 0 < k <= len(got) else 0
 
     def wait_acked(self, cid: int, k: int, durable: bool, timeout: float) -> int:
         """Wait up to ``timeout`` seconds until ``k`` followers acknowledged

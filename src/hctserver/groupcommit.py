@@ -28,9 +28,10 @@ from .append import Appended
 from .authorizer import Authorizer
 from .capture import Capture, uncaptured
 from .errors import BusyError, UnsupportedStatementError
+from .gate import Ticket
 from .sqltext import Kind, parse
 from .store import CommitHook, Store
-from .transaction import CidTracker, Transactions, disk_full, run_hooks, run_waits
+from .transaction import CidTracker, Transactions, disk_full, run_hooks
 
 
 class Committed(NamedTuple):
@@ -44,7 +45,9 @@ Statements = Sequence[Any]  # each: "sql" or ("sql", bindings)
 
 
 class _Work:
-    __slots__ = ("done", "entry", "error", "hooks", "rows", "statements", "tracker", "wake")
+    __slots__ = (
+        "done", "entry", "error", "hooks", "rows", "statements", "ticket", "tracker", "wake"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -61,6 +64,7 @@ class _Work:
         self.entry: Appended | None = None
         self.rows: list[list[tuple[Any, ...]]] = []
         self.error: BaseException | None = None
+        self.ticket: Ticket | None = None  # the gate's admission of its group
 
 
 Prepared = list[tuple[str, Any, bool]]  # (sql, bindings, writes)
@@ -119,6 +123,10 @@ class GroupCommitter:
             self._lead()
         if w.error is not None:
             raise w.error
+        if w.entry is not None and w.ticket is not None:
+            # in the caller's own thread, after the lead has passed on: the next
+            # groups commit while this one waits for its acknowledgement
+            self.db.gate.acknowledge(w.ticket, w.entry.cid)
         return w.entry, w.rows
 
     def busy(self) -> bool:
@@ -179,6 +187,10 @@ class GroupCommitter:
                 self._one(txs, w, alone)
                 if conn.get_autocommit():  # an error ended the whole transaction
                     raise w.error or BusyError("the group's transaction ended early; retry")
+            if any(w.entry is not None for w in batch):
+                ticket = self.db.gate.admit()  # under the writer lock
+                for w in batch:
+                    w.ticket = ticket
             conn.execute("COMMIT")
         except BaseException as exc:
             share.tail = None
@@ -202,8 +214,6 @@ class GroupCommitter:
             if w.entry is not None:
                 self.transactions += 1
                 run_hooks((*w.hooks, *self.db.commit_hooks), w.entry)
-        if last is not None:  # every hook first (they send the entries), then wait once
-            run_waits(self.db, last.cid)
 
     def _one(self, txs: Transactions, w: _Work, alone: bool) -> None:
         """One transaction of the group, inside its own savepoint; a group of

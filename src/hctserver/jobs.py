@@ -19,7 +19,14 @@ from typing import Any
 
 import apsw
 
-from .errors import BusyError, ConfigError, DiskFullError, JobError
+from .errors import (
+    BusyError,
+    CommitUnknownError,
+    ConfigError,
+    DiskFullError,
+    JobError,
+    ModeError,
+)
 
 log = logging.getLogger("hctserver")
 
@@ -79,6 +86,12 @@ def writer(db: Any, timeout: Callable[[], bool]) -> None:
         except (BusyError, apsw.BusyError):
             if db.in_transaction:
                 db.execute("ROLLBACK")
+        except (ModeError, CommitUnknownError):
+            # the node stops leading (stopping, fenced, lease lapsed): the job ends
+            # with the node; until then it tries again now and then
+            wait = getattr(timeout, "wait", None)
+            if wait is not None:
+                wait(0.05)
         except (DiskFullError, apsw.FullError) as e:
             if db.in_transaction:
                 db.execute("ROLLBACK")

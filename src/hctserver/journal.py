@@ -53,19 +53,28 @@ class Database(Store):
         return Applier(self, **options)
 
 
-def connect(path: str | os.PathLike[str], **options: Any) -> JournaledConnection:
-    """Open ``path`` for an application that writes to the leader's database.
+def connect(
+    path: str | os.PathLike[str], *, adopt: bool = False, **options: Any
+) -> JournaledConnection:
+    """Open ``path`` for an application that writes to a replicated database.
 
-    The database is created (or an existing plain SQLite file adopted) if
-    needed. Every transaction committed through the connection becomes a
-    journal entry; while ``hctserver leader`` serves the file, from this
-    process or another, followers receive it live. Refused on a follower's
-    database (write to its leader instead). ``options`` go to
+    A new or empty file is made a replication-enabled database. A plain
+    SQLite file that already holds tables (another application's) is taken
+    over only when asked: ``adopt=True`` (or ``hctserver init`` on it first)
+    makes its schema and rows journal entry cid 1.
+
+    Every transaction committed through the connection becomes a journal
+    entry, and passes the commit gate (:mod:`hctserver.gate`): while a node
+    serves the file, a commit is made only while that node leads, and
+    returns only once it is acknowledged as the node's own jobs' are (with
+    ``--sync-followers K``, by K followers). A file that a node has served
+    refuses writes while no node serves it (NoNodeError); a follower's file
+    refuses them (NotLeaderError, naming the leader). ``options`` go to
     :class:`Database` (``synchronous``, ``busy_timeout``, ...).
 
     The connection owns its database object: ``close()`` closes both.
     """
-    db = Database(path, **options)
+    db = Database(path, adopt=adopt, **options)
     try:
         if db.role == "follower":
             raise ModeError(

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import apsw
@@ -44,6 +44,7 @@ from .errors import (
 )
 from .feedbackhub import FeedbackHub
 from .followers import CommitClock, FollowerTable
+from .gate import HEARTBEAT
 from .jobs import Job, Timeout, run_job
 from .journal import Database
 from .nodelock import NodeLock
@@ -63,6 +64,7 @@ from .session import (
 from .store import JournalReader, Mode
 from .streamer import Streamer, Subscriber
 from .synccommit import LEVELS as SYNC_LEVELS
+from .synccommit import TICK as SYNC_TICK
 from .synccommit import SyncCommit
 from .tasks import Task, TaskGroup
 from .trace import Trace
@@ -228,6 +230,7 @@ class Leader:
         sync_followers: int = 0,
         sync_timeout: float | None = None,
         sync_level: str = "durable",
+        lease: Callable[[], float] | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ConfigError(f"port must be between 0 and 65535, not {port}")
@@ -288,6 +291,7 @@ class Leader:
         self._run_tasks: list[Task] = []
         self._named: dict[str, Task] = {}
         self._closed = False
+        self._leading = False  # the gate says this node leads
         self.started_at = time.monotonic()
         self.start_cid = 0
         self.syncs_served = 0
@@ -301,7 +305,9 @@ class Leader:
         self.sync = SyncCommit(
             self.followers, sync_followers, level=sync_level, timeout=sync_timeout
         )
-        self._sync_wait = self.sync.wait  # one bound method: removed by identity
+        # until when this node may acknowledge commits (a monotonic time): the
+        # cluster's lease less its margin; a plain leader, a heartbeat ahead
+        self._lease = lease or (lambda: time.monotonic() + HEARTBEAT)
         self.pins = Pins()  # what the journal must keep for requests in progress
         self._snapshots_on = snapshots
         self.snapshot_server = SnapshotServer(
@@ -417,10 +423,19 @@ class Leader:
         clean_temp(db.path)
         self.start_cid = db.snapshot()
         self.clock.note(self.start_cid)
-        if self.sync.k:  # after the commit hooks, which queue the entries for the streams
-            db.add_commit_wait(self._sync_wait)
+        gate = db.publisher
+        self._leading = True
+        gate.lead(
+            sync_k=self.sync.k,
+            sync_timeout=self.sync.timeout,
+            durable=self.sync.durable,
+            valid_until=self._lease(),
+        )
+        self.sync.attach(gate, self.start_cid)
+        self.followers.on_change = self.sync.refresh
         g = self.group
         stop = g.stopping
+        self._named["gate"] = g.spawn("hct-gate", self._keep_gate, stop)
         self._named["watchdog"] = g.spawn("hct-watchdog", watch, db, stop, self.watch_interval)
         if self.background_checkpoint:
             self._named["checkpoint"] = g.spawn("hct-checkpoint", self._checkpointer.run, stop)
@@ -495,15 +510,28 @@ class Leader:
     def stop(self) -> None:
         """Ask the leader to stop (safe from any thread; see :meth:`close`)."""
         self._draining = True
-        self._release_sync()
+        self._release_gate()
         self.group.stop()
 
-    def _release_sync(self) -> None:
-        """No commit waits for followers any more (the leader is stopping):
-        those waiting return, committed here, perhaps not on any follower."""
-        if self.sync.k:
-            self.db.remove_commit_wait(self._sync_wait)
-            self.sync.stop()
+    def _release_gate(self) -> None:
+        """This node no longer leads: no commit is acknowledged any more, and
+        those waiting for followers get CommitUnknownError (committed here,
+        perhaps not on any follower)."""
+        self.sync.attach(None)
+        self.followers.on_change = None
+        if self._leading and not self.db.closed:
+            self._leading = False
+            self.db.publisher.stop()
+
+    def _keep_gate(self, stop: threading.Event) -> None:
+        """The ``hct-gate`` thread: move the acknowledgement deadline forward
+        (never needed for safety: if this thread stalls, the deadline passes
+        and writers stop), and give up synchronous waits that took too long."""
+        gate = self.db.publisher
+        while not stop.wait(SYNC_TICK):
+            if not self._draining:
+                gate.extend(self._lease())
+            self.sync.tick()
 
     def _linger(self) -> None:
         """The run has ended: keep answering while followers are still
@@ -528,7 +556,7 @@ class Leader:
             return
         self._closed = True
         self._draining = True
-        self._release_sync()
+        self._release_gate()
         g = self.group
         g.stop()
         start = time.monotonic()

@@ -6,7 +6,8 @@ The rules are enforced by SQLite itself, not by parsing SQL:
 
 * **Schema text** runs under :class:`SchemaPolicy`, an authorizer that
   allows only the DDL of the main database's own tables, indexes, views,
-  triggers and (built-in) virtual tables: no ATTACH or DETACH, no PRAGMA,
+  triggers and (built-in) virtual tables, and setting ``PRAGMA
+  user_version``/``application_id``: no ATTACH or DETACH, no other PRAGMA,
   no transaction control, nothing in ``temp``, nothing on hctserver's system
   tables or guards, and no rows written except by the DDL statement that
   creates or drops their table.
@@ -41,6 +42,7 @@ _HARMLESS = frozenset(
      apsw.SQLITE_REINDEX}
 )  # fmt: skip
 _CATALOG = frozenset({"sqlite_master", "sqlite_schema", "sqlite_temp_master", "sqlite_sequence"})
+_SET_PRAGMAS = frozenset({"user_version", "application_id"})  # what a leader may journal
 VTABLE_MODULES = frozenset({"fts3", "fts4", "fts5", "rtree", "rtree_i32", "geopoly"})
 _NAMES = {
     getattr(apsw, f"SQLITE_{n}"): n.replace("_", " ")
@@ -128,6 +130,10 @@ class SchemaPolicy:
             if obj:
                 self._owned.add(obj.lower())
             return apsw.SQLITE_OK
+        if op == apsw.SQLITE_PRAGMA and (p1 or "").lower() in _SET_PRAGMAS:
+            if p2 is None or dbname not in (None, "main"):
+                return self._refuse(f"PRAGMA {p1} without a value, or outside main")
+            return apsw.SQLITE_OK  # the leader's PRAGMA user_version = N (journaled)
         if op == apsw.SQLITE_ALTER_TABLE:
             if p1 != "main" or _reserved(p2):
                 return self._refuse(f"ALTER TABLE of {p1}.{p2}")

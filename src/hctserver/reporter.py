@@ -8,6 +8,12 @@ means no feedback until the next session, and nothing else is sent. The
 reporter's thread then sends a REPORT every ``interval`` seconds and reads
 the leader's STATE replies: its newest cid and this follower's lag as the
 leader sees it.
+
+A channel that fails while the session goes on (the leader dropped a
+follower that was paused past its idle timeout, a network cut, a reset) is
+opened again by the reporter's thread itself, through ``reopen``, every
+``retry`` seconds until it is back: synchronous commits on the leader wait
+for these reports, so they must not depend on the next session.
 """
 
 from __future__ import annotations
@@ -49,8 +55,14 @@ class Reporter:
         position: Callable[[], tuple[int, int, int]],
         interval: float = 0.2,
         timeout: float = 5.0,
+        reopen: Callable[[], Conn] | None = None,
+        retry: float = 0.2,
     ) -> None:
         self.name = name
+        self.reopen = reopen
+        self.retry = retry
+        self._wanted = False  # a session with a leader that takes feedback is on
+        self.reopened = 0  # channels opened again by the reporter itself
         self.position = position
         self.interval = interval
         self.timeout = timeout
@@ -80,6 +92,7 @@ class Reporter:
             return 0
         with self._lock:
             self._conn = conn
+            self._wanted = True
             self._decoder = feedback.Decoder(frozenset({feedback.STATE}))
             self.view = HeardFromLeader(acc.follower_id, acc.newest, None, time.monotonic())
         self._wake.set()
@@ -116,11 +129,14 @@ class Reporter:
                 assert isinstance(msg, feedback.Accept)
                 return feedback.check_accept(msg)
 
-    def detach(self, expected: Conn | None = None) -> None:
-        """Close the channel (the session with this leader ended); with
+    def detach(self, expected: Conn | None = None, *, session_over: bool = True) -> None:
+        """Close the channel (the session with this leader ended, unless
+        ``session_over`` is False: then the reporter opens it again); with
         ``expected``, only if that is still the channel."""
         with self._lock:
             conn = self._conn
+            if expected is None or conn is expected:
+                self._wanted = self._wanted and not session_over
             if conn is None or (expected is not None and conn is not expected):
                 return
             self._conn = None
@@ -148,16 +164,47 @@ class Reporter:
                 with self._lock:
                     conn, dec = self._conn, self._decoder
                 if conn is None:
+                    self._reopen(stop)
                     continue
                 try:
                     self._exchange(conn, dec)
                 except HctError as e:
                     if self._conn is conn:
-                        log.info("feedback channel to the leader closed (%s)", e)
-                    self.detach(expected=conn)
+                        log.info("feedback channel to the leader closed (%s); opening it again", e)
+                    self.detach(expected=conn, session_over=False)
         finally:
             self.detach()
             self._close_dead()
+
+    def _reopen(self, stop: threading.Event) -> None:
+        """The channel failed during a session: open it again, now and then."""
+        if not self._wanted or self.reopen is None:
+            return
+        try:
+            conn = self.reopen()
+        except HctError as e:
+            log.debug("feedback channel: cannot reconnect yet (%s)", e)
+            stop.wait(self.retry)
+            self._wake.set()
+            return
+        try:
+            acc = self._await_accept(conn)
+        except HctError as e:
+            conn.close()
+            log.debug("feedback channel: not accepted yet (%s)", e)
+            stop.wait(self.retry)
+            self._wake.set()
+            return
+        with self._lock:
+            if not self._wanted or self._conn is not None:  # the session ended meanwhile
+                self._dead.append(conn)
+                return
+            self._conn = conn
+            self._decoder = feedback.Decoder(frozenset({feedback.STATE}))
+            self.view = HeardFromLeader(acc.follower_id, acc.newest, None, time.monotonic())
+            self.reopened += 1
+        log.info("feedback channel to the leader open again (follower id %d)", acc.follower_id)
+        self._wake.set()
 
     def _close_dead(self) -> None:
         while self._dead:

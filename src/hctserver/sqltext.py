@@ -138,6 +138,8 @@ def _add(out: list[tuple[str, bool]], text: str, ended: bool) -> None:
 
 
 _WRITE_WORDS = frozenset({"INSERT", "UPDATE", "DELETE", "REPLACE"})
+# PRAGMAs that set what the database file holds (migration tools read user_version)
+_REPLICATED_PRAGMAS = frozenset({"USER_VERSION", "APPLICATION_ID"})
 
 
 def classify(text: str) -> Statement:
@@ -177,6 +179,8 @@ def classify(text: str) -> Statement:
     if w == "WITH":
         full = tokens(text, limit=1 << 30)
         return Statement(text, Kind.WRITE if _WRITE_WORDS.intersection(full) else Kind.READ)
+    if w == "PRAGMA" and _REPLICATED_PRAGMAS.intersection(t) and ("=" in t or "(" in t):
+        return Statement(text, Kind.DDL)  # journaled with the schema: followers run it too
     if w == "VACUUM":
         # VACUUM INTO writes another file; plain VACUUM may renumber rowids.
         return Statement(text, Kind.OTHER if "INTO" in t else Kind.VACUUM)

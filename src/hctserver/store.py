@@ -33,6 +33,7 @@ from .errors import (
     NotReplicationDatabaseError,
     UnjournaledWriteError,
 )
+from .gate import Gate, GatePublisher
 from .position import ZERO_HASH, Entry, Position, entry_hash, fold
 from .sqlutil import fetchall, fetchone, table_rows_patchset, write_transaction
 from .systables import (
@@ -144,9 +145,10 @@ class Store:
         self._mode = Mode.FOLLOWER
         self._mode_epoch = 0  # bumped on every mode change; connections compare it
         self._hooks: tuple[CommitHook, ...] = ()
-        self._waits: tuple[Callable[[int], object], ...] = ()
         self._listeners: tuple[Callable[[int], None], ...] = ()
         self._lock = threading.Lock()  # guards self._conn
+        self._publisher: GatePublisher | None = None
+        self.closed = False
         self._totals = JournalTotals()  # under self._status_lock
         self._status_lock = threading.Lock()
         self._status_conn: apsw.Connection | None = None
@@ -173,6 +175,8 @@ class Store:
                     " format is chosen when it is created"
                 )
             self._known_snapshot = self.position().cid
+            # the commit gate: open only on a file no node has ever served
+            self.gate = Gate(self.path, standalone=get_local(self._conn, "role") is None)
         except BaseException:
             self._conn.close()
             raise
@@ -206,8 +210,21 @@ class Store:
             raise NotReplicationDatabaseError(f"{self.path}: not an SQLite database") from None
         return conn
 
-    def close(self) -> None:
+    @property
+    def publisher(self) -> GatePublisher:
+        """The commit gate's publisher: used only by the node serving this file."""
         with self._lock:
+            if self._publisher is None:
+                self._publisher = GatePublisher(self.path)
+            return self._publisher
+
+    def close(self) -> None:
+        self.closed = True
+        self.gate.close()
+        with self._lock:
+            if self._publisher is not None:
+                self._publisher.close()
+                self._publisher = None
             self._conn.close()
         with self._status_lock:
             if self._status_conn is not None:
@@ -247,9 +264,10 @@ class Store:
             and fetchall(c, f"SELECT 1 FROM sqlite_schema WHERE {USER_OBJECTS_WHERE} LIMIT 1")
         ):
             raise NotReplicationDatabaseError(
-                f"{self.path} holds tables but is not a replication database, and a follower"
-                " would write into it: replicate into a new file instead, or make this one"
-                f" a leader's database with `hctserver init {self.path}`"
+                f"{self.path} holds tables but is not a replication database: it is not"
+                " taken over without being asked. Make it a leader's database with"
+                f" `hctserver init {self.path}` (or hctserver.connect(path, adopt=True)),"
+                " or replicate into a new file"
             )
         if self.wal:
             c.execute("PRAGMA journal_mode=WAL").fetchall()
@@ -329,6 +347,7 @@ class Store:
             return  # a refused follower's file stays byte for byte as it was
         with self._lock, write_transaction(self._conn) as c:
             set_local(c, "role", role)
+        self.gate.standalone = False
 
     # --- guards -------------------------------------------------------------------
 
@@ -578,19 +597,6 @@ class Store:
 
     def remove_commit_hook(self, hook: CommitHook) -> None:
         self._hooks = tuple(h for h in self._hooks if h is not hook)
-
-    @property
-    def commit_waits(self) -> tuple[Callable[[int], object], ...]:
-        return self._waits
-
-    def add_commit_wait(self, wait: Callable[[int], object]) -> None:
-        """Call ``wait(cid)`` after a commit's hooks (for a group commit, once,
-        with its last cid), in the committing thread, before the committer
-        returns: what a commit must wait for (synchronous commit)."""
-        self._waits = (*self._waits, wait)
-
-    def remove_commit_wait(self, wait: Callable[[int], object]) -> None:
-        self._waits = tuple(w for w in self._waits if w is not wait)
 
     def add_snapshot_listener(self, listener: Callable[[int], None]) -> None:
         """Call ``listener(cid)`` whenever this process moves the snapshot

@@ -1,20 +1,22 @@
-"""Synchronous commit: a commit returns once K followers acknowledged it.
+"""Synchronous commit, the leader's side: how many followers acknowledged
+what, published through the commit gate (:mod:`hctserver.gate`).
 
-The leader installs :meth:`SyncCommit.wait` as a commit wait of its
-database (``Store.add_commit_wait``): it runs in the committing thread
-after SQLite's COMMIT and the commit hooks (which queue the entry for the
-followers), before the caller gets control back; for a group, once, with
-its last cid, in the thread that led it, before its callers are woken.
-Followers acknowledge through the feedback channel
-(:mod:`hctserver.feedback`): a REPORT carries the cids they have applied
-and have on disk, and they send one as soon as either moves.
+Every writer of the leader's file, in the node's process or in any other,
+waits in :meth:`hctserver.gate.Gate.acknowledge` after its COMMIT until the
+gate says that K followers have its cid. This object decides what the gate
+says: followers acknowledge through the feedback channel
+(:mod:`hctserver.feedback`, a REPORT carries the cids they have applied and
+have on disk); on every report :meth:`SyncCommit.refresh` publishes the
+newest cid K of them have at the chosen level.
 
-When fewer than K followers acknowledge within ``timeout`` seconds, the
+When the oldest commit not yet acknowledged has waited ``timeout`` seconds
+(:meth:`SyncCommit.tick`, from the leader's ``hct-sync`` thread), the
 leader stops waiting (as PostgreSQL does when ``synchronous_standby_names``
-cannot be satisfied and one gives up on it): it logs a warning, says
-``degraded`` in ``/status`` and ``/metrics``, and commits asynchronously
-until K followers have what was committed when it gave up, then says so
-and waits again. ``timeout=None`` waits for as long as it takes.
+cannot be satisfied and one gives up on it): the commits that were waiting
+get CommitUnknownError, it logs a warning, says ``degraded`` in ``/status``
+and ``/metrics``, and commits asynchronously until K followers have what
+was committed when it gave up, then says so and waits again.
+``timeout=None`` waits for as long as it takes.
 """
 
 from __future__ import annotations
@@ -22,14 +24,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from .followers import FollowerTable
 
 log = logging.getLogger("hctserver")
 
 LEVELS = ("durable", "applied")
-_SLICE = 0.5  # seconds between checks for a stopping leader while waiting
+TICK = 0.05  # seconds between checks of the oldest unacknowledged commit
+
+
+class AckSink(Protocol):
+    """Where the decisions go (the gate's publisher)."""
+
+    def acked(self, cid: int) -> None: ...
+
+    def set_degraded(self, degraded: bool) -> None: ...
 
 
 class SyncCommit:
@@ -53,71 +63,75 @@ class SyncCommit:
         self.degraded = False
         self._degraded_at = 0
         self.degradations = 0
-        self.waits = 0
-        self.waited_s = 0.0
         self.acked_cid = 0  # the newest cid K followers acknowledged (as far as seen)
-        self._stopping = threading.Event()
+        self.sink: AckSink | None = None
         self._lock = threading.Lock()
 
-    def wait(self, cid: int) -> bool:
-        """Wait until ``cid`` is acknowledged; False if it was not (degraded,
-        timed out, or the leader is stopping)."""
-        if self.k <= 0 or cid <= self.acked_cid:
-            return True
-        if self.degraded:  # until K followers have what was committed when it degraded
-            if self.followers.acked(self._degraded_at, self.durable) < self.k:
-                return False
-            self._recovered(self._degraded_at)
-        t0 = time.monotonic()
-        deadline = None if self.timeout is None else t0 + self.timeout
-        n = 0
-        while not self._stopping.is_set():
-            left = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
-            n = self.followers.wait_acked(cid, self.k, self.durable, max(0.0, left))
-            if n >= self.k:
-                with self._lock:
-                    self.waits += 1
-                    self.waited_s += time.monotonic() - t0
-                    self.acked_cid = max(self.acked_cid, cid)
-                return True
-            if deadline is not None and time.monotonic() >= deadline:
-                self._degrade(cid, n)
-                return False
-        return False
-
-    def _degrade(self, cid: int, n: int) -> None:
+    def attach(self, sink: AckSink | None, base: int = 0) -> None:
+        """Publish to ``sink`` from now on (None: nowhere, the leader stopped);
+        no commit up to ``base`` (before the leader started) waits."""
         with self._lock:
-            if self.degraded:
+            self.sink = sink
+            self.acked_cid = base
+            self.degraded = False
+        self.refresh()
+
+    def refresh(self) -> None:
+        """A report arrived or a follower left: publish what K followers have."""
+        if self.k <= 0:
+            return
+        acked = self.followers.kth_acked(self.k, self.durable)
+        with self._lock:
+            sink = self.sink
+            if acked <= self.acked_cid or sink is None:
+                return
+            self.acked_cid = acked
+            sink.acked(acked)
+            recovered = self.degraded and acked >= self._degraded_at
+            if recovered:
+                self.degraded = False
+                sink.set_degraded(False)
+        if recovered:
+            log.warning(
+                "synchronous commit: %d followers have caught up (cid %d); waiting for them again",
+                self.k,
+                acked,
+            )
+
+    def tick(self, now: float | None = None) -> None:
+        """Give up waiting once the oldest commit K followers lack has waited
+        ``timeout`` seconds."""
+        if self.k <= 0 or self.timeout is None or self.degraded:
+            return
+        clock = self.followers.clock
+        waited = clock.lag(self.acked_cid, now)
+        if waited < self.timeout:
+            return
+        cid = clock.newest
+        with self._lock:
+            sink = self.sink
+            if self.degraded or sink is None:
                 return
             self.degraded = True
             self._degraded_at = cid
             self.degradations += 1
+            sink.set_degraded(True)
+        n = self.followers.acked(self.acked_cid + 1, self.durable)
         log.warning(
             "synchronous commit: %d of %d followers acknowledged cid %d within %g s;"
-            " committing asynchronously until %d of them have it",
+            " committing asynchronously until %d of them have cid %d",
             n,
             self.k,
-            cid,
+            self.acked_cid + 1,
             self.timeout,
             self.k,
-        )
-
-    def _recovered(self, cid: int) -> None:
-        with self._lock:
-            if not self.degraded:
-                return
-            self.degraded = False
-            self.acked_cid = max(self.acked_cid, cid)
-        log.warning(
-            "synchronous commit: %d followers have caught up (cid %d); waiting for them again",
-            self.k,
             cid,
         )
 
-    def stop(self) -> None:
-        """The leader is stopping: no commit waits any more."""
-        self._stopping.set()
-        self.followers.wake()
+    def run(self, stop: threading.Event) -> None:
+        """The ``hct-sync`` thread: :meth:`tick` until ``stop``."""
+        while not stop.wait(TICK):
+            self.tick(time.monotonic())
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -127,7 +141,5 @@ class SyncCommit:
                 "timeout_s": self.timeout,
                 "state": "off" if self.k <= 0 else ("degraded" if self.degraded else "sync"),
                 "acked_cid": self.acked_cid,
-                "waits": self.waits,
-                "wait_avg_ms": round(1000 * self.waited_s / self.waits, 2) if self.waits else None,
                 "degradations": self.degradations,
             }

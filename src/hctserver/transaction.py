@@ -20,6 +20,7 @@ from .append import Appended, append_entry
 from .authorizer import Authorizer
 from .capture import Capture
 from .errors import BusyError, DiskFullError, ModeError, UnsupportedStatementError
+from .gate import Ticket
 from .sqltext import Statement
 from .store import CommitHook, Mode, Store
 from .systables import read_tail
@@ -147,6 +148,7 @@ class Transactions:
         tx = self.tx
         assert tx is not None
         entry: Appended | None = None
+        ticket: Ticket | None = None
         share = self.db.share
         try:
             if tx.writing:
@@ -160,6 +162,8 @@ class Transactions:
                 if schema:
                     with self.auth.bypass():
                         guard.protect(self.conn)
+            if entry is not None:
+                ticket = self.db.gate.admit()  # the writer lock is held: nothing can change
             self.conn.execute(release or "COMMIT")
         except BaseException as exc:
             share.tail = None  # unknown now; and shapes may be stale too
@@ -179,7 +183,8 @@ class Transactions:
         if entry is not None:
             self.db.notify_snapshot(entry.cid)
             run_hooks((*self.hooks, *self.db.commit_hooks), entry)
-            run_waits(self.db, entry.cid)
+            assert ticket is not None
+            self.db.gate.acknowledge(ticket, entry.cid)
 
     def journal(self, schema: str, data: bytes) -> Appended:
         """Append the journal row. The tail of the last commit in this process
@@ -282,16 +287,6 @@ def run_hooks(hooks: tuple[CommitHook, ...], entry: Appended) -> None:
             hook(*args)
         except Exception:
             log.exception("commit hook %r failed for cid %d", hook, entry.cid)
-
-
-def run_waits(db: Store, cid: int) -> None:
-    """What a commit up to ``cid`` must wait for before its caller goes on
-    (see Store.add_commit_wait); a failing one is logged, not raised."""
-    for wait in db.commit_waits:
-        try:
-            wait(cid)
-        except Exception:
-            log.exception("commit wait %r failed for cid %d", wait, cid)
 
 
 def disk_full(path: str) -> DiskFullError:

@@ -1,0 +1,46 @@
+"""An application process writing through hctserver.connect() on one node's
+file, on one connection for its whole life, retrying what is refused.
+
+Usage: app_writer.py DB NAME ACKLOG STOPFILE [SECONDS]. Each acknowledged
+commit is logged as "ack KEY CID TIME NAME"; each CommitUnknownError as
+"unknown KEY CID TIME NAME" (committed here, never acknowledged).
+"""
+
+import os
+import sys
+import time
+
+import apsw
+
+import hctserver
+from hctserver.errors import BusyError, CommitUnknownError, ModeError
+
+db_path, name, acklog, stopfile = sys.argv[1:5]
+seconds = float(sys.argv[5]) if len(sys.argv) > 5 else 600.0
+end = time.monotonic() + seconds
+db = None
+while db is None:
+    try:
+        db = hctserver.connect(db_path)
+    except (ModeError, BusyError):
+        time.sleep(0.05)
+i = 0
+run = time.time_ns()
+with open(acklog, "a") as log:
+    while not os.path.exists(stopfile) and time.monotonic() < end:
+        key = f"app-{name}-{os.getpid()}-{run}-{i}"
+        i += 1
+        try:
+            res = db.transact([("INSERT INTO kv VALUES(?, ?)", (key, i))])
+        except CommitUnknownError as e:
+            log.write(f"unknown {key} {e.cid} {time.time()} {name}\n")
+            log.flush()
+            continue
+        except (ModeError, BusyError, apsw.SQLError):
+            time.sleep(
+                0.01
+            )  # not leading now, or kv not there yet (refused before anything was written)
+            continue
+        log.write(f"ack {key} {res.cid} {time.time()} {name}\n")
+        log.flush()
+db.close()
