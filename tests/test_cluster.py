@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,16 +26,27 @@ from nodes import assert_identical
 from procs import HCT, free_port, processes, stop
 
 WRITER = str(Path(__file__).parent / "data" / "cluster_writer.py")
+APP_WRITER = str(Path(__file__).parent / "data" / "app_writer.py")
 TTL = 2
 
 
 class Cluster:
-    def __init__(self, procs: Any, tmp: str, etcd_url: str, sync: bool) -> None:
+    def __init__(
+        self,
+        procs: Any,
+        tmp: str,
+        etcd_url: str,
+        sync: bool,
+        etcd_urls: dict[str, str] | None = None,
+    ) -> None:
         self.procs, self.tmp, self.etcd_url = procs, tmp, etcd_url
+        self.etcd_urls = etcd_urls or {}  # a node's own way to etcd (a proxy)
         self.etcd = EtcdClient(etcd_url)
         self.names = ["n1", "n2", "n3"]
         self.ports = {n: free_port() for n in self.names}
         self.p: dict[str, subprocess.Popen[str]] = {}
+        self.apps: dict[str, subprocess.Popen[str]] = {}
+        self.history: dict[str, list[subprocess.Popen[str]]] = {}  # every process of a node
         self.sync = sync
         self.env = {
             **os.environ,
@@ -46,11 +58,13 @@ class Cluster:
         return os.path.join(self.tmp, f"{name}.db")
 
     def start(self, name: str) -> None:
-        args = ["--etcd", self.etcd_url, "--name", name, "--port", str(self.ports[name])]
+        url = self.etcd_urls.get(name, self.etcd_url)
+        args = ["--etcd", url, "--name", name, "--port", str(self.ports[name])]
         args += ["--ttl", str(TTL), "--job", WRITER, "--synchronous", "FULL", "--http", "0"]
         if self.sync:
             args += ["--sync-followers", "1"]
         self.p[name] = self.procs.start(*HCT, "node", self.db(name), *args, env=self.env)
+        self.history.setdefault(name, []).append(self.p[name])
 
     def status(self) -> list[dict[str, Any]]:
         return cluster_status(self.etcd)
@@ -67,6 +81,32 @@ class Cluster:
 
     def writes(self) -> int:
         return len(self.acks())
+
+    def start_app(self, name: str) -> None:
+        """An application process writing through hctserver.connect() on the
+        node's file (tests/data/app_writer.py), for the whole test."""
+        args = [
+            self.db(name),
+            name,
+            self.env["HCT_TEST_ACKLOG"] + ".apps",
+            self.env["HCT_TEST_STOP"],
+        ]
+        self.apps[name] = self.procs.start(sys.executable, APP_WRITER, *args, env=self.env)
+
+    def app_acks(self) -> list[tuple[str, str, float, str]]:
+        """The applications' log: (kind, key, time, node) with kind "ack" or "unknown"."""
+        p = Path(self.env["HCT_TEST_ACKLOG"] + ".apps")
+        rows = [line.split() for line in p.read_text().splitlines()] if p.exists() else []
+        return [(r[0], r[1], float(r[3]), r[4]) for r in rows if len(r) == 5]
+
+    def acks_by_node(self) -> list[tuple[float, str, str]]:
+        """Every acknowledged commit, jobs' and applications': (time, node, key)."""
+        pids = {str(p.pid): n for n, ps in self.history.items() for p in ps}
+        out = [
+            (float(t), pids.get(k.split("-")[0], "?"), k) for k, _, t in map(str.split, self.acks())
+        ]
+        out += [(t, node, key) for kind, key, t, node in self.app_acks() if kind == "ack"]
+        return sorted(out)
 
     def status_doc(self, name: str) -> dict[str, Any]:
         """The node's /status (its URL is in its log)."""
@@ -250,3 +290,132 @@ def test_without_etcd_the_leader_stops_taking_writes_and_the_cluster_recovers(tm
         for n in cl.names:
             assert stop(cl.p[n]) < 30 and cl.p[n].returncode == 0, procs.stderr(cl.p[n])
         assert_identical(cl.db(final), *[cl.db(n) for n in cl.names if n != final])
+
+
+def _leader_runs(acks: list[tuple[float, str, str]]) -> list[str]:
+    """The nodes that acknowledged commits, in time order, one entry per run
+    of consecutive acknowledgements by one node."""
+    runs: list[str] = []
+    for _, node, _ in acks:
+        if not runs or runs[-1] != node:
+            runs.append(node)
+    return runs
+
+
+def _check_no_split_brain(cl: Cluster, final: str, events: int) -> None:
+    """Nobody acknowledged while another node led (the acknowledgements of
+    each leader form one run in time, at most one run per leadership), and
+    every acknowledged commit is on the final leader exactly once."""
+    acks = cl.acks_by_node()
+    assert acks and "?" not in {n for _, n, _ in acks}
+    runs = _leader_runs(acks)
+    assert len(runs) <= events + 1, runs
+    keys = [k for _, _, k in acks]
+    assert len(keys) == len(set(keys))
+    lost = set(keys) - _keys(cl.db(final))
+    assert not lost, f"{len(lost)} acknowledged commits lost: {sorted(lost)[:5]}"
+    assert_identical(cl.db(final), *[cl.db(n) for n in cl.names if n != final])
+
+
+def _finish(cl: Cluster, procs: Any) -> str:
+    Path(cl.env["HCT_TEST_STOP"]).touch()
+    for a in cl.apps.values():
+        a.wait(60)
+        assert a.returncode == 0, procs.stderr(a)
+    wait_until(_settled(cl), 90, "all three nodes at one position")
+    final = cl.leader()
+    assert final is not None
+    for n in cl.names:
+        assert stop(cl.p[n]) < 30 and cl.p[n].returncode == 0, procs.stderr(cl.p[n])
+    return final
+
+
+def _all_healthy(cl: Cluster) -> bool:
+    rows = cl.status()
+    return len(rows) == 3 and all(r["healthy"] for r in rows)
+
+
+def _new_leader_acks(cl: Cluster, old: str) -> bool:
+    lead = cl.leader()
+    if lead is None or lead == old:
+        return False
+    acks = cl.acks_by_node()
+    return bool(acks) and acks[-1][1] == lead
+
+
+@pytest.mark.parametrize("how", ["sigstop", "sigkill"])
+def test_no_split_brain_with_application_writers_on_every_node(tmp_path, how: str) -> None:
+    """Issue 23's scenario: three nodes, sync mode, a writer job and an
+    application writing through hctserver.connect() beside every node; the
+    leader is paused for 4 x TTL and resumed (or killed and restarted)."""
+    tmp = str(tmp_path)
+    with etcd_server(tmp) as srv, processes(tmp) as procs:
+        cl = Cluster(procs, tmp, srv.url, sync=True)
+        for n in cl.names:
+            cl.start(n)
+        wait_until(lambda: cl.leader() is not None and cl.writes() > 20, 60, "a leader")
+        for n in cl.names:
+            cl.start_app(n)
+        old = cl.leader()
+        assert old is not None
+        wait_until(lambda: any(nd == old for _, nd, k in cl.acks_by_node() if k.startswith("app")),
+                   60, "the application beside the leader writing")  # fmt: skip
+        if how == "sigstop":
+            cl.p[old].send_signal(signal.SIGSTOP)
+            t_end = time.monotonic() + 4 * TTL
+            try:
+                wait_until(lambda: _new_leader_acks(cl, old), 60, "a new leader taking writes")
+                wait_until(lambda: time.monotonic() > t_end, 60, "4 x TTL")
+            finally:
+                cl.p[old].send_signal(signal.SIGCONT)
+        else:
+            cl.p[old].send_signal(signal.SIGKILL)
+            cl.p[old].wait(30)
+            wait_until(lambda: _new_leader_acks(cl, old), 60, "a new leader taking writes")
+            cl.start(old)
+        n = cl.writes()
+        wait_until(lambda: cl.writes() > n + 20, 60, "writes go on")
+        final = _finish(cl, procs)
+        _check_no_split_brain(cl, final, events=1)
+        unknown = [r for r in cl.app_acks() if r[0] == "unknown"]
+        print(f"{len(cl.acks_by_node())} acknowledged, {len(unknown)} unknown outcomes")
+
+
+def _partition_run(tmp: str, cuts: int) -> None:
+    """The leader alone cut from etcd (its own proxy black-holes its calls),
+    the others still reach etcd; sync mode; writers in the nodes and beside them."""
+    from netproxy import proxy
+
+    with etcd_server(tmp) as srv, processes(tmp) as procs:
+        port = int(srv.url.rsplit(":", 1)[1])
+        with proxy(port) as p1, proxy(port) as p2, proxy(port) as p3:
+            proxies = {"n1": p1, "n2": p2, "n3": p3}
+            urls = {n: p.url for n, p in proxies.items()}
+            cl = Cluster(procs, tmp, srv.url, sync=True, etcd_urls=urls)
+            for n in cl.names:
+                cl.start(n)
+            wait_until(lambda: cl.leader() is not None and cl.writes() > 20, 60, "a leader")
+            for n in cl.names:
+                cl.start_app(n)
+            for _ in range(cuts):
+                old = cl.leader()
+                assert old is not None
+                n0 = cl.writes()
+                wait_until(lambda n0=n0: cl.writes() > n0 + 10, 60, "writes")
+                proxies[old].cut()
+                try:
+                    wait_until(lambda o=old: _new_leader_acks(cl, o), 60, "a new leader's writes")
+                finally:
+                    proxies[old].heal()
+                wait_until(lambda: _all_healthy(cl), 90, "the old leader back as a follower")
+            final = _finish(cl, procs)
+            _check_no_split_brain(cl, final, events=cuts)
+
+
+def test_partition_from_etcd_loses_nothing_and_never_overlaps(tmp_path) -> None:
+    _partition_run(str(tmp_path), cuts=2)
+
+
+@pytest.mark.slow
+def test_eight_partitions(tmp_path) -> None:
+    _partition_run(str(tmp_path), cuts=8)

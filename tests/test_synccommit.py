@@ -129,7 +129,7 @@ def test_a_leader_with_sync_followers_returns_after_the_follower_has_the_commit(
         f.close()
         f = None
         t0 = time.monotonic()
-        with pytest.raises(CommitUnknownError, match="did not acknowledge|gave up"):
+        with pytest.raises(CommitUnknownError, match=r"did not acknowledge|gave up"):
             app.execute("INSERT OR REPLACE INTO t1 VALUES(100, 'alone', 0)")
         assert time.monotonic() - t0 >= 1.0
         assert app.execute("SELECT b FROM t1 WHERE a = 100").fetchall() == [("alone",)]

@@ -41,7 +41,8 @@ import os
 import struct
 import threading
 import time
-from typing import NamedTuple
+from dataclasses import astuple, dataclass, replace
+from typing import Any, NamedTuple, cast
 
 from .errors import CommitUnknownError, NoNodeError, NotLeaderError
 
@@ -62,7 +63,8 @@ def gate_path(db_path: str) -> str:
     return db_path + "-hctgate"
 
 
-class GateState(NamedTuple):
+@dataclass(frozen=True)
+class GateState:
     pid: int
     generation: int  # moves each time a node starts or stops leading
     state: int  # NONE, LEADER or FOLLOWER
@@ -104,7 +106,7 @@ def _read(m: mmap.mmap) -> GateState:
             return _EMPTY
         if s1 == s2 and not s1 & 1:
             leader = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
-            return GateState._make((*body, leader))
+            return cast(Any, GateState)(*body, leader)  # type: ignore[no-any-return]
         time.sleep(0)
 
 
@@ -115,7 +117,7 @@ def _open_map(path: str, create: bool) -> mmap.mmap | None:
     if create and not os.path.exists(path):
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
-            f.write(_HEAD.pack(MAGIC, 0) + _BODY.pack(*_EMPTY[:-1]))
+            f.write(_HEAD.pack(MAGIC, 0) + _BODY.pack(*astuple(_EMPTY)[:-1]))
             f.truncate(SIZE)
         try:
             os.link(tmp, path)
@@ -163,7 +165,7 @@ class GatePublisher:
         self._map = m
         self._lock = threading.Lock()
         self._cond = _Local.cond(self.path)
-        self._state = _read(m)._replace(pid=os.getpid())
+        self._state = replace(_read(m), pid=os.getpid())
 
     @property
     def state(self) -> GateState:
@@ -174,7 +176,7 @@ class GatePublisher:
         _, seq = _HEAD.unpack_from(m, 0)
         seq += seq & 1  # a publisher killed mid-write left it odd
         _HEAD.pack_into(m, 0, MAGIC, seq + 1)
-        _BODY.pack_into(m, _HEAD.size, *st[:-1])
+        _BODY.pack_into(m, _HEAD.size, *astuple(st)[:-1])
         raw = st.leader.encode()[: _LEADER_MAX - 1]
         m[_LEADER_AT : _LEADER_AT + _LEADER_MAX] = raw.ljust(_LEADER_MAX, b"\0")
         _HEAD.pack_into(m, 0, MAGIC, seq + 2)
@@ -190,7 +192,8 @@ class GatePublisher:
         with self._lock:
             st = self._state
             self._publish(
-                st._replace(
+                replace(
+                    st,
                     pid=os.getpid(),
                     generation=st.generation + 1,
                     state=LEADER,
@@ -209,20 +212,20 @@ class GatePublisher:
         with self._lock:
             st = self._state
             if st.state == LEADER:
-                self._publish(st._replace(valid_until_ns=int(valid_until * 1e9)))
+                self._publish(replace(st, valid_until_ns=int(valid_until * 1e9)))
 
     def acked(self, cid: int) -> None:
         """``sync_k`` followers have acknowledged every cid up to ``cid``."""
         with self._lock:
             st = self._state
             if st.state == LEADER and cid > st.acked_cid:
-                self._publish(st._replace(acked_cid=cid))
+                self._publish(replace(st, acked_cid=cid))
 
     def set_degraded(self, degraded: bool) -> None:
         with self._lock:
             st = self._state
             if st.state == LEADER and st.degraded != int(degraded):
-                self._publish(st._replace(degraded=int(degraded)))
+                self._publish(replace(st, degraded=int(degraded)))
 
     def follow(self, leader: str = "") -> None:
         """This node follows ``leader`` (its address, if known)."""
@@ -230,8 +233,13 @@ class GatePublisher:
             st = self._state
             gen = st.generation + (st.state == LEADER)
             self._publish(
-                st._replace(
-                    pid=os.getpid(), generation=gen, state=FOLLOWER, valid_until_ns=0, leader=leader
+                replace(
+                    st,
+                    pid=os.getpid(),
+                    generation=gen,
+                    state=FOLLOWER,
+                    valid_until_ns=0,
+                    leader=leader,
                 )
             )
 
@@ -241,7 +249,7 @@ class GatePublisher:
         with self._lock:
             st = self._state
             gen = st.generation + (st.state == LEADER)
-            self._publish(st._replace(generation=gen, state=NONE, valid_until_ns=0))
+            self._publish(replace(st, generation=gen, state=NONE, valid_until_ns=0))
 
     def close(self) -> None:
         with self._lock, contextlib.suppress(ValueError, BufferError):

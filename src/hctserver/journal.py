@@ -81,7 +81,10 @@ def connect(
                 f"{db.path} is a follower's database (a replica): writes there would"
                 " diverge from its leader; connect to the leader's database instead"
             )
-        db.set_mode(Mode.LEADER)
+        try:
+            db.set_mode(Mode.LEADER)  # the gate decides each commit
+        except ModeError:
+            pass  # a cluster node's file, following now (a hole): reads only
         return JournaledConnection(db, owns_db=True, committer=db.committer())
     except BaseException:
         db.close()

@@ -97,8 +97,10 @@ class NodeCollector(Collector):
             "Times synchronous commit fell back to asynchronous",
             sync["degradations"],
         )
-        yield _counter(
-            "hctserver_sync_commit_waits", "Commits that waited for followers", sync["waits"]
+        yield _gauge(
+            "hctserver_sync_commit_acked_cid",
+            "The newest cid the synchronous followers have acknowledged",
+            sync["acked_cid"],
         )
         yield _counter(
             "hctserver_snapshots_sent", "Snapshots sent to followers", doc["snapshots"]["served"]

@@ -77,6 +77,7 @@ class Transactions:
 
     def lock(self) -> None:
         db = self.db
+        db.gate.admit()  # refused at once, without taking the writer lock (checked again at COMMIT)
         if db.checkpoint_wanted:
             time.sleep(0)  # let the checkpointer take the lock first
         if not db.share.acquire(timeout=db.busy_timeout):

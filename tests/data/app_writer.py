@@ -19,7 +19,7 @@ db_path, name, acklog, stopfile = sys.argv[1:5]
 seconds = float(sys.argv[5]) if len(sys.argv) > 5 else 600.0
 end = time.monotonic() + seconds
 db = None
-while db is None:
+while db is None and not os.path.exists(stopfile):
     try:
         db = hctserver.connect(db_path)
     except (ModeError, BusyError):
@@ -27,7 +27,7 @@ while db is None:
 i = 0
 run = time.time_ns()
 with open(acklog, "a") as log:
-    while not os.path.exists(stopfile) and time.monotonic() < end:
+    while db is not None and not os.path.exists(stopfile) and time.monotonic() < end:
         key = f"app-{name}-{os.getpid()}-{run}-{i}"
         i += 1
         try:
@@ -43,4 +43,5 @@ with open(acklog, "a") as log:
             continue
         log.write(f"ack {key} {res.cid} {time.time()} {name}\n")
         log.flush()
-db.close()
+if db is not None:
+    db.close()
