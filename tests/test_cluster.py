@@ -3,6 +3,7 @@ after SIGKILL, synchronous commit that loses nothing, rejoining."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -310,6 +311,9 @@ def _check_no_split_brain(cl: Cluster, final: str, events: int) -> None:
     assert acks and "?" not in {n for _, n, _ in acks}
     runs = _leader_runs(acks)
     assert len(runs) <= events + 1, runs
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(acks) if a[1] != b[1]]
+    assert all(g > 0 for g in gaps), gaps
+    print(f"leaders in turn: {runs}; gaps between them (s): {[round(g, 2) for g in gaps]}")
     keys = [k for _, _, k in acks]
     assert len(keys) == len(set(keys))
     lost = set(keys) - _keys(cl.db(final))
