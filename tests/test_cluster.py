@@ -329,7 +329,8 @@ def _finish(cl: Cluster, procs: Any) -> str:
     wait_until(_settled(cl), 90, "all three nodes at one position")
     final = cl.leader()
     assert final is not None
-    for n in cl.names:
+    # the followers first: a leader stopped first would let another be elected
+    for n in sorted(cl.names, key=lambda n: n == final):
         assert stop(cl.p[n]) < 30 and cl.p[n].returncode == 0, procs.stderr(cl.p[n])
     return final
 
