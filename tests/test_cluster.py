@@ -67,6 +67,18 @@ class Cluster:
         self.p[name] = self.procs.start(*HCT, "node", self.db(name), *args, env=self.env)
         self.history.setdefault(name, []).append(self.p[name])
 
+    def start_all(self) -> None:
+        """Start every node; return once one leads and its writer commits."""
+        for n in self.names:
+            self.start(n)
+        wait_until(lambda: self.leader() is not None and self.writes() > 20, 60, "a leader")
+
+    def stop_all(self, final: str) -> None:
+        """SIGTERM every node, each a clean exit; the followers first: a leader
+        stopped first would let another be elected and write meanwhile."""
+        for n in sorted(self.names, key=lambda n: n == final):
+            assert stop(self.p[n]) < 30 and self.p[n].returncode == 0, self.procs.stderr(self.p[n])
+
     def status(self) -> list[dict[str, Any]]:
         return cluster_status(self.etcd)
 
@@ -188,9 +200,7 @@ def _cluster_run(tmp: str, sync: bool, kills: int) -> None:
     rng = random.Random(kills)
     with etcd_server(tmp) as srv, processes(tmp) as procs:
         cl = Cluster(procs, tmp, srv.url, sync)
-        for n in cl.names:
-            cl.start(n)
-        wait_until(lambda: cl.leader() is not None and cl.writes() > 20, 60, "a leader")
+        cl.start_all()
         took = _kill_and_fail_over(cl, kills, rng)
         # stop writing; every node reaches the same position; stop them all
         Path(cl.env["HCT_TEST_STOP"]).touch()
@@ -218,8 +228,7 @@ def _cluster_run(tmp: str, sync: bool, kills: int) -> None:
             assert doc["cluster"]["role"] == doc["role"] and doc["cluster"]["name"] == n
             lease = doc["cluster"]["lease_s"]
             assert (lease is not None and 0 < lease <= TTL) if n == final else lease is None
-        for n in cl.names:
-            assert stop(cl.p[n]) < 30 and cl.p[n].returncode == 0, procs.stderr(cl.p[n])
+        cl.stop_all(final)
         # after each kill, a new leader took writes within TTL + 2 s
         assert max(took) <= TTL + 2, took
         acked = {line.split()[0] for line in cl.acks()}
@@ -263,9 +272,7 @@ def test_without_etcd_the_leader_stops_taking_writes_and_the_cluster_recovers(tm
     tmp = str(tmp_path)
     with etcd_server(tmp) as srv, processes(tmp) as procs:
         cl = Cluster(procs, tmp, srv.url, sync=False)
-        for n in cl.names:
-            cl.start(n)
-        wait_until(lambda: cl.leader() is not None and cl.writes() > 20, 60, "a leader")
+        cl.start_all()
         srv.stop()
         t0 = time.time()
         n0 = cl.writes()
@@ -288,8 +295,7 @@ def test_without_etcd_the_leader_stops_taking_writes_and_the_cluster_recovers(tm
         wait_until(_settled(cl), 60, "all three nodes at one position")
         final = cl.leader()
         assert final is not None
-        for n in cl.names:
-            assert stop(cl.p[n]) < 30 and cl.p[n].returncode == 0, procs.stderr(cl.p[n])
+        cl.stop_all(final)
         assert_identical(cl.db(final), *[cl.db(n) for n in cl.names if n != final])
 
 
@@ -329,9 +335,7 @@ def _finish(cl: Cluster, procs: Any) -> str:
     wait_until(_settled(cl), 90, "all three nodes at one position")
     final = cl.leader()
     assert final is not None
-    # the followers first: a leader stopped first would let another be elected
-    for n in sorted(cl.names, key=lambda n: n == final):
-        assert stop(cl.p[n]) < 30 and cl.p[n].returncode == 0, procs.stderr(cl.p[n])
+    cl.stop_all(final)
     return final
 
 
@@ -356,9 +360,7 @@ def test_no_split_brain_with_application_writers_on_every_node(tmp_path, how: st
     tmp = str(tmp_path)
     with etcd_server(tmp) as srv, processes(tmp) as procs:
         cl = Cluster(procs, tmp, srv.url, sync=True)
-        for n in cl.names:
-            cl.start(n)
-        wait_until(lambda: cl.leader() is not None and cl.writes() > 20, 60, "a leader")
+        cl.start_all()
         for n in cl.names:
             cl.start_app(n)
         old = cl.leader()
@@ -397,9 +399,7 @@ def _partition_run(tmp: str, cuts: int) -> None:
             proxies = {"n1": p1, "n2": p2, "n3": p3}
             urls = {n: p.url for n, p in proxies.items()}
             cl = Cluster(procs, tmp, srv.url, sync=True, etcd_urls=urls)
-            for n in cl.names:
-                cl.start(n)
-            wait_until(lambda: cl.leader() is not None and cl.writes() > 20, 60, "a leader")
+            cl.start_all()
             for n in cl.names:
                 cl.start_app(n)
             for _ in range(cuts):

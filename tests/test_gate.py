@@ -56,13 +56,13 @@ def test_commits_are_refused_unless_the_node_leads_before_its_deadline(tmp_path)
     c = hctserver.connect(path)
     with pytest.raises(NoNodeError, match="no node serves it"):
         c.execute("INSERT INTO t1 VALUES(1, 'x', 'y')")
-    pub.lead(sync_k=0, sync_timeout=None, durable=True, valid_until=time.monotonic() + 30)
+    pub.lead(sync_k=0, sync_timeout=None, valid_until=time.monotonic() + 30)
     c.execute("INSERT INTO t1 VALUES(1, 'x', 'y')")
     pub.follow("127.0.0.1:4000")
     with pytest.raises(NotLeaderError, match=r"follows 127\.0\.0\.1:4000") as ei:
         c.execute("INSERT INTO t1 VALUES(2, 'x', 'y')")
     assert ei.value.leader == "127.0.0.1:4000"
-    pub.lead(sync_k=0, sync_timeout=None, durable=True, valid_until=time.monotonic() + 0.3)
+    pub.lead(sync_k=0, sync_timeout=None, valid_until=time.monotonic() + 0.3)
     c.execute("INSERT INTO t1 VALUES(3, 'x', 'y')")
     wait_until(lambda: time.monotonic() > pub.state.valid_until_ns / 1e9, what="the deadline")
     with pytest.raises(NotLeaderError, match="lapsed"):  # nobody had to do anything
@@ -75,7 +75,7 @@ def test_commits_are_refused_unless_the_node_leads_before_its_deadline(tmp_path)
 
 def test_a_waiting_commit_is_never_reported_as_a_success(tmp_path) -> None:
     path, pub = _served(tmp_path)
-    pub.lead(sync_k=1, sync_timeout=None, durable=True, valid_until=time.monotonic() + 60)
+    pub.lead(sync_k=1, sync_timeout=None, valid_until=time.monotonic() + 60)
     c = hctserver.connect(path)
     got: list[BaseException | int] = []
 
@@ -104,11 +104,11 @@ def test_a_waiting_commit_is_never_reported_as_a_success(tmp_path) -> None:
     assert isinstance(err, CommitUnknownError) and err.cid == 3
     assert "stopped leading" in str(err)
     # the lease runs out while it waits: the same, with no one publishing anything
-    pub.lead(sync_k=1, sync_timeout=None, durable=True, valid_until=time.monotonic() + 0.5)
+    pub.lead(sync_k=1, sync_timeout=None, valid_until=time.monotonic() + 0.5)
     with pytest.raises(CommitUnknownError, match="lease"):
         c.execute("INSERT INTO t1 VALUES(3, 'a', 'b')")
     # synchronous commit gives up (the node degrades): the waiting commit is unknown
-    pub.lead(sync_k=1, sync_timeout=None, durable=True, valid_until=time.monotonic() + 60)
+    pub.lead(sync_k=1, sync_timeout=None, valid_until=time.monotonic() + 60)
     th = threading.Thread(target=write, args=("INSERT INTO t1 VALUES(4, 'a', 'b')",))
     th.start()
     wait_until(lambda: snapshot_of(path) >= 5, what="the commit")

@@ -692,28 +692,30 @@ class Follower:
                 conn.close()
                 raise _Stopped
             self._active = conn
-        if self._secret is not None:  # prove ourselves, and make the leader prove itself
-            side = auth.FollowerAuth(self._secret)
-            try:
-                auth.exchange(conn, side, side.start(), self.io_timeout)
-            except HctError:
-                self._release(conn)
-                if self.group.stopping.is_set():
-                    raise _Stopped from None
-                raise
+        try:
+            self._prove(conn)
+        except HctError:
+            self._release(conn)
+            if self.group.stopping.is_set():
+                raise _Stopped from None
+            raise
         return conn
+
+    def _prove(self, conn: Conn) -> None:
+        """With a shared secret: prove ourselves, and make the leader prove itself."""
+        if self._secret is not None:
+            side = auth.FollowerAuth(self._secret)
+            auth.exchange(conn, side, side.start(), self.io_timeout)
 
     def _open_feedback(self) -> Conn:
         """A connection for the reporter's own reconnects (not the driver's:
         a stop closes the reporter, which closes it)."""
         conn = self.transport.connect(self.host, self.port, self.connect_timeout, self._cancel)
-        if self._secret is not None:
-            side = auth.FollowerAuth(self._secret)
-            try:
-                auth.exchange(conn, side, side.start(), self.io_timeout)
-            except BaseException:
-                conn.close()
-                raise
+        try:
+            self._prove(conn)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _release(self, conn: Conn, keep: bool = False) -> None:

@@ -84,7 +84,6 @@ class FollowerTable:
     def __init__(self, clock: CommitClock) -> None:
         self.clock = clock
         self._lock = threading.Lock()
-        self._reported = threading.Condition(self._lock)  # a report arrived or one left
         self._next = 1
         self._rows: dict[int, FollowerInfo] = {}
         self.on_change: Callable[[], None] | None = None  # after a report, or one left
@@ -99,7 +98,6 @@ class FollowerTable:
     def remove(self, fid: int) -> None:
         with self._lock:
             self._rows.pop(fid, None)
-            self._reported.notify_all()
         self._changed()
 
     def _changed(self) -> None:
@@ -119,7 +117,6 @@ class FollowerTable:
                 info.applied, info.durable, info.received = r.applied, r.durable, r.received
                 info.reported_at, info.lag_s, info.lag_cids = t, lag, behind
                 info.reports += 1
-                self._reported.notify_all()
         self._changed()
         return lag
 
@@ -142,23 +139,6 @@ class FollowerTable:
                 (f.durable if durable else f.applied for f in self._rows.values()), reverse=True
             )
         return max(0, got[k - 1]) if 0 < k <= len(got) else 0
-
-    def wait_acked(self, cid: int, k: int, durable: bool, timeout: float) -> int:
-        """Wait up to ``timeout`` seconds until ``k`` followers acknowledged
-        ``cid`` (see :meth:`acked`); returns how many did."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while True:
-                n = self._acked(cid, durable)
-                left = deadline - time.monotonic()
-                if n >= k or left <= 0:
-                    return n
-                self._reported.wait(left)
-
-    def wake(self) -> None:
-        """Wake :meth:`wait_acked` callers (the leader is stopping)."""
-        with self._lock:
-            self._reported.notify_all()
 
     def dropped(self, fid: int) -> None:
         with self._lock:

@@ -54,7 +54,6 @@ _LEADER_MAX = 240  # bytes of the leader's address (for errors and forwarding)
 SIZE = 4096
 
 NONE, LEADER, FOLLOWER = 0, 1, 2
-_STATES = {NONE: "none", LEADER: "leader", FOLLOWER: "follower"}
 HEARTBEAT = 3.0  # seconds a plain leader's published deadline lies ahead
 _POLL_MIN, _POLL_MAX = 0.0002, 0.002  # a waiter in another process polls between these
 
@@ -73,16 +72,12 @@ class GateState:
     sync_timeout_ms: int  # -1: wait as long as it takes
     acked_cid: int  # newest cid sync_k followers acknowledged (this generation)
     degraded: int  # 1 while synchronous commit has given up (asynchronous)
-    durable_level: int  # 1: followers count once it is on their disk
-    spare: int
+    spare1: int  # room for later fields, the layout unchanged
+    spare2: int
     leader: str  # the leader's address, as known to this node ("" if none)
 
-    @property
-    def state_name(self) -> str:
-        return _STATES.get(self.state, "unknown")
 
-
-_EMPTY = GateState(0, 0, NONE, 0, 0, -1, 0, 0, 1, 0, "")
+_EMPTY = GateState(0, 0, NONE, 0, 0, -1, 0, 0, 0, 0, "")
 
 
 class Ticket(NamedTuple):
@@ -184,9 +179,7 @@ class GatePublisher:
         with self._cond:
             self._cond.notify_all()
 
-    def lead(
-        self, *, sync_k: int, sync_timeout: float | None, durable: bool, valid_until: float
-    ) -> None:
+    def lead(self, *, sync_k: int, sync_timeout: float | None, valid_until: float) -> None:
         """A leader starts: a new generation (commits of an earlier one that
         still wait will never be acknowledged)."""
         with self._lock:
@@ -202,7 +195,6 @@ class GatePublisher:
                     sync_timeout_ms=-1 if sync_timeout is None else int(sync_timeout * 1000),
                     acked_cid=0,
                     degraded=0,
-                    durable_level=int(durable),
                     leader="",
                 )
             )
@@ -289,39 +281,28 @@ class Gate:
         """Before COMMIT: may this commit be made? Raises NotLeaderError or
         NoNodeError (nothing is written; the caller rolls back)."""
         st = self.state()
-        if st is None:
-            if self.standalone:
-                return _OPEN
-            raise NoNodeError(
-                f"{self.db_path} has been served by a replication node, and no node serves it"
-                " now: a write here would reach no follower. Start its node (`hctserver"
-                " leader`/`node`), or write through the node that leads"
+        if st is None and self.standalone:
+            return _OPEN
+        if st is not None and st.state == LEADER and time.monotonic_ns() < st.valid_until_ns:
+            return Ticket(st.generation, bool(st.degraded) or st.sync_k <= 0, False)
+        if st is not None and st.state == FOLLOWER:
+            where = f" (it follows {st.leader})" if st.leader else ""
+            raise NotLeaderError(
+                f"{self.db_path} is a follower's database now{where}: writes are refused;"
+                " write on the leader",
+                leader=st.leader or None,
             )
-        self._check_leading(st, time.monotonic_ns(), before=True)
-        return Ticket(st.generation, bool(st.degraded) or st.sync_k <= 0, False)
-
-    def _check_leading(self, st: GateState, now: int, *, before: bool) -> None:
-        if st.state == LEADER and now < st.valid_until_ns:
-            return
-        if before:
-            if st.state == FOLLOWER:
-                where = f" (it follows {st.leader})" if st.leader else ""
-                raise NotLeaderError(
-                    f"{self.db_path} is a follower's database now{where}: writes are refused;"
-                    " write on the leader",
-                    leader=st.leader or None,
-                )
-            if st.state == LEADER:
-                raise NotLeaderError(
-                    f"{self.db_path}: its node's leadership has lapsed (no lease renewal"
-                    " or heartbeat in time): writes are refused until it leads again",
-                    leader=None,
-                )
-            raise NoNodeError(
-                f"{self.db_path}: no node serves it now (its node stopped or was killed): a"
-                " write here would reach no follower. Start its node, or write through the"
-                " node that leads"
+        if st is not None and st.state == LEADER:
+            raise NotLeaderError(
+                f"{self.db_path}: its node's leadership has lapsed (no lease renewal"
+                " or heartbeat in time): writes are refused until it leads again",
+                leader=None,
             )
+        raise NoNodeError(
+            f"{self.db_path} has been served by a replication node, and no node serves it"
+            " now (it stopped or was killed): a write here would reach no follower. Start"
+            " its node (`hctserver leader`/`node`), or write through the node that leads"
+        )
 
     def acknowledge(self, ticket: Ticket, cid: int) -> None:
         """After COMMIT of ``cid`` (and of every smaller cid of this writer):

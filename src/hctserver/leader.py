@@ -428,7 +428,6 @@ class Leader:
         gate.lead(
             sync_k=self.sync.k,
             sync_timeout=self.sync.timeout,
-            durable=self.sync.durable,
             valid_until=self._lease(),
         )
         self.sync.attach(gate, self.start_cid)

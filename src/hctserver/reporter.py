@@ -91,13 +91,17 @@ class Reporter:
             log.info("the leader does not take feedback (%s); not reporting", e)
             return 0
         with self._lock:
-            self._conn = conn
             self._wanted = True
-            self._decoder = feedback.Decoder(frozenset({feedback.STATE}))
-            self.view = HeardFromLeader(acc.follower_id, acc.newest, None, time.monotonic())
-        self._wake.set()
+            self._take(conn, acc)
         log.info("reporting the position to the leader (follower id %d)", acc.follower_id)
         return int(acc.follower_id)
+
+    def _take(self, conn: Conn, acc: feedback.Accept) -> None:
+        """``conn`` is the channel from now on (the caller holds the lock)."""
+        self._conn = conn
+        self._decoder = feedback.Decoder(frozenset({feedback.STATE}))
+        self.view = HeardFromLeader(acc.follower_id, acc.newest, None, time.monotonic())
+        self._wake.set()
 
     def _await_accept(self, conn: Conn) -> feedback.Accept:
         """The leader's answer to the probe: ACCEPT, or an error saying why not
@@ -199,12 +203,9 @@ class Reporter:
             if not self._wanted or self._conn is not None:  # the session ended meanwhile
                 self._dead.append(conn)
                 return
-            self._conn = conn
-            self._decoder = feedback.Decoder(frozenset({feedback.STATE}))
-            self.view = HeardFromLeader(acc.follower_id, acc.newest, None, time.monotonic())
+            self._take(conn, acc)
             self.reopened += 1
         log.info("feedback channel to the leader open again (follower id %d)", acc.follower_id)
-        self._wake.set()
 
     def _close_dead(self) -> None:
         while self._dead:

@@ -10,7 +10,7 @@ have on disk); on every report :meth:`SyncCommit.refresh` publishes the
 newest cid K of them have at the chosen level.
 
 When the oldest commit not yet acknowledged has waited ``timeout`` seconds
-(:meth:`SyncCommit.tick`, from the leader's ``hct-sync`` thread), the
+(:meth:`SyncCommit.tick`, from the leader's ``hct-gate`` thread), the
 leader stops waiting (as PostgreSQL does when ``synchronous_standby_names``
 cannot be satisfied and one gives up on it): the commits that were waiting
 get CommitUnknownError, it logs a warning, says ``degraded`` in ``/status``
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any, Protocol
 
 from .followers import FollowerTable
@@ -127,11 +126,6 @@ class SyncCommit:
             self.k,
             cid,
         )
-
-    def run(self, stop: threading.Event) -> None:
-        """The ``hct-sync`` thread: :meth:`tick` until ``stop``."""
-        while not stop.wait(TICK):
-            self.tick(time.monotonic())
 
     def status(self) -> dict[str, Any]:
         with self._lock:
