@@ -215,6 +215,23 @@ def test_busy_timeout_applies_to_the_in_process_writer_lock(tmp_path) -> None:
     assert db.max_cid() == 2
 
 
+def test_a_lock_held_outside_the_process_gives_a_typed_busy_error(tmp_path) -> None:
+    # A plain SQLite connection stands for another process holding the write lock
+    # (a paused node, say): transact and execute both say so, typed, and nothing is written.
+    db = leader(str(tmp_path / "l.db"), 0)
+    db.busy_timeout = 0.2
+    outsider = apsw.Connection(str(tmp_path / "l.db"))
+    outsider.execute("BEGIN IMMEDIATE")
+    c = db.connect()
+    with pytest.raises(BusyError, match="another process held the write lock"):
+        c.transact([("INSERT INTO t1 VALUES(1, 1, 1)", ())])
+    with pytest.raises(BusyError, match="another process held the write lock"):
+        c.execute("INSERT INTO t1 VALUES(1, 1, 1)")
+    outsider.execute("ROLLBACK")
+    c.transact([("INSERT INTO t1 VALUES(1, 1, 1)", ())])
+    assert db.max_cid() == 2
+
+
 def test_four_threads_give_a_gap_free_journal(tmp_path) -> None:
     db = leader(str(tmp_path / "l.db"), 0)
     errors: list[BaseException] = []

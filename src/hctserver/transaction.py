@@ -96,6 +96,12 @@ class Transactions:
             tx.locked = True
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
+            except apsw.BusyError:
+                self.db.share.release()
+                raise BusyError(
+                    f"database is locked: another process held the write lock on {self.db.path}"
+                    f" for more than the busy timeout; retry the transaction"
+                ) from None
             except BaseException:
                 self.db.share.release()
                 raise
