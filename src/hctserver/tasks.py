@@ -6,6 +6,11 @@ fails records its error and stops the group; :meth:`TaskGroup.stop` sets
 the stop signal every loop waits on and runs each task's ``on_stop`` (close
 a socket, wake a poller, interrupt SQLite) so that blocked threads notice
 at once; :meth:`TaskGroup.join` waits for them in reverse order of start.
+
+A failure is reported once, by the group's owner: ``wait`` raises the first
+error, and the CLI prints it as its one-line error (a cluster node logs it
+and starts again). The group itself logs a typed error only at DEBUG (with
+its traceback); see :func:`_log_first`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import HctError
+from .errors import HctError, JobError
 
 log = logging.getLogger("hctserver")
 
@@ -97,10 +102,7 @@ class TaskGroup:
             if first:
                 self.error = exc
         if first:
-            if isinstance(exc, HctError):
-                log.error("%s: %s", where, exc, exc_info=exc.__cause__ or None)
-            else:
-                log.error("%s failed", where, exc_info=exc)
+            _log_first(exc, where)
         else:
             log.debug("%s ended with %r while stopping", where, exc)
         self.stop()
@@ -157,6 +159,24 @@ class TaskGroup:
     def raise_error(self) -> None:
         if self.error is not None:
             raise self.error
+
+
+def _log_first(exc: BaseException, where: str) -> None:
+    """Log a group's first error so that the user sees it once.
+
+    A typed error (:class:`HctError`) is the owner's to report: ``wait``
+    raises it and the CLI prints it as one line (docs/CLI.md). Logging it
+    here too printed it twice, with a traceback of our own code that tells
+    an operator nothing (a hostile leader's garbage, say): so DEBUG only.
+    Two kinds keep an ERROR line with a traceback at once: a job's failure
+    (the bug is in the workload's code, and its traceback is the clue:
+    docs/CLI.md promises it) and an untyped exception (a bug of ours)."""
+    if isinstance(exc, JobError):
+        log.error("%s: %s", where, exc, exc_info=exc.__cause__ or exc)
+    elif isinstance(exc, HctError):
+        log.debug("%s: %s", where, exc, exc_info=exc)
+    else:
+        log.error("%s failed", where, exc_info=exc)
 
 
 def _call(fn: Callable[[], None], name: str) -> None:
