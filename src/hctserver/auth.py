@@ -14,8 +14,9 @@ nonces, labelled by role (so a proof cannot be reflected back):
 * leader -> follower: **WELCOME** (HMAC(secret, "leader" | both nonces)),
   or ERROR ("wrong shared secret") and close.
 
-Then the connection carries its one request as usual. Messages are ``i32
-type, i32 length, body``, as the other extensions'. The state machines
+Then the connection carries its one request as usual. Messages are frames
+(``i32 type, i32 length, body``, :mod:`hctserver.messages`), as the other
+extensions', of exact sizes. The state machines
 here do no I/O; :func:`exchange` drives one over a connection.
 """
 
@@ -28,7 +29,7 @@ import struct
 import time
 from typing import Protocol
 
-from . import wire
+from . import messages, wire
 from .errors import (
     AuthError,
     ConnectionLostError,
@@ -36,23 +37,21 @@ from .errors import (
     ProtocolError,
     TimedOutError,
 )
+from .messages import MessageType, Origin
 from .position import HASH_SIZE
 
-REQUEST_CID = -3
-REQUEST_HASH = b"hctserver-au-v1\x00"  # 16 bytes: never a real version hash
+REQUEST_CID, REQUEST_HASH = messages.OPENERS[Origin.AUTH]
 VERSION = 1
 
-HELLO = 20  # follower -> leader: version, nonce
-CHALLENGE = 21  # leader -> follower: nonce
-PROOF = 22  # follower -> leader: its MAC
-WELCOME = 23  # leader -> follower: its MAC
+HELLO = MessageType.HELLO  # follower -> leader: version, nonce
+CHALLENGE = MessageType.CHALLENGE  # leader -> follower: nonce
+PROOF = MessageType.PROOF  # follower -> leader: its MAC
+WELCOME = MessageType.WELCOME  # leader -> follower: its MAC
 
-NONCE = 32
-MAC = 32
-_head = struct.Struct("<ii")
+NONCE = messages.NONCE
+MAC = messages.MAC
 _sync = struct.Struct(f"<iq{HASH_SIZE}s")
 _hello = struct.Struct(f"<i{NONCE}s")
-_SIZES = {HELLO: _hello.size, CHALLENGE: NONCE, PROOF: MAC, WELCOME: MAC}
 
 NEEDED = (
     "this leader requires authentication: start the follower with --auth-file"
@@ -82,41 +81,25 @@ def _mac(secret: bytes, role: bytes, follower_nonce: bytes, leader_nonce: bytes)
     return hmac.new(secret, msg, hashlib.sha256).digest()
 
 
-def _message(kind: int, body: bytes) -> bytes:
-    return _head.pack(kind, len(body)) + body
-
-
 class _Reader:
-    """Whole fixed-size messages of the kinds expected, or an ERROR."""
+    """Whole messages of the kind expected next, or an ERROR from a leader."""
 
     def __init__(self, from_leader: bool) -> None:
-        self.buf = bytearray()
+        self.frames = messages.FrameDecoder(Origin.AUTH)
         self._from_leader = from_leader
 
-    def next(self, kind: int) -> bytes | None:
-        buf = self.buf
-        if len(buf) < 8:
+    def next(self, kind: MessageType) -> bytes | None:
+        frame = self.frames.next_frame(
+            frozenset({kind, wire.ERROR}) if self._from_leader else frozenset({kind})
+        )
+        if frame is None:
             return None
-        got, size = _head.unpack_from(buf)
-        if got == wire.ERROR and self._from_leader:
-            if not 0 < size <= wire.MAX_ERROR:
-                raise ProtocolError(f"an ERROR of {size} bytes in the authentication")
-            if len(buf) < 8 + size:
-                return None
-            text = bytes(buf[8 : 8 + size]).rstrip(b"\x00").decode("utf-8", "replace")
+        if frame.kind == wire.ERROR:
+            text = messages.error_text(frame.body)
             if text.endswith(wire.RETRY):  # busy or draining: not about us
                 raise LeaderBusyError(f"error from leader: {text}")
             raise AuthError(f"the leader refused this follower: {_explain(text)}")
-        if got != kind or size != _SIZES[kind]:
-            raise ProtocolError(
-                f"authentication: expected message {kind} of {_SIZES[kind]} bytes,"
-                f" got type {got} of {size}"
-            )
-        if len(buf) < 8 + size:
-            return None
-        body = bytes(buf[8 : 8 + size])
-        del buf[: 8 + size]
-        return body
+        return frame.body
 
 
 def _explain(text: str) -> str:
@@ -141,14 +124,14 @@ class FollowerAuth:
         self.done = False
 
     def start(self) -> bytes:
-        return _sync.pack(wire.SYNC, REQUEST_CID, REQUEST_HASH) + _message(
+        return wire.encode_sync(REQUEST_CID, REQUEST_HASH) + messages.encode(
             HELLO, _hello.pack(VERSION, self._nonce)
         )
 
     def receive(self, data: bytes | memoryview) -> bytes:
         """Bytes to send back (maybe none). Raises :class:`AuthError` when
         the leader refuses us or fails to prove itself."""
-        self._in.buf += data
+        self._in.frames.feed(data)
         out = b""
         while not self.done:
             body = self._in.next(self._expect)
@@ -156,7 +139,7 @@ class FollowerAuth:
                 break
             if self._expect == CHALLENGE:
                 self._want_mac = _mac(self._secret, b"leader", self._nonce, body)
-                out += _message(PROOF, _mac(self._secret, b"follower", self._nonce, body))
+                out += messages.encode(PROOF, _mac(self._secret, b"follower", self._nonce, body))
                 self._expect = WELCOME
             else:
                 if not hmac.compare_digest(body, self._want_mac):
@@ -165,7 +148,7 @@ class FollowerAuth:
                         " it is not this follower's leader, or its --auth-file differs"
                     )
                 self.done = True
-        if self.done and self._in.buf:
+        if self.done and self._in.frames.buffered:
             raise ProtocolError("the leader sent more than its WELCOME")
         return out
 
@@ -179,24 +162,25 @@ class LeaderAuth:
         self._secret = secret
         self._nonce = my_nonce or nonce()
         self._stage = 0  # 0: the SYNC, 1: HELLO, 2: PROOF
+        self._sync = bytearray()  # the seed's framing: no length field
         self._theirs = b""
         self._in = _Reader(from_leader=False)
         self.done = False
 
     def receive(self, data: bytes | memoryview) -> bytes:
-        self._in.buf += data
-        buf = self._in.buf
         out = b""
         if self._stage == 0:
-            if len(buf) >= 4:
-                _no_request(buf)
-            if len(buf) < _sync.size:
+            self._sync += data
+            if len(self._sync) >= 4:
+                _no_request(self._sync)
+            if len(self._sync) < _sync.size:
                 return out
-            _, cid, h = _sync.unpack_from(buf)
+            _, cid, h = _sync.unpack_from(self._sync)
             if cid != REQUEST_CID or h != REQUEST_HASH:
                 raise Refused(NEEDED, f"no authentication (it sent SYNC from cid {cid})")
-            del buf[: _sync.size]
+            data, self._sync = bytes(self._sync[_sync.size :]), bytearray()
             self._stage = 1
+        self._in.frames.feed(data)
         if self._stage == 1:
             body = self._in.next(HELLO)
             if body is None:
@@ -207,7 +191,7 @@ class LeaderAuth:
                     f"authentication version {version} is not {VERSION}: upgrade the older node"
                 )
             self._stage = 2
-            out += _message(CHALLENGE, self._nonce)
+            out += messages.encode(CHALLENGE, self._nonce)
         body = self._in.next(PROOF)
         if body is None:
             return out
@@ -215,10 +199,12 @@ class LeaderAuth:
             body, _mac(self._secret, b"follower", self._theirs, self._nonce)
         ):
             raise Refused(WRONG, "wrong shared secret (the follower's --auth-file differs)")
-        if buf:
+        if self._in.frames.buffered:
             raise ProtocolError("the follower sent its request before the WELCOME")
         self.done = True
-        return out + _message(WELCOME, _mac(self._secret, b"leader", self._theirs, self._nonce))
+        return out + messages.encode(
+            WELCOME, _mac(self._secret, b"leader", self._theirs, self._nonce)
+        )
 
 
 def _no_request(buf: bytearray) -> None:

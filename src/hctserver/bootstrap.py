@@ -16,9 +16,9 @@ history differs and the operator said ``--reseed``) asks for a snapshot
   snapshot's position, its size, the verdict), the file in **DATA**
   messages, and **END** (the file's SHA-256).
 
-Every message is ``i32 type, i32 length, body``, as the feedback
-extension's (the original's ERROR has this shape too). docs/PROTOCOL.md
-has the byte tables.
+Every message is a frame (``i32 type, i32 length, body``,
+:mod:`hctserver.messages`), as the feedback extension's (the original's
+ERROR has this shape too). docs/PROTOCOL.md has the byte tables.
 """
 
 from __future__ import annotations
@@ -26,21 +26,21 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from . import wire
-from .errors import ProtocolError, SizeLimitError, UnknownMessageTypeError
+from . import messages, wire
+from .errors import ProtocolError
+from .messages import MessageType, Origin
 from .position import HASH_SIZE
 
-REQUEST_CID = -2
-REQUEST_HASH = b"hctserver-bs-v1\x00"  # 16 bytes: never a real version hash
+REQUEST_CID, REQUEST_HASH = messages.OPENERS[Origin.BOOTSTRAP]
 VERSION = 1
 
-OFFER = 10  # leader -> follower
-WANT = 11  # follower -> leader
-HEAD = 12  # leader -> follower
-DATA = 13  # leader -> follower, many
-END = 14  # leader -> follower
+OFFER = MessageType.OFFER  # leader -> follower
+WANT = MessageType.WANT  # follower -> leader
+HEAD = MessageType.HEAD  # leader -> follower
+DATA = MessageType.DATA  # leader -> follower, many
+END = MessageType.END  # leader -> follower
 
-MAX_DATA = 1 << 20  # the largest DATA body
+MAX_DATA = messages.MAX_DATA  # the largest DATA body
 DIGEST_SIZE = 32
 
 # the verdict: why this follower gets a snapshot
@@ -51,7 +51,6 @@ VERDICTS = {BEHIND: "behind", BELOW: "below the baseline", DIVERGED: "diverged"}
 
 RESEED = 1  # WANT flag: replace me even if my history differs
 
-_head = struct.Struct("<ii")
 _offer = struct.Struct("<iqq")
 _want = struct.Struct(f"<q{HASH_SIZE}si")
 _headbody = struct.Struct(f"<qq{HASH_SIZE}sqi")
@@ -96,33 +95,25 @@ def encode_request() -> bytes:
     return wire.encode_sync(REQUEST_CID, REQUEST_HASH)
 
 
-def _message(kind: int, body: bytes) -> bytes:
-    return _head.pack(kind, len(body)) + body
-
-
 def encode_offer(baseline: int, newest: int) -> bytes:
-    return _message(OFFER, _offer.pack(VERSION, baseline, newest))
+    return messages.encode(OFFER, _offer.pack(VERSION, baseline, newest))
 
 
 def encode_want(cid: int, hash_: bytes, reseed: bool) -> bytes:
-    return _message(WANT, _want.pack(cid, hash_, RESEED if reseed else 0))
+    return messages.encode(WANT, _want.pack(cid, hash_, RESEED if reseed else 0))
 
 
 def encode_head(cid: int, schemacid: int, hash_: bytes, size: int, verdict: int) -> bytes:
-    return _message(HEAD, _headbody.pack(cid, schemacid, hash_, size, verdict))
+    return messages.encode(HEAD, _headbody.pack(cid, schemacid, hash_, size, verdict))
 
 
 def data_header(n: int) -> bytes:
     """The 8 bytes before ``n`` bytes of file in a DATA message."""
-    return _head.pack(DATA, n)
+    return messages.header(DATA, n)
 
 
 def encode_end(digest: bytes) -> bytes:
-    return _message(END, digest)
-
-
-_FIXED = {OFFER: ("OFFER", _offer.size), WANT: ("WANT", _want.size),
-          HEAD: ("HEAD", _headbody.size), END: ("END", DIGEST_SIZE)}  # fmt: skip
+    return messages.encode(END, digest)
 
 
 class Decoder:
@@ -132,43 +123,23 @@ class Decoder:
 
     def __init__(self, accept: frozenset[int]) -> None:
         self.accept = accept
-        self._buf = bytearray()
+        self._frames = messages.FrameDecoder(Origin.BOOTSTRAP)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
-        self._buf += data
-        out: list[Message] = []
-        buf = self._buf
-        pos = 0
-        while len(buf) - pos >= 8:
-            kind, n = _head.unpack_from(buf, pos)
-            if kind not in self.accept:
-                raise UnknownMessageTypeError(f"unexpected bootstrap message type {kind}")
-            if kind == DATA:
-                lo, hi = 1, MAX_DATA
-            elif kind == wire.ERROR:
-                lo, hi = 1, wire.MAX_ERROR
-            else:
-                lo, hi = _FIXED[kind][1], 4096
-            if not lo <= n <= hi:
-                name = _FIXED[kind][0] if kind in _FIXED else wire.NAMES.get(kind, "DATA")
-                raise SizeLimitError(f"{name} body of {n} bytes (from {lo} to {hi} allowed)")
-            if len(buf) - pos < 8 + n:
-                break
-            out.append(_decode(kind, bytes(buf[pos + 8 : pos + 8 + n])))
-            pos += 8 + n
-        del buf[:pos]
-        return out
+        self._frames.feed(data)
+        return [_decode(f) for f in self._frames.frames(self.accept)]
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return self._frames.buffered
 
 
-def _decode(kind: int, body: bytes) -> Message:
+def _decode(frame: messages.Frame) -> Message:
+    kind, body = frame
     if kind == DATA:
         return Data(body)
     if kind == wire.ERROR:
-        return wire.ErrorReply(body.rstrip(b"\x00").decode("utf-8", "replace"))
+        return wire.ErrorReply(messages.error_text(body))
     if kind == OFFER:
         return Offer(*_offer.unpack_from(body))
     if kind == WANT:

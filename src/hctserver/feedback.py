@@ -17,9 +17,10 @@ that has not said it understands:
 * with the id, the follower subscribes with **SUBX** (SUB plus the id), so
   the leader knows which streams are whose.
 
-Every extension message is ``i32 type, i32 length, body``: a receiver reads
-the fields it knows and skips the rest, so later versions can add fields.
-docs/PROTOCOL.md has the byte tables.
+Every extension message is a frame (``i32 type, i32 length, body``,
+:mod:`hctserver.messages`): a receiver reads the fields it knows and skips
+the rest, so later versions can add fields. docs/PROTOCOL.md has the byte
+tables.
 """
 
 from __future__ import annotations
@@ -27,20 +28,20 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from .errors import ProtocolError, SizeLimitError, UnknownMessageTypeError
+from . import messages
+from .errors import ProtocolError
+from .messages import MessageType, Origin
 
-PROBE_CID = -1
-PROBE_HASH = b"hctserver-fb-v1\x00"  # 16 bytes: never a real version hash
+PROBE_CID, PROBE_HASH = messages.OPENERS[Origin.FEEDBACK]
 VERSION = 1
 
-ACCEPT = 6  # leader -> follower, once
-STATE = 7  # leader -> follower, one per REPORT
-REPORT = 8  # follower -> leader
+ACCEPT = MessageType.ACCEPT  # leader -> follower, once
+STATE = MessageType.STATE  # leader -> follower, one per REPORT
+REPORT = MessageType.REPORT  # follower -> leader
 
-MAX_BODY = 512  # the largest body either side accepts
+MAX_BODY = messages.FEEDBACK_MAX  # the largest body either side accepts
 MAX_NAME = 200  # bytes of a follower's name kept
 
-_head = struct.Struct("<ii")
 _accept = struct.Struct("<iqq")
 _state = struct.Struct("<qq")
 _report = struct.Struct("<qqq")
@@ -68,64 +69,41 @@ def is_probe(cid: int, hash_: bytes) -> bool:
     return cid == PROBE_CID and hash_ == PROBE_HASH
 
 
-def _message(kind: int, body: bytes) -> bytes:
-    return _head.pack(kind, len(body)) + body
-
-
 def encode_accept(follower_id: int, newest: int) -> bytes:
-    return _message(ACCEPT, _accept.pack(VERSION, follower_id, newest))
+    return messages.encode(ACCEPT, _accept.pack(VERSION, follower_id, newest))
 
 
 def encode_state(newest: int, lag_us: int) -> bytes:
-    return _message(STATE, _state.pack(newest, lag_us))
+    return messages.encode(STATE, _state.pack(newest, lag_us))
 
 
 def encode_report(applied: int, durable: int, received: int, name: str) -> bytes:
     raw = name.encode("utf-8", "replace")[:MAX_NAME]
-    return _message(REPORT, _report.pack(applied, durable, received) + raw)
-
-
-_LAYOUT: dict[int, tuple[str, struct.Struct]] = {
-    ACCEPT: ("ACCEPT", _accept),
-    STATE: ("STATE", _state),
-    REPORT: ("REPORT", _report),
-}
+    return messages.encode(REPORT, _report.pack(applied, durable, received) + raw)
 
 
 class Decoder:
-    """Extension messages from a byte stream, split anywhere. ``accept`` is
+    """Feedback messages from a byte stream, split anywhere. ``accept`` is
     the set of message types this side may receive."""
 
     def __init__(self, accept: frozenset[int]) -> None:
         self.accept = accept
-        self._buf = bytearray()
+        self._frames = messages.FrameDecoder(Origin.FEEDBACK)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Accept | State | Report]:
-        self._buf += data
-        out: list[Accept | State | Report] = []
-        buf = self._buf
-        while len(buf) >= 8:
-            kind, n = _head.unpack_from(buf, 0)
-            if kind not in self.accept:
-                raise UnknownMessageTypeError(f"unexpected feedback message type {kind}")
-            name, layout = _LAYOUT[kind]
-            if not layout.size <= n <= MAX_BODY:
-                raise SizeLimitError(
-                    f"{name} body of {n} bytes (from {layout.size} to {MAX_BODY} allowed)"
-                )
-            if len(buf) < 8 + n:
-                break
-            fields = layout.unpack_from(buf, 8)
-            if kind == ACCEPT:
-                out.append(Accept(*fields))
-            elif kind == STATE:
-                out.append(State(*fields))
-            else:
-                extra = bytes(buf[8 + layout.size : 8 + n])[:MAX_NAME]
-                applied, durable, received = fields
-                out.append(Report(applied, durable, received, extra.decode("utf-8", "replace")))
-            del buf[: 8 + n]
-        return out
+        self._frames.feed(data)
+        return [_decode(f) for f in self._frames.frames(self.accept)]
+
+
+def _decode(frame: messages.Frame) -> Accept | State | Report:
+    body = frame.body  # at least the fields of version 1: the frame's bounds
+    if frame.kind == ACCEPT:
+        return Accept(*_accept.unpack_from(body))
+    if frame.kind == STATE:
+        return State(*_state.unpack_from(body))
+    applied, durable, received = _report.unpack_from(body)
+    name = body[_report.size :][:MAX_NAME].decode("utf-8", "replace")
+    return Report(applied, durable, received, name)
 
 
 def check_accept(msg: Accept) -> Accept:

@@ -9,6 +9,8 @@ Follower -> leader: ``SYNC`` (i32 1, i64 cid, 16-byte hash) or ``SUB``
 NUL), ``SYNCREPLY`` (i32 4, i32 nJob, entries, i32 0), ``SUBREPLY`` (i32 5,
 entries for as long as the connection lives). Entry: i32 size, then i64 cid,
 i64 schemacid, schema bytes, NUL, data; size = 16 + len(schema) + 1 + len(data).
+The type numbers, the seed's and every extension's, are
+:data:`hctserver.messages.TABLE`'s.
 """
 
 from __future__ import annotations
@@ -26,20 +28,22 @@ from .errors import (
     TruncatedMessageError,
     UnknownMessageTypeError,
 )
+from .messages import MAX_ERROR as MAX_ERROR  # public here too, as it was
+from .messages import MessageType, Origin, names
 from .position import HASH_SIZE, Entry
 
-SYNC = 1
-SUB = 2
-ERROR = 3
-SYNCREPLY = 4
-SUBREPLY = 5
-SUBX = 9  # SUB with the follower's id: only after the feedback extension's ACCEPT
+# the seed's numbers, as messages.TABLE has them
+SYNC = MessageType.SYNC
+SUB = MessageType.SUB
+ERROR = MessageType.ERROR
+SYNCREPLY = MessageType.SYNCREPLY
+SUBREPLY = MessageType.SUBREPLY
+SUBX = MessageType.SUBX  # SUB with the follower's id: only after the feedback extension's ACCEPT
 
-NAMES = {SYNC: "SYNC", SUB: "SUB", ERROR: "ERROR", SYNCREPLY: "SYNCREPLY", SUBREPLY: "SUBREPLY"}
+NAMES = names(Origin.SEED)
 
 MIN_ENTRY = 17  # two i64 and the schema's NUL
 DEFAULT_MAX_SIZE = 1 << 30  # largest entry the decoders accept unless told otherwise
-MAX_ERROR = 1 << 16  # largest ERROR message accepted
 
 INCOMPATIBLE = "incompatible database version"
 RETRY = "retry later"  # ends every refusal a follower may retry
