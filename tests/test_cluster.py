@@ -17,11 +17,11 @@ from typing import Any
 import apsw
 import pytest
 
-from etcdserver import etcd_server
 from hctserver import patchset
 from hctserver.cluster import cluster_status
 from hctserver.etcd import EtcdClient
 
+from etcdserver import etcd_server
 from helpers import wait_until
 from nodes import assert_identical
 from procs import HCT, free_port, processes, stop

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from etcdserver import etcd_server
 from hctserver.errors import ConfigError
 from hctserver.etcd import EtcdClient, EtcdError, Lease, prefix_end
 
+from etcdserver import etcd_server
 from helpers import wait_until
 from procs import free_port
 

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import pytest
 import trustme
 
-from etcdserver import EtcdServer, etcd_server
 from hctserver.errors import AuthError, ConfigError
 from hctserver.etcd import EtcdAuthError, EtcdClient, EtcdError, Lease
 
+from etcdserver import EtcdServer, etcd_server
 from procs import free_port
 
 PASSWORD = "correct horse battery staple"

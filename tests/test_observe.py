@@ -351,7 +351,7 @@ def test_http_clients_are_bounded(tmp_path) -> None:
         slow = [socket.create_connection(("127.0.0.1", ep.port)) for _ in range(2)]
         for s in slow:
             s.sendall(b"G")  # and nothing more
-        wait_until(lambda: get(ep.url + "/health")[0] == 503, timeout=5, what="503 when full")
+        assert get(ep.url + "/health")[0] == 200  # a slow client holds no slot
         for s in slow:
             s.settimeout(5)
             assert s.recv(100) == b""  # cut off by the deadline, not by its 5 s read timeout

@@ -113,9 +113,10 @@ def test_every_socket_lives_in_the_transport_module() -> None:
         )
         or (isinstance(node, ast.ImportFrom) and node.module in ("socket", "ssl", "selectors"))
     }
-    # the HTTP endpoint is the standard library's server on a port of its own
-    # (it wraps its sockets in TLS itself); security builds ssl contexts only
-    assert users == {"transport", "httpserver", "security"}
+    # the HTTP endpoint is a server on a port of its own (it wraps its sockets
+    # in TLS itself); etcd's client speaks HTTP(S) to etcd alone, never to a
+    # peer of the replication protocol; security builds ssl contexts only
+    assert users == {"transport", "httpserver", "etcd", "security"}
     security = ast.dump(modules()["security"])
     assert "socket" not in security and "selectors" not in security
 

@@ -30,13 +30,14 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__, speedups, wire
+from .assemble import serve_runner_http
 from .checkpoint import Checkpointer
 from .cluster import cluster_status
+from .config import HttpOptions
 from .etcd import EtcdClient, EtcdError
 from .jobs import T1_SQL, WRITER_SQL, Job, Timeout, writer
 from .journal import Database
 from .leader import Leader
-from .node import serve_http
 from .position import ZERO_HASH
 from .security import Security
 from .snapshot import remove_files
@@ -184,7 +185,7 @@ def journaled_rate(
     endpoint = None
     try:
         if scraped:
-            endpoint = serve_http(leader, "127.0.0.1:0")
+            endpoint = serve_runner_http(leader, HttpOptions("127.0.0.1:0"))
             children.append(
                 subprocess.Popen(
                     [sys.executable, "-c", _SCRAPER, endpoint.url + "/metrics", str(seconds + 5)],

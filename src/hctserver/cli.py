@@ -20,13 +20,13 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
 import apsw
 
-from . import __version__
+from . import __version__, config
 from .cluster import ClusterNode, cluster_status
 from .errors import (
     AddressInUseError,
@@ -52,15 +52,10 @@ from .errors import (
     UnsupportedStatementError,
 )
 from .etcd import EtcdClient
-from .follower import Follower
-from .jobs import Job
 from .journal import Database
-from .leader import Leader
-from .logs import FORMATS, LEVELS
 from .logs import configure as configure_logging
 from .node import Node
-from .retention import RetentionPolicy
-from .security import HttpSecurity, Security, read_secret
+from .security import read_secret
 from .snapshot import describe
 from .snapshot import make as backup
 from .systables import FORMATS as ENTRY_FORMATS
@@ -145,153 +140,73 @@ def _cid(s: str) -> int:
     return _count(s)
 
 
-_UNITS = {"k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30,
-          "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}  # fmt: skip
-
-
-def _size(s: str) -> int:
-    """A count or a size, >= 0, with an optional unit (K, M, G, T; or KiB, ...)."""
-    text = s.strip().lower().replace("_", "").replace(",", "")
-    num = text.rstrip("kmgtib")
-    unit = text[len(num) :]
-    try:
-        v = float(num) * (_UNITS[unit] if unit else 1)
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"not a number or a size (like 256M): {s}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {s}")
-    return int(v)
-
-
-# Resource bounds (docs/SECURITY.md): flag -> (keyword of Leader/Follower, type, what)
-LEADER_BOUNDS = {
-    "--max-connections": ("max_connections", _count, "requests served at once"),
-    "--max-syncs": ("max_syncs", _count, "SYNC replies streamed at once"),
-    "--max-subscribers": ("max_subscribers", _count, "subscribers per stream"),
-    "--sub-buffer-bytes": ("sub_buffer_bytes", _count, "bytes queued per subscriber"),
-    "--sub-stall-timeout": ("sub_stall_timeout", _delay, "seconds a subscriber may take nothing"),
-    "--request-timeout": ("request_timeout", _delay, "seconds to send a whole request"),
-    "--send-timeout": ("send_timeout", _delay, "seconds one reply chunk may wait"),
-    "--max-snapshots": ("max_snapshots", _count, "snapshots built or sent at once"),
-}
-FOLLOWER_BOUNDS = {
-    "--max-entry-bytes": ("max_size", _count, "largest entry accepted"),
-    "--max-streams": ("max_streams", _count, "most streams a leader may announce"),
-    "--queue-bytes": ("queue_bytes", _count, "bytes received and held before applying"),
-    "--io-timeout": ("io_timeout", _delay, "seconds without a whole entry before giving up"),
-    "--connect-timeout": ("connect_timeout", _delay, "seconds to connect"),
-    "--max-snapshot-bytes": ("max_snapshot_bytes", _count, "largest snapshot accepted"),
-}
-# Journal retention: flag -> (RetentionPolicy field, type, what)
-RETENTION = {
-    "--retain-cids": ("cids", _size, "keep at most N entries, 0: no such limit"),
-    "--retain-bytes": ("bytes", _size, "keep at most N bytes of entries, 0: no such limit"),
-    "--retain-seconds": ("seconds", _positive_float, "keep no entry older, 0: no such limit"),
-    "--retain-max-bytes": (
-        "max_bytes",
-        _size,
-        "hard cap: past it, truncate even what a connected follower needs (0: none)",
-    ),
+SECTION_TITLES = {
+    "": "the node",
+    "security": "security (docs/SECURITY.md)",
+    "http": "HTTP endpoint (docs/OPERATIONS.md)",
+    "retention": "journal retention (docs/OPERATIONS.md)",
+    "log": "logging",
+    "leader": "leader: bounds (docs/SECURITY.md), snapshots, synchronous commit (docs/FAILOVER.md)",
+    "follower": "follower: bounds (docs/SECURITY.md), reconnection, bootstrap",
+    "cluster": "cluster: etcd and this node's place (docs/FAILOVER.md)",
 }
 
 
-def _bounds(s: argparse.ArgumentParser, bounds: dict[str, Any], defaults: dict[str, Any]) -> None:
-    for flag, (key, kind, what) in bounds.items():
-        s.add_argument(
-            flag,
-            type=kind,
-            default=None,
-            dest=key,
-            metavar="N" if kind is _count else "S",
-            help=f"{what} (default {defaults[key]:,})",
+def _config_flags(
+    s: argparse.ArgumentParser, role: str | None, only: Callable[[str], bool] = bool
+) -> None:
+    """Every option of ``role`` (all of them for None) as a flag, from the
+    one table in :mod:`hctserver.config`; a flag not given is left out of
+    the namespace, so that a --config file's value stands."""
+    s.add_argument(
+        "--config", metavar="FILE", help="a TOML file of options (flags override it; docs/CLI.md)"
+    )
+    groups: dict[str, Any] = {}  # section -> its argument group
+    for key, o, _ in config.options():
+        if (role is not None and (role not in o.roles or key in ("role", "db"))) or not only(key):
+            continue
+        section = key.rpartition(".")[0]
+        g = groups.get(section) or groups.setdefault(
+            section, s.add_argument_group(SECTION_TITLES[section])
         )
+        default = config.default_of(key)
+        shown = _shown(default)
+        kw: dict[str, Any] = {"dest": key, "default": argparse.SUPPRESS, "help": o.help + shown}
+        if o.kind == "bool":
+            kw.update(action="store_const", const=not o.negate)
+        elif o.kind == "list":
+            kw.update(action="append", metavar="JOB")
+        else:
+            kw.update(metavar=None if o.choices else _METAVARS.get(o.kind, "X"),
+                      choices=o.choices or None)  # fmt: skip
+        g.add_argument(config.flag_of(key), **kw)
 
 
-def _retention(s: argparse.ArgumentParser) -> None:
-    policy = defaults_of(RetentionPolicy)
-    for flag, (key, kind, what) in RETENTION.items():
-        s.add_argument(
-            flag,
-            type=kind,
-            default=policy[key],
-            dest=f"retain_{key}",
-            metavar="S" if kind is _positive_float else "N",
-            help=f"journal retention: {what} (default {policy[key]:,})",
-        )
+_METAVARS = {"count": "N", "size": "N", "int": "N", "port": "PORT", "delay": "S", "seconds": "S",
+             "path": "FILE", "address": "ADDR", "str": "TEXT"}  # fmt: skip
 
 
-def _sync_opts(s: argparse.ArgumentParser) -> None:
-    """Synchronous commit (docs/FAILOVER.md)."""
-    g = s.add_argument_group("synchronous commit (docs/FAILOVER.md)")
-    g.add_argument(
-        "--sync-followers",
-        type=_count,
-        default=0,
-        metavar="K",
-        help="a commit returns only once K followers acknowledged it (default 0: asynchronous)",
-    )
-    g.add_argument(
-        "--sync-timeout",
-        type=_delay,
-        default=None,
-        metavar="S",
-        help="after S seconds without K acknowledgements, commit asynchronously (said in the"
-        " log, /status and /metrics) until K followers catch up (default: wait as long as"
-        " it takes)",
-    )
-    g.add_argument(
-        "--sync-level",
-        choices=("durable", "applied"),
-        default="durable",
-        help="what a follower acknowledges: applied and on disk (durable, the default), or"
-        " applied (survives the follower process, not its machine)",
-    )
+def _shown(default: Any) -> str:
+    if default is None or isinstance(default, (bool, tuple)):
+        return ""
+    return f" (default {default:,})" if isinstance(default, int) else f" (default {default:g})" if (
+        isinstance(default, float)) else f" (default {default})"  # fmt: skip
 
 
-def _security_opts(s: argparse.ArgumentParser, leader: bool) -> None:
-    """TLS and the shared secret (docs/SECURITY.md)."""
-    g = s.add_argument_group("security (docs/SECURITY.md)")
-    g.add_argument(
-        "--auth-file",
-        metavar="FILE",
-        help="a shared secret (16+ bytes, mode 600) that "
-        + ("every follower must prove it holds" if leader else "the leader and this follower")
-        + " prove to each other (never sent)",
-    )
-    g.add_argument(
-        "--tls-cert",
-        metavar="PEM",
-        help="this leader's certificate chain: serve TLS only"
-        if leader
-        else "this follower's client certificate (for a leader with --tls-client-ca)",
-    )
-    g.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
-    if leader:
-        g.add_argument(
-            "--tls-client-ca",
-            metavar="PEM",
-            help="mutual TLS: every follower must show a certificate signed by this CA",
-        )
-    else:
-        g.add_argument(
-            "--tls-ca",
-            metavar="PEM",
-            help="speak TLS, and verify the leader's certificate against this CA"
-            " ('system': the platform's trusted CAs)",
-        )
-        g.add_argument(
-            "--tls-server-name",
-            metavar="NAME",
-            help="the name the leader's certificate must hold (default: --host)",
-        )
-    g.add_argument("--http-tls-cert", metavar="PEM", help="serve --http over TLS (https)")
-    g.add_argument("--http-tls-key", metavar="PEM", help="the private key of --http-tls-cert")
-    g.add_argument(
-        "--http-token-file",
-        metavar="FILE",
-        help="/status and /metrics require this bearer token (16+ bytes, mode 600);"
-        " /health stays open",
-    )
+def _flags(a: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(a).items() if k in _KEYS and v is not None}
+
+
+def load_config(a: argparse.Namespace, role: str | None) -> config.NodeConfig:
+    """The configuration the parsed arguments ``a`` give for ``role``
+    (with ``--config`` and ``HCTSERVER_*``)."""
+    cfg = config.load(role, _flags(a), a.config)
+    if role is not None and cfg.db is None:
+        raise ConfigError(f"{role}: give the database file (DB, or db in --config)")
+    return cfg
+
+
+_KEYS = frozenset(k for k, _, _ in config.options())
 
 
 def _client_opts(s: argparse.ArgumentParser) -> None:
@@ -326,169 +241,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="run SQL as one journaled transaction (repeatable)",
     )
 
-    def node_opts(s: argparse.ArgumentParser, leader: bool) -> None:
-        s.add_argument("db", metavar="DB")
-        s.add_argument(
-            "--host",
-            default="127.0.0.1",
-            help="interface to listen on" if leader else "the leader's address",
-        )
-        s.add_argument(
-            "--port",
-            type=int,
-            default=21212,
-            help="port to listen on (0: any free port)" if leader else "the leader's port",
-        )
-        s.add_argument(
-            "--seconds",
-            type=_positive_float,
-            default=0,
-            help="after this many seconds the jobs' timeout() turns true (0: never)",
-        )
-        s.add_argument(
-            "--job",
-            action="append",
-            default=[],
-            metavar="JOB",
-            help="a Python script (globals db, timeout) or a bundled job:"
-            " writer, monitor, snapshot (repeatable)",
-        )
-        s.add_argument(
-            "--http",
-            metavar="ADDR",
-            help="serve /status, /metrics and /health on HOST:PORT (PORT alone: loopback)",
-        )
-        s.add_argument(
-            "--health-max-lag",
-            type=_delay,
-            default=10.0,
-            metavar="S",
-            help="a follower lagging more than S seconds is unhealthy (default 10)",
-        )
-        s.add_argument(
-            "--log-level",
-            choices=LEVELS,
-            default="info",
-            help="least severe log lines printed on stderr (default info)",
-        )
-        s.add_argument(
-            "--log-format", choices=FORMATS, default="text", help="text (default) or json lines"
-        )
-        s.add_argument(
-            "--verbose",
-            action="store_true",
-            help="also print the original's hct_testserver debug lines (stdout)",
-        )
-        s.add_argument("--quiet", action="store_true", help="print nothing but errors")
-        s.add_argument(
-            "--synchronous",
-            choices=("NORMAL", "FULL", "EXTRA"),
-            default="NORMAL",
-            help="SQLite's synchronous setting for the database: NORMAL (the default: a commit"
-            " survives the process, and is on disk at the next checkpoint) or FULL (on disk"
-            " at once)",
-        )
-        _security_opts(s, leader)
-
-    s = sub.add_parser("leader", help="serve a database to followers (until stopped)")
-    node_opts(s, True)
-    _bounds(s, LEADER_BOUNDS, defaults_of(Leader))
-    _retention(s)
-    s.add_argument(
-        "--no-snapshots",
-        action="store_true",
-        help="send followers no snapshots (they replay the journal, or are refused)",
+    for role, what in (
+        ("leader", "serve a database to followers (until stopped)"),
+        ("follower", "follow a leader (until stopped)"),
+        ("node", "a member of an etcd-coordinated cluster: leads or follows (docs/FAILOVER.md)"),
+    ):
+        s = sub.add_parser(role, help=what)
+        s.add_argument("db", metavar="DB", nargs="?", help="the database file (or db in --config)")
+        _config_flags(s, role)
+    s = sub.add_parser("config", help="show a node's effective configuration")
+    csub = s.add_subparsers(dest="config_command", metavar="WHAT", required=True)
+    c = csub.add_parser(
+        "show", help="print the configuration that --config, HCTSERVER_* and flags give, as TOML"
     )
-    _sync_opts(s)
-    s = sub.add_parser(
-        "node", help="a member of an etcd-coordinated cluster: leads or follows (docs/FAILOVER.md)"
-    )
-    s.add_argument("db", metavar="DB")
-    s.add_argument("--etcd", required=True, metavar="URL", help="etcd's address (http://HOST:PORT)")
-    s.add_argument("--name", required=True, help="this node's name, unique in the cluster")
-    s.add_argument("--port", type=int, required=True, help="port to serve on while leading")
-    s.add_argument("--host", default="127.0.0.1", help="interface to serve on (default 127.0.0.1)")
-    s.add_argument(
-        "--advertise", metavar="HOST:PORT", help="the address followers use (default HOST:PORT)"
-    )
-    s.add_argument("--cluster", default="default", help="the cluster's name in etcd")
-    s.add_argument(
-        "--http", metavar="ADDR", help="serve /status, /metrics and /health on HOST:PORT or PORT"
-    )
-    s.add_argument(
-        "--ttl", type=int, default=5, metavar="S", help="the leader lease's TTL (default 5 s)"
-    )
-    s.add_argument(
-        "--job",
-        action="append",
-        default=[],
-        metavar="J",
-        help="a job run while this node leads: a Python script or a bundled job (repeatable)",
-    )
-    s.add_argument("--log-level", choices=LEVELS, default="info", help="(default info)")
-    s.add_argument("--log-format", choices=FORMATS, default="text", help="text or json lines")
-    s.add_argument("--verbose", action="store_true", help="also print the original's debug lines")
-    s.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    s.add_argument(
-        "--synchronous", choices=("NORMAL", "FULL", "EXTRA"), default="NORMAL",
-        help="SQLite's synchronous setting (see the leader)",
-    )  # fmt: skip
-    _sync_opts(s)
+    _config_flags(c, None)
     s = sub.add_parser("cluster", help="an etcd-coordinated cluster: status")
     csub = s.add_subparsers(dest="cluster_command", metavar="WHAT", required=True)
     c = csub.add_parser("status", help="every node: role, position, lag, health")
-    c.add_argument("--etcd", required=True, metavar="URL", help="etcd's address")
-    c.add_argument("--cluster", default="default", help="the cluster's name in etcd")
     c.add_argument("--json", action="store_true", help="a JSON array of objects")
-    s = sub.add_parser("follower", help="follow a leader (until stopped)")
-    node_opts(s, False)
-    _bounds(s, FOLLOWER_BOUNDS, defaults_of(Follower))
-    _retention(s)
-    s.add_argument(
-        "--once",
-        action="store_true",
-        help="end when the leader ends its run (the original's behaviour) instead of reconnecting",
-    )
-    s.add_argument(
-        "--retry-max",
-        type=_delay,
-        default=5.0,
-        metavar="S",
-        help="longest wait between reconnection attempts, in seconds (default 5)",
-    )
-    s.add_argument(
-        "--syncthreads",
-        type=int,
-        default=1,
-        metavar="N",
-        help="threads processing sync replies, 1 to 16",
-    )
-    s.add_argument(
-        "--syncbytes",
-        type=int,
-        default=0,
-        metavar="B",
-        help="repeat SYNC while replies shrink and stay above B bytes",
-    )
-    s.add_argument(
-        "--reseed",
-        action="store_true",
-        help="if this database's history differs from the leader's, keep a copy of it"
-        " beside it and start again from a snapshot of the leader",
-    )
-    s.add_argument(
-        "--no-bootstrap",
-        action="store_true",
-        help="never install a snapshot from the leader (only replay its journal)",
-    )
-    s.add_argument(
-        "--bootstrap-min",
-        type=_size,
-        default=10_000,
-        metavar="N",
-        help="an empty follower bootstraps from a snapshot when the leader's journal holds"
-        " more than N entries (default 10,000); otherwise it replays",
-    )
+    _config_flags(c, "node", lambda k: k == "cluster.cluster" or k.startswith("cluster.etcd"))
 
     s = sub.add_parser(
         "backup", help="write a consistent snapshot of a database (a replication database)"
@@ -581,56 +352,14 @@ def cmd_init(a: argparse.Namespace) -> int:
     return 0
 
 
-def _logging(a: argparse.Namespace) -> None:
-    level = "error" if a.quiet else a.log_level
-    configure_logging(level, a.log_format, trace=a.verbose)
+def _logging(c: config.LogOptions) -> None:
+    configure_logging("error" if c.quiet else c.level, c.format, trace=c.verbose)
 
 
-def _node(a: argparse.Namespace, follower: bool) -> Node:
-    opts: dict[str, Any] = {
-        "port": a.port,
-        "host": a.host,
-        "seconds": a.seconds,
-        "follower": follower,
-        "http": a.http,
-        "health_max_lag": a.health_max_lag,
-        "synchronous": a.synchronous,
-    }
-    if follower:
-        opts.update(syncthreads=a.syncthreads, syncbytes=a.syncbytes, once=a.once)
-    opts["security"] = Security(
-        cert=a.tls_cert,
-        key=a.tls_key,
-        ca=getattr(a, "tls_ca", None),
-        client_ca=getattr(a, "tls_client_ca", None),
-        server_name=getattr(a, "tls_server_name", None),
-        auth_file=a.auth_file,
-    )
-    opts["http_security"] = HttpSecurity(a.http_tls_cert, a.http_tls_key, a.http_token_file)
-    if a.http is None and (a.http_tls_cert or a.http_token_file):
-        raise ConfigError("--http-tls-cert and --http-token-file need --http")
+def _node(cfg: config.NodeConfig) -> Node:
+    assert cfg.db is not None
     # a leader serves an existing replication database (`hctserver init` makes one)
-    node = Node(a.db, init=follower, **opts)
-    bounds = FOLLOWER_BOUNDS if follower else LEADER_BOUNDS
-    for key, _, _ in bounds.values():
-        if getattr(a, key) is not None:
-            node.extra[key] = getattr(a, key)
-    if follower:
-        node.extra["retry_max"] = a.retry_max
-        node.extra["reseed"] = a.reseed
-        node.extra["bootstrap"] = not a.no_bootstrap
-        node.extra["bootstrap_min"] = a.bootstrap_min
-    else:
-        node.extra["snapshots"] = not a.no_snapshots
-        node.extra["sync_followers"] = a.sync_followers
-        node.extra["sync_timeout"] = a.sync_timeout
-        node.extra["sync_level"] = a.sync_level
-    node.extra["retention"] = RetentionPolicy(
-        **{key: getattr(a, f"retain_{key}") for key, _, _ in RETENTION.values()}
-    )
-    for j in a.job:
-        node.job(j)
-    return node
+    return Node(cfg.db, init=cfg.role == "follower", config=cfg)
 
 
 class _Signals:
@@ -657,13 +386,14 @@ class _Signals:
             signal.signal(sig, old)
 
 
-def _serve(node: Node, a: argparse.Namespace, role: str) -> int:
+def _serve(node: Node, cfg: config.NodeConfig) -> int:
     """Start ``node``, wait until it ends or a signal stops it, close it."""
+    role = cfg.role
     with _Signals(node) as sig:
         try:
             node.start()
-            log.info("%s", _banner(node, a, role))
-            if role == "follower" and not a.quiet and sys.stderr.isatty():
+            log.info("%s", _banner(node, cfg))
+            if role == "follower" and not cfg.log.quiet and sys.stderr.isatty():
                 _progress(node)
             node.wait()
             cid = node.db.snapshot()
@@ -674,67 +404,74 @@ def _serve(node: Node, a: argparse.Namespace, role: str) -> int:
     return 0
 
 
-def _banner(node: Node, a: argparse.Namespace, role: str) -> str:
+def _banner(node: Node, cfg: config.NodeConfig) -> str:
     http = f"; HTTP on {node.http_url}" if node.http_url else ""
-    if role == "follower":
-        mode = "until it ends its run" if a.once else "until stopped"
-        return f"follower of {a.host}:{node.port} ({mode}){http}"
+    if cfg.role == "follower":
+        mode = "until it ends its run" if cfg.follower.once else "until stopped"
+        return f"follower of {cfg.host}:{node.port} ({mode}){http}"
     if node.jobs:
-        return f"leader on {a.host}:{node.port} running {len(node.jobs)} jobs{http}"
-    until = f"for {a.seconds:g} s" if a.seconds else "until stopped"
-    return f"leader on {a.host}:{node.port} serving {until}{http}"
+        return f"leader on {cfg.host}:{node.port} running {len(node.jobs)} jobs{http}"
+    until = f"for {cfg.seconds:g} s" if cfg.seconds else "until stopped"
+    return f"leader on {cfg.host}:{node.port} serving {until}{http}"
 
 
 def cmd_leader(a: argparse.Namespace) -> int:
-    _logging(a)
-    return _serve(_node(a, False), a, "leader")
+    cfg = load_config(a, "leader")
+    _logging(cfg.log)
+    return _serve(_node(cfg), cfg)
+
+
+def cmd_follower(a: argparse.Namespace) -> int:
+    cfg = load_config(a, "follower")
+    _logging(cfg.log)
+    return _serve(_node(cfg), cfg)
 
 
 def cmd_node(a: argparse.Namespace) -> int:
-    _logging(a)
-    etcd = EtcdClient(a.etcd)
-    db = Database(a.db, adopt=False, synchronous=a.synchronous)
-    leader_options: dict[str, Any] = {
-        "sync_followers": a.sync_followers,
-        "sync_timeout": a.sync_timeout,
-        "sync_level": a.sync_level,
-    }
-    node = ClusterNode(
-        db,
-        etcd,
-        name=a.name,
-        port=a.port,
-        host=a.host,
-        advertise=a.advertise,
-        cluster=a.cluster,
-        ttl=a.ttl,
-        jobs=[Job(j) for j in a.job],
-        leader_options=leader_options,
-    )
+    cfg = load_config(a, "node")
+    _logging(cfg.log)
+    assert cfg.db is not None and cfg.cluster.etcd is not None
+    etcd = _etcd(cfg.cluster)
+    etcd.check(f"/hctserver/{cfg.cluster.cluster}/")  # TLS and credentials: fail now, once
+    db = Database(cfg.db, adopt=False, synchronous=cfg.synchronous)
+    node = ClusterNode(db, etcd, cfg)
+    name, cluster = cfg.cluster.name, cfg.cluster.cluster
     with _Signals(node) as sig:
         try:
             node.start()
-            http = f"; HTTP on {node.serve_http(a.http).url}" if a.http else ""
-            log.info("node %s of cluster %s (etcd %s)%s", a.name, a.cluster, etcd.url, http)
+            http = f"; HTTP on {node.http_url}" if node.http_url else ""
+            log.info("node %s of cluster %s (etcd %s)%s", name, cluster, etcd.url, http)
             node.wait()
         finally:
-            node.stop()
-            node.wait(30)
-            node.close_http()
+            node.close()
             cid = db.snapshot()
             db.close()
     how = f"stopped by {sig.received}" if sig.received else "done"
-    log.info("node %s %s at cid %d", a.name, how, cid)
+    log.info("node %s %s at cid %d", name, how, cid)
+    return 0
+
+
+def _etcd(c: config.ClusterOptions) -> EtcdClient:
+    assert c.etcd is not None
+    return EtcdClient(c.etcd, ca=c.etcd_ca, cert=c.etcd_cert, key=c.etcd_key, user=c.etcd_user,
+                      password_file=c.etcd_password_file)  # fmt: skip
+
+
+def cmd_config(a: argparse.Namespace) -> int:
+    print(config.dump(load_config(a, None)), end="")
     return 0
 
 
 def cmd_cluster(a: argparse.Namespace) -> int:
-    rows = cluster_status(EtcdClient(a.etcd), a.cluster)
+    cfg = config.load(None, _flags(a), a.config, check_roles=False)
+    if cfg.cluster.etcd is None:
+        raise ConfigError("cluster status needs --etcd URL (or etcd in --config's [cluster])")
+    rows = cluster_status(_etcd(cfg.cluster), cfg.cluster.cluster)
     if a.json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print(f"no node of cluster {a.cluster} is registered in etcd")
+        print(f"no node of cluster {cfg.cluster.cluster} is registered in etcd")
         return 1
     for r in rows:
         health = "healthy" if r["healthy"] else "unhealthy"
@@ -743,11 +480,6 @@ def cmd_cluster(a: argparse.Namespace) -> int:
             f"  lag {r['lag_cids']:>8,} cids  {r['state']}, {health}"
         )
     return 0
-
-
-def cmd_follower(a: argparse.Namespace) -> int:
-    _logging(a)
-    return _serve(_node(a, True), a, "follower")
 
 
 def _progress(node: Node) -> None:
@@ -911,6 +643,7 @@ COMMANDS = {
     "leader": cmd_leader,
     "follower": cmd_follower,
     "node": cmd_node,
+    "config": cmd_config,
     "cluster": cmd_cluster,
     "status": cmd_status,
     "top": cmd_top,

@@ -25,23 +25,26 @@ take the key.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
+from .assemble import follower_role, leader_role, role_health, serve_http, streaming_lag
+from .config import NodeConfig
 from .coordination import Coordination, CoordinationError, KeyValue
 from .errors import ConfigError
 from .etcd import EtcdClient, Lease
 from .follower import Follower
-from .httpserver import HttpEndpoint, Routes, parse_address
+from .httpserver import HttpEndpoint
 from .jobs import Job
 from .journal import Database
 from .leader import Leader
-from .status import health, node_status
+from .status import node_status
 from .store import Mode
+from .tasks import TaskGroup
 
 log = logging.getLogger("hctserver")
 
@@ -53,52 +56,40 @@ def _prefix(cluster: str) -> str:
 
 
 class ClusterNode:
-    """See the module's docstring. ``leader_options`` and
-    ``follower_options`` go to :class:`Leader` and :class:`Follower`."""
+    """See the module's docstring. ``config`` (role ``node``) gives both
+    roles' options, its ``cluster`` section the place in the cluster."""
 
-    def __init__(
-        self,
-        db: Database,
-        etcd: Coordination,
-        *,
-        name: str,
-        port: int,
-        host: str = "127.0.0.1",
-        advertise: str | None = None,
-        cluster: str = "default",
-        ttl: int = 5,
-        jobs: Sequence[Job] = (),
-        leader_options: dict[str, Any] | None = None,
-        follower_options: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, db: Database, etcd: Coordination, config: NodeConfig) -> None:
+        c = config.cluster
+        name = c.name or ""
         if not name or "/" in name:
             raise ConfigError(f"a node's name must be non-empty, without '/': {name!r}")
-        if not 0 < port <= 65535:
-            raise ConfigError(f"a cluster node needs a fixed port (1-65535), not {port}")
-        if ttl < 2:
-            raise ConfigError(f"the lease TTL must be at least 2 s, not {ttl}")
+        if not 0 < config.port <= 65535:
+            raise ConfigError(f"a cluster node needs a fixed port (1-65535), not {config.port}")
+        if c.ttl < 2:
+            raise ConfigError(f"the lease TTL must be at least 2 s, not {c.ttl}")
         self.db = db
         self.etcd = etcd
+        self.config = dataclasses.replace(
+            config, follower=dataclasses.replace(config.follower, once=False, reseed=True)
+        )
         self.name = name
-        self.host = host
-        self.port = port
-        self.address = advertise or f"{host}:{port}"
-        self.cluster = cluster
-        self.ttl = ttl
-        self.jobs = list(jobs)
+        self.host = config.host
+        self.port = config.port
+        self.address = c.advertise or f"{config.host}:{config.port}"
+        self.cluster = c.cluster
+        self.ttl = c.ttl
+        self.jobs = [Job(j) for j in config.jobs]
         if isinstance(etcd, EtcdClient):  # a call that hangs must not delay fencing
-            etcd.timeout = min(etcd.timeout, max(0.5, ttl / 4))
-        self.leader_options = dict(leader_options or {})
-        self.follower_options = dict(follower_options or {})
+            etcd.timeout = min(etcd.timeout, max(0.5, c.ttl / 4))
         self.role = "starting"
         self.upstream: str | None = None  # the leader this node follows
         self.runner: Leader | Follower | None = None
-        self.error: BaseException | None = None
         self.discarded: list[tuple[str, int]] = []  # side files written, entries in each
-        self._stop = threading.Event()
+        self.group = TaskGroup("node")
+        self._stop = self.group.stopping
         self._member: Lease | None = None
         self._lease: Lease | None = None  # the leader lease, while leading
-        self._thread: threading.Thread | None = None
         self._etcd_down_since: float | None = None
         self._candidate_since = 0.0
         self._http: HttpEndpoint | None = None
@@ -114,20 +105,46 @@ class ClusterNode:
     # --- life cycle -------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="hct-cluster", daemon=True)
-        self._thread.start()
+        """Run the node (and its HTTP endpoint, if configured) in its task group."""
+        self.group.spawn("hct-cluster", self._run, ends_group=True)
+        http = self.config.http
+        if http.address is not None:
+            try:
+                self._http = serve_http(
+                    self.group,
+                    http,
+                    self.http_status,
+                    lambda: role_health(self.runner, http, self.role),
+                    lambda: streaming_lag(self.runner),
+                )
+            except BaseException:
+                self.close()
+                raise
+
+    @property
+    def http_url(self) -> str | None:
+        return None if self._http is None else self._http.url
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.group.error
 
     def stop(self) -> None:
-        self._stop.set()
+        self.group.stop()
 
     def wait(self, timeout: float | None = None) -> bool:
-        assert self._thread is not None, "start() first"
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        """Wait for the node to stop; raises its first error. False if
+        ``timeout`` passed first."""
+        if not self.group.stopping.wait(timeout):
             return False
-        if self.error is not None:
-            raise self.error
+        self.group.raise_error()
         return True
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop, wait for every thread (the role first), close the endpoint."""
+        self.group.join(timeout)
+        if self._http is not None:
+            self._http.close()
 
     def _run(self) -> None:
         try:
@@ -143,9 +160,6 @@ class ClusterNode:
                         log.warning("etcd unreachable (%s); retrying", e)
                     self._fence_if_due()
                 self._stop.wait(self._period())
-        except BaseException as e:  # kept for wait(); the node stops
-            self.error = e
-            log.error("cluster node %s failed: %s", self.name, e)
         finally:
             self._shutdown()
 
@@ -257,19 +271,20 @@ class ClusterNode:
         self._stop_runner()
         lease, margin = self._lease, self.ttl / 4
         assert lease is not None
-        leader = Leader(
-            self.db,
-            self.jobs,
-            host=self.host,
-            port=self.port,
-            lease=lambda: lease.valid_until - margin,  # the gate's deadline (FAILOVER.md)
-            **self.leader_options,
-        )
+        leader = self.make_leader(lambda: lease.valid_until - margin)  # FAILOVER.md
         leader.start()
         self.runner = leader
         self.role = "leader"
         self.upstream = None
         log.info("leading cluster %s as %s at cid %d", self.cluster, self.name, self.db.snapshot())
+
+    def make_leader(self, lease: Callable[[], float]) -> Leader:
+        """The leader role, as every node builds it; ``lease``: the gate's deadline."""
+        return leader_role(self.db, self.config, self.jobs, lease=lease)
+
+    def make_follower(self, host: str, port: int) -> Follower:
+        """The follower role of ``host:port`` (it never runs the jobs)."""
+        return follower_role(self.db, self.config, (), host=host, port=port, name=self.name)
 
     def _follow(self, info: dict[str, Any]) -> None:
         address = str(info.get("address", ""))
@@ -283,8 +298,7 @@ class ClusterNode:
         self._stop_runner()
         self._rewind_if_ahead(info)
         host, _, port = address.rpartition(":")
-        opts = {"reseed": True, "name": self.name, **self.follower_options}
-        f = Follower(self.db, host=host.strip("[]"), port=int(port), **opts)
+        f = self.make_follower(host.strip("[]"), int(port))
         f.start()
         self.runner = f
         self.upstream = address
@@ -328,48 +342,11 @@ class ClusterNode:
         runner.close()
         self.upstream = None
 
-    def serve_http(self, address: str) -> HttpEndpoint:
-        """``/status`` (the current leader's or follower's document, with
-        ``cluster``: role, lease, etcd), ``/health`` and ``/metrics`` on
-        ``address``, in a thread of its own until :meth:`close_http`."""
-        host, port = parse_address(address)
-        ep = HttpEndpoint(host, port, Routes(self.http_status, self._metrics, self._health))
-        threading.Thread(target=ep.serve, name="hct-http", daemon=True).start()
-        self._http = ep
-        return ep
-
-    def close_http(self) -> None:
-        ep, self._http = self._http, None
-        if ep is not None:
-            ep.stop()
-            ep.close()
-
     def http_status(self) -> dict[str, Any]:
         runner = self.runner
         doc: dict[str, Any] = node_status(runner) if runner is not None else {"role": self.role}
         doc["cluster"] = self.status()
         return doc
-
-    def _health(self) -> tuple[bool, str]:
-        runner = self.runner
-        if runner is None:
-            return False, f"{self.role}: neither leading nor following"
-        return health(runner)
-
-    def _metrics(self) -> bytes:
-        st = self.status()
-        lines = [
-            "# HELP hctserver_cluster_leader 1 while this node leads its cluster",
-            "# TYPE hctserver_cluster_leader gauge",
-            f"hctserver_cluster_leader {int(st['role'] == 'leader')}",
-            "# HELP hctserver_snapshot_cid The database's snapshot",
-            "# TYPE hctserver_snapshot_cid gauge",
-            f"hctserver_snapshot_cid {st['snapshot']}",
-            "# HELP hctserver_etcd_reachable 1 while etcd answers",
-            "# TYPE hctserver_etcd_reachable gauge",
-            f"hctserver_etcd_reachable {int(st['etcd_reachable'])}",
-        ]
-        return ("\n".join(lines) + "\n").encode()
 
     def status(self) -> dict[str, Any]:
         lease = self._lease

@@ -267,6 +267,8 @@ class Follower:
         transport: Transport | None = None,
         security: Security | None = None,
     ) -> None:
+        # the keywords as given (after defaults): what reached this role, for /status and tests
+        self.settings = {k: v for k, v in locals().items() if k not in ("self", "db", "jobs")}
         if not 1 <= syncthreads <= 16:
             raise ConfigError(f"syncthreads must be between 1 and 16, not {syncthreads}")
         if syncbytes < 0:

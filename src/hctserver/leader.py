@@ -232,6 +232,8 @@ class Leader:
         sync_level: str = "durable",
         lease: Callable[[], float] | None = None,
     ) -> None:
+        # the keywords as given (after defaults): what reached this role, for /status and tests
+        self.settings = {k: v for k, v in locals().items() if k not in ("self", "db", "jobs")}
         if not 0 <= port <= 65535:
             raise ConfigError(f"port must be between 0 and 65535, not {port}")
         if sync_followers < 0:

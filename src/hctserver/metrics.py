@@ -51,6 +51,10 @@ class NodeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         doc = self.status()
+        if "cluster" in doc:
+            yield from self._cluster(doc["cluster"], "version" not in doc)
+        if "version" not in doc:
+            return  # a cluster node between roles: nothing runs
         role = doc["role"]
         info = GaugeMetricFamily(
             "hctserver_info", "Always 1; the node's role and version", labels=["role", "version"]
@@ -77,6 +81,20 @@ class NodeCollector(Collector):
             yield from self._leader(doc)
         else:
             yield from self._follower(doc)
+
+    def _cluster(self, c: dict[str, Any], idle: bool) -> Iterator[Metric]:
+        yield _gauge(
+            "hctserver_cluster_leader",
+            "1 while this node leads its cluster",
+            int(c["role"] == "leader"),
+        )
+        yield _gauge("hctserver_etcd_reachable", "1 while etcd answers", int(c["etcd_reachable"]))
+        if idle:
+            yield _gauge(
+                "hctserver_snapshot_cid",
+                "Newest cid applied, with every cid before it",
+                c["snapshot"],
+            )
 
     def _leader(self, doc: dict[str, Any]) -> Iterator[Metric]:
         yield _counter("hctserver_commits", "Commits since the leader started", doc["commits"])
@@ -250,9 +268,7 @@ class LagSampler:
 class Metrics:
     """A registry of its own per node (several nodes may share a process)."""
 
-    def __init__(
-        self, status: Status, role: str, lag: Callable[[], float | None] | None = None
-    ) -> None:
+    def __init__(self, status: Status, lag: Callable[[], float | None] | None = None) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(NodeCollector(status))

@@ -28,18 +28,20 @@ HTTP endpoint).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
+from .assemble import follower_role, leader_role, serve_runner_http
+from .config import HttpOptions, NodeConfig, SecurityOptions
 from .errors import ConfigError
 from .follower import Follower
-from .httpserver import HttpEndpoint, Routes, parse_address
+from .httpserver import HttpEndpoint, parse_address
 from .jobs import Job, JobFunction
 from .journal import Database
 from .leader import Leader
-from .metrics import Metrics
 from .security import HttpSecurity, Security
-from .status import HEALTH_MAX_LAG, follower_lag, health, node_status
+from .status import HEALTH_MAX_LAG, node_status
 from .trace import Trace
 
 DEFAULTS: dict[str, Any] = {
@@ -80,11 +82,21 @@ class Node:
     above the first hole, as the original does.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, init: bool = True, **options: Any) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        init: bool = True,
+        config: NodeConfig | None = None,
+        **options: Any,
+    ) -> None:
         """``init=False``: the database must exist (a leader's, made by
         ``hctserver init``). A follower never adopts a plain SQLite file that
-        holds tables: it would write into it."""
+        holds tables: it would write into it. ``config``: every other option
+        (the ``hctserver leader``/``follower`` flags); ``options`` override it."""
+        self._base = config or NodeConfig()
         self.options = dict(DEFAULTS)
+        self.options.update(_options_of(self._base))
         self.configure(**options)
         self.db = Database(
             path,
@@ -93,10 +105,35 @@ class Node:
             synchronous=self.options["synchronous"],
         )
         self.db.rollback()
-        self.jobs: list[Job] = []
-        self.extra: dict[str, Any] = {}
+        self.jobs: list[Job] = [Job(j) for j in self._base.jobs]
+        self.extra: dict[str, Any] = {}  # constructor keywords that are not options (tests)
         self._node: Leader | Follower | None = None
         self._http: HttpEndpoint | None = None
+
+    @property
+    def config(self) -> NodeConfig:
+        """The node's whole configuration, with the options set on it."""
+        o, base = self.options, self._base
+        sec: Security = o["security"] or Security()
+        hs: HttpSecurity = o["http_security"] or HttpSecurity()
+        return dataclasses.replace(
+            base,
+            role="follower" if o["follower"] else "leader",
+            host=o["host"],
+            port=o["port"],
+            seconds=float(o["seconds"]),
+            synchronous=o["synchronous"],
+            follower=dataclasses.replace(
+                base.follower,
+                syncthreads=o["syncthreads"],
+                syncbytes=o["syncbytes"],
+                once=o["once"],
+            ),
+            http=HttpOptions(o["http"], hs.cert, hs.key, hs.token_file, float(o["health_max_lag"])),
+            security=SecurityOptions(
+                sec.auth_file, sec.cert, sec.key, sec.client_ca, sec.ca, sec.server_name
+            ),
+        )
 
     def configure(self, **options: Any) -> dict[str, Any]:
         """Set options; returns the whole configuration."""
@@ -130,53 +167,19 @@ class Node:
         return self._node
 
     def start(self) -> None:
-        o = self.options
-        trace = Trace()
-        if o["follower"]:
-            f = Follower(
-                self.db,
-                host=o["host"],
-                port=o["port"],
-                syncthreads=o["syncthreads"],
-                syncbytes=o["syncbytes"],
-                jobs=self.jobs,
-                seconds=o["seconds"],
-                once=o["once"],
-                trace=trace,
-                security=o["security"],
-                **self.extra,
-            )
-            self._node = f
-            f.start()
+        cfg = self.config
+        hooks = {"trace": Trace(), **self.extra}
+        if self.options["follower"]:
+            self._node = follower_role(self.db, cfg, self.jobs, **hooks)
         else:
-            leader = Leader(
-                self.db,
-                self.jobs,
-                host=o["host"],
-                port=o["port"],
-                seconds=o["seconds"],
-                trace=trace,
-                security=o["security"],
-                **self.extra,
-            )
-            self._node = leader
-            leader.start()
-        if o["http"] is not None:
-            self._serve_http(o["http"])
-
-    def _serve_http(self, address: str) -> None:
-        runner = self._node
-        assert runner is not None
-        try:
-            self._http = serve_http(
-                runner,
-                address,
-                float(self.options["health_max_lag"]),
-                self.options["http_security"],
-            )
-        except BaseException:
-            runner.close()
-            raise
+            self._node = leader_role(self.db, cfg, self.jobs, **hooks)
+        self._node.start()
+        if cfg.http.address is not None:
+            try:
+                self._http = serve_runner_http(self._node, cfg.http)
+            except BaseException:
+                self._node.close()
+                raise
 
     @property
     def http_url(self) -> str | None:
@@ -219,36 +222,22 @@ class Node:
         self.db.close()
 
 
-def serve_http(
-    runner: Leader | Follower,
-    address: str,
-    health_max_lag: float = HEALTH_MAX_LAG,
-    security: HttpSecurity | None = None,
-) -> HttpEndpoint:
-    """Serve a started leader's or follower's ``/status``, ``/metrics`` and
-    ``/health`` on ``address`` (``HOST:PORT`` or ``PORT``), in threads of
-    its task group (they stop with it); close the endpoint after the node."""
-    host, port = parse_address(address)
-    if isinstance(runner, Leader):
-        metrics = Metrics(lambda: node_status(runner), "leader")
-    else:
-        metrics = Metrics(lambda: node_status(runner), "follower", lambda: _streaming_lag(runner))
-    routes = Routes(
-        lambda: node_status(runner), metrics.render, lambda: health(runner, health_max_lag)
-    )
-    sec = security or HttpSecurity()
-    ep = HttpEndpoint(host, port, routes, tls=sec.tls(), token=sec.token())
-    g = runner.group
-    g.spawn("hct-http", ep.serve, on_stop=ep.stop)
-    if metrics.sampler is not None:
-        g.spawn("hct-lag-sampler", metrics.sampler.run, g.stopping)
-    return ep
-
-
-def _streaming_lag(follower: Follower) -> float | None:
-    """The follower's lag in seconds while it streams (for the histogram)."""
-    state, _, lag_ms, _ = follower_lag(follower)
-    return lag_ms / 1000 if state == "streaming" and lag_ms is not None else None
+def _options_of(cfg: NodeConfig) -> dict[str, Any]:
+    """The Tcl-style options a configuration gives."""
+    return {
+        "port": cfg.port,
+        "host": cfg.host,
+        "seconds": cfg.seconds,
+        "follower": cfg.role == "follower",
+        "syncthreads": cfg.follower.syncthreads,
+        "syncbytes": cfg.follower.syncbytes,
+        "once": cfg.follower.once,
+        "http": cfg.http.address,
+        "health_max_lag": cfg.http.health_max_lag,
+        "security": cfg.security.security() if cfg.security != SecurityOptions() else None,
+        "http_security": None if cfg.http.security() == HttpSecurity() else cfg.http.security(),
+        "synchronous": cfg.synchronous,
+    }
 
 
 def _check(name: str, value: Any) -> None:
