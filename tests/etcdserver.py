@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from hctserver import bench
-from hctserver.etcd import EtcdAuthError, EtcdClient, EtcdError
+from hctserver.cluster.etcd import EtcdAuthError, EtcdClient, EtcdError
+from hctserver.tools import bench
 
 from helpers import wait_until
 from procs import free_port

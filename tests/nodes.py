@@ -12,10 +12,11 @@ from typing import Any
 
 import apsw
 
-from hctserver import Database, wire
-from hctserver.jobs import WRITER_SQL, writer
-from hctserver.node import DEFAULTS as NODE_OPTIONS
-from hctserver.node import Node
+from hctserver import Database
+from hctserver.node.jobs import WRITER_SQL, writer
+from hctserver.node.testserver import DEFAULTS as NODE_OPTIONS
+from hctserver.node.testserver import Node
+from hctserver.protocol import wire
 
 import dbdump
 
@@ -36,7 +37,7 @@ def init_db(path: str, n: int = 0) -> None:
 
 def leader_node(path: str, jobs: list[Any], **extra: Any) -> Node:
     """A leader on an ephemeral port; ``extra``: Node options (such as
-    ``security``) and keywords of :class:`hctserver.leader.Leader`."""
+    ``security``) and keywords of :class:`hctserver.node.leader.Leader`."""
     options = {k: extra.pop(k) for k in list(extra) if k in NODE_OPTIONS}
     node = Node(path, port=0, **options)
     for j in jobs:

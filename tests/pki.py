@@ -11,7 +11,7 @@ from typing import Any
 
 import trustme
 
-from hctserver.security import Security
+from hctserver.net.security import Security
 
 
 class Pki:

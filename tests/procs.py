@@ -119,7 +119,7 @@ def require_reference() -> Path:
     """:func:`reference`, or skip the test saying why."""
     import pytest
 
-    from hctserver.bench import reference_fixture
+    from hctserver.tools.bench import reference_fixture
 
     fixture = reference_fixture()
     if fixture is None:

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hctserver import auth, wire
 from hctserver.errors import AuthError, LeaderBusyError, ProtocolError
+from hctserver.protocol import auth, wire
 
 SECRET = b"a secret of thirty-two bytes...."
 

@@ -16,7 +16,9 @@ import time
 import apsw
 import pytest
 
-from hctserver import Database, bootstrap, snapshot, wire
+from hctserver import Database
+from hctserver.journal import snapshot
+from hctserver.protocol import bootstrap, wire
 
 import dbdump
 from helpers import replay, wait_until

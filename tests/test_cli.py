@@ -18,7 +18,7 @@ import apsw
 import pytest
 
 from hctserver import Database
-from hctserver.cli import build_parser
+from hctserver.tools.cli import build_parser
 
 from helpers import wait_until
 from nodes import init_db
@@ -328,7 +328,7 @@ def test_every_command_and_flag_is_documented() -> None:
 
 
 def test_every_bound_is_in_security_md_with_its_default() -> None:
-    from hctserver import config
+    from hctserver.node import config
 
     doc = (ROOT / "docs" / "SECURITY.md").read_text()
     rows = {line.split("|")[-2].strip(" `"): line for line in doc.splitlines() if "| `--" in line}

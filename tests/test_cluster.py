@@ -17,9 +17,9 @@ from typing import Any
 import apsw
 import pytest
 
-from hctserver import patchset
-from hctserver.cluster import cluster_status
-from hctserver.etcd import EtcdClient
+from hctserver.cluster.etcd import EtcdClient
+from hctserver.cluster.member import cluster_status
+from hctserver.journal import patchset
 
 from etcdserver import etcd_server
 from helpers import wait_until
@@ -125,7 +125,7 @@ class Cluster:
         """The node's /status (its URL is in its log)."""
         import re
 
-        from hctserver.httpserver import fetch
+        from hctserver.net.httpserver import fetch
 
         m = re.search(r"HTTP on (http://\S+)", self.procs.stderr(self.p[name]))
         assert m is not None, self.procs.stderr(self.p[name])

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from hctserver import config
-from hctserver.cluster import cluster_status
-from hctserver.httpserver import fetch
+from hctserver.cluster.member import cluster_status
+from hctserver.net.httpserver import fetch
+from hctserver.node import config
 
 from etcdserver import etcd_server
 from helpers import wait_until

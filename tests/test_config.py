@@ -13,16 +13,17 @@ from typing import Any
 
 import pytest
 
-from hctserver import Database, config
-from hctserver.assemble import follower_role, leader_role
-from hctserver.cli import build_parser, load_config
-from hctserver.cluster import ClusterNode
-from hctserver.config import NodeConfig
+from hctserver import Database
+from hctserver.cluster.etcd import EtcdClient
+from hctserver.cluster.member import ClusterNode
 from hctserver.errors import ConfigError
-from hctserver.etcd import EtcdClient
-from hctserver.follower import Follower
-from hctserver.leader import Leader
-from hctserver.retention import RetentionPolicy
+from hctserver.journal.retention import RetentionPolicy
+from hctserver.node import config
+from hctserver.node.assemble import follower_role, leader_role
+from hctserver.node.config import NodeConfig
+from hctserver.node.follower import Follower
+from hctserver.node.leader import Leader
+from hctserver.tools.cli import build_parser, load_config
 
 pytest.importorskip("trustme")
 from pki import Pki

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from hctserver.cluster.etcd import EtcdClient, EtcdError, Lease, prefix_end
 from hctserver.errors import ConfigError
-from hctserver.etcd import EtcdClient, EtcdError, Lease, prefix_end
 
 from etcdserver import etcd_server
 from helpers import wait_until

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 import trustme
 
+from hctserver.cluster.etcd import EtcdAuthError, EtcdClient, EtcdError, Lease
 from hctserver.errors import AuthError, ConfigError
-from hctserver.etcd import EtcdAuthError, EtcdClient, EtcdError, Lease
 
 from etcdserver import EtcdServer, etcd_server
 from procs import free_port

@@ -24,7 +24,7 @@ from hctserver.errors import (
     NotReplicationDatabaseError,
     UnsupportedStatementError,
 )
-from hctserver.gate import HEARTBEAT, GatePublisher, gate_path
+from hctserver.journal.gate import HEARTBEAT, GatePublisher, gate_path
 
 from helpers import wait_until
 from nodes import init_db, snapshot_of

@@ -8,8 +8,9 @@ from typing import Any
 import apsw
 import pytest
 
-from hctserver import Database, hctformat, patchset
+from hctserver import Database
 from hctserver.errors import ModeError, UnsupportedStatementError
+from hctserver.journal import hctformat, patchset
 
 import dbdump
 from helpers import replay, wait_until
@@ -206,7 +207,7 @@ def test_a_transaction_that_fails_after_its_statement_ran_leaves_nothing(
     """A failure past the statements (here the journal insert, as on a full
     disk) undoes the transaction's rows too: never a row without its entry."""
     from hctserver.errors import DiskFullError
-    from hctserver.transaction import Transactions
+    from hctserver.journal.transaction import Transactions
 
     db = _leader(str(tmp_path / "l.db"))
     real = Transactions.journal

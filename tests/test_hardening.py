@@ -21,15 +21,16 @@ from typing import Any
 import apsw
 import pytest
 
-from hctserver import Database, wire
+from hctserver import Database
 from hctserver.errors import (
     DatabaseInUseError,
     NotReplicationDatabaseError,
     ProtocolError,
     TimedOutError,
 )
-from hctserver.node import Node
+from hctserver.node.testserver import Node
 from hctserver.position import Entry
+from hctserver.protocol import wire
 
 import dbdump
 from helpers import replay, wait_until
@@ -309,7 +310,7 @@ def test_5_a_leader_cannot_run_sql_outside_the_schema_rules(
 
 
 def test_5_data_for_a_system_table_is_refused(tmp_path) -> None:
-    from hctserver import patchset
+    from hctserver.journal import patchset
 
     data = patchset.encode_table("hct_baseline", [1, 0, 0]) + patchset.encode_insert(
         (99, 0, bytes(16))
@@ -399,7 +400,7 @@ def test_6_a_leader_sending_a_byte_at_a_time_is_cut_off(tmp_path) -> None:
 
 
 def _big_entries(n: int, size: int) -> bytes:
-    from hctserver import patchset
+    from hctserver.journal import patchset
 
     es = [Entry(1, 0, "CREATE TABLE big(a INTEGER PRIMARY KEY, b)", b"")]
     header = patchset.encode_table("big", [1, 0])
@@ -412,7 +413,7 @@ def _big_entries(n: int, size: int) -> bytes:
 
 FOLLOW_AND_REPORT = """
 import resource, sys
-from hctserver.node import Node
+from hctserver.node.testserver import Node
 f = Node(sys.argv[1], follower=True, port=int(sys.argv[2]))
 f.start()
 f.db.wait_for(int(sys.argv[3]), timeout=300)
@@ -673,7 +674,7 @@ def test_background_checks_survive_a_failing_read(tmp_path) -> None:
     """The watchdog and the other-writers stream retry a read that failed
     instead of stopping the node."""
     from hctserver.errors import UnjournaledWriteError
-    from hctserver.watchdog import watch
+    from hctserver.journal.watchdog import watch
 
     class Flaky:
         path = "flaky.db"

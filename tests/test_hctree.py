@@ -13,9 +13,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hctserver import Database, hctformat
+from hctserver import Database
 from hctserver.errors import ProtocolError
-from hctserver.hctapply import HctApplier
+from hctserver.journal import hctformat
+from hctserver.journal.hctapply import HctApplier
 from hctserver.position import entry_hash, fold
 
 # a copy of ../shared/interop/vectors.json (made on the real C system; see

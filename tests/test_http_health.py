@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from hctserver.httpserver import AuthLimiter, HttpEndpoint, Routes
+from hctserver.net.httpserver import AuthLimiter, HttpEndpoint, Routes
 
 from helpers import wait_until
 

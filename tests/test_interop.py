@@ -89,7 +89,7 @@ def test_our_followers_follow_a_c_leader_from_the_start_and_mid_run(tmp_path: Pa
 
 
 def _reply(*entries: tuple[int, int, str, bytes]) -> bytes:
-    from hctserver import wire
+    from hctserver.protocol import wire
 
     return (
         wire.encode_syncreply_start(1)
@@ -128,7 +128,7 @@ def test_an_empty_follower_takes_an_hctree_leaders_baseline(tmp_path: Path) -> N
 
     create = (7, 0, "CREATE TABLE t1(a INTEGER PRIMARY KEY, b, c)", b"")
     row = (8, 7, "", bytes.fromhex("5474310069020b04001b0875706461746564"))  # vectors: cid 18
-    from hctserver import wire
+    from hctserver.protocol import wire
 
     fake = FakeLeader(_reply(create, row), sub_reply=wire.encode_subreply_start())
     fp = str(tmp_path / "f.db")
@@ -239,8 +239,10 @@ def test_our_follower_starved_by_a_c_leader_follows_it_by_sync(tmp_path: Path) -
 def test_hostile_hctree_data_stops_a_follower_with_nothing_applied(tmp_path: Path) -> None:
     import pytest
 
-    from hctserver import Database, hctformat, wire
+    from hctserver import Database
     from hctserver.errors import ProtocolError
+    from hctserver.journal import hctformat
+    from hctserver.protocol import wire
 
     from nodes import FakeLeader, follower_node
 

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hctserver import Database, HctError, capture
+from hctserver import Database, HctError
+from hctserver.journal import capture
 
 import dbdump
 

@@ -13,14 +13,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hctserver import auth, bootstrap, feedback, messages, wire
 from hctserver.errors import (
     ProtocolError,
     SizeLimitError,
     TruncatedMessageError,
     UnknownMessageTypeError,
 )
-from hctserver.messages import (
+from hctserver.protocol import auth, bootstrap, feedback, messages, wire
+from hctserver.protocol.messages import (
     OPENERS,
     TABLE,
     Direction,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from hctserver.errors import AddressInUseError, ConfigError, ConnectError, JobError
-from hctserver.node import Node
+from hctserver.node.testserver import Node
 
 from helpers import wait_until
 from nodes import assert_identical, controlled_job, follower_node, init_db, leader_node

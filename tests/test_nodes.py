@@ -78,7 +78,7 @@ def test_a_stopped_follower_restarts_and_converges(tmp_path) -> None:
 
 CHILD = (
     "import sys\n"
-    "from hctserver.node import Node\n"
+    "from hctserver.node.testserver import Node\n"
     "n = Node(sys.argv[1], follower=True, port=int(sys.argv[2]), syncthreads=2)\n"
     "n.extra['bootstrap'] = False  # this test is about replay\n"
     "n.run()\n"
@@ -239,7 +239,7 @@ def test_a_subscriber_that_never_reads_is_dropped(tmp_path) -> None:
 
 
 def _entries_bytes(src: str, upto: int) -> bytes:
-    from hctserver import wire
+    from hctserver.protocol import wire
 
     return b"".join(
         wire.encode_entry(*e) for e in Database(src, init=False).iter_entries(upto=upto)
@@ -323,7 +323,7 @@ def test_a_service_follower_retries_a_leader_that_vanishes(tmp_path, name: str) 
 
 
 def test_a_follower_stopped_with_entries_above_a_hole_stops_cleanly(tmp_path) -> None:
-    from hctserver import wire
+    from hctserver.protocol import wire
 
     lp = str(tmp_path / "l.db")
     init_db(lp, 6)
@@ -345,7 +345,7 @@ def test_a_hole_the_streams_never_fill_is_asked_for_again(tmp_path, caplog) -> N
     """A streaming follower whose entries wait above a hole SYNCs again
     instead of waiting for ever (here the leader's first two replies lack cid
     4, which only the third has)."""
-    from hctserver import wire
+    from hctserver.protocol import wire
 
     lp = str(tmp_path / "l.db")
     init_db(lp, 6)

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hctserver import Database, bootstrap, feedback, speedups, wire
-from hctserver.followers import CommitClock, FollowerTable
-from hctserver.session import LeaderSession, ServeFeedback, ServeSub
+from hctserver import Database, speedups
+from hctserver.node.followers import CommitClock, FollowerTable
+from hctserver.protocol import bootstrap, feedback, wire
+from hctserver.protocol.session import LeaderSession, ServeFeedback, ServeSub
 
 from helpers import wait_until
 from nodes import FakeLeader, assert_identical, follower_node, init_db, snapshot_of
@@ -332,7 +333,7 @@ def test_the_probe_against_the_original_c_leader(tmp_path) -> None:
 
 
 def _endpoint(**kw: Any) -> Any:
-    from hctserver.httpserver import HttpEndpoint, Routes
+    from hctserver.net.httpserver import HttpEndpoint, Routes
 
     ep = HttpEndpoint(
         "127.0.0.1", 0, Routes(lambda: {"ok": 1}, lambda: b"m 1\n", lambda: (True, "ok")), **kw

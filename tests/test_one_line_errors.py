@@ -4,7 +4,7 @@ for a real bug: an exception that is not one of hctserver's typed errors).
 
 The real ``hctserver follower`` runs against a hostile fake leader (a real
 socket on loopback, served by a thread: tests/nodes.py's FakeLeader); then
-:class:`~hctserver.tasks.TaskGroup`'s own logging is checked with caplog.
+:class:`~hctserver.net.tasks.TaskGroup`'s own logging is checked with caplog.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from hctserver import wire
 from hctserver.errors import HctError, JobError, ProtocolError
-from hctserver.tasks import TaskGroup
+from hctserver.net.tasks import TaskGroup
+from hctserver.protocol import wire
 
 from nodes import FakeLeader
 from procs import processes

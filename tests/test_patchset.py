@@ -6,7 +6,7 @@ import apsw
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hctserver import patchset
+from hctserver.journal import patchset
 
 values = st.one_of(
     st.none(),

@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from hctserver import Database, feedback, wire
+from hctserver import Database
 from hctserver.errors import ConfigError
+from hctserver.journal.retention import Cut, Pins, RetentionPolicy, plan
 from hctserver.position import Entry
-from hctserver.retention import Cut, Pins, RetentionPolicy, plan
+from hctserver.protocol import feedback, wire
 
 from helpers import wait_until
 from nodes import assert_identical, init_db, leader_node, snapshot_of

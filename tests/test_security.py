@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from hctserver import wire
 from hctserver.errors import AuthError, ConfigError, ProtocolError
-from hctserver.node import Node
-from hctserver.security import HttpSecurity, Security
+from hctserver.net.security import HttpSecurity, Security
+from hctserver.node.testserver import Node
+from hctserver.protocol import wire
 
 from helpers import wait_until
 from nodes import assert_identical, end_identical, follower_node, gated_writer, init_db, leader_node
@@ -377,7 +377,7 @@ def test_cli_nodes_over_tls_with_a_secret_and_a_wrong_secret_exits_11(tmp_path, 
 def test_the_http_endpoint_over_tls_with_a_bearer_token(tmp_path, pki: Pki) -> None:
     lp = str(tmp_path / "l.db")
     init_db(lp, 10)
-    from hctserver.top import read_status
+    from hctserver.tools.top import read_status
 
     token = (Path(pki.secret).read_bytes()).strip()
     node = Node(

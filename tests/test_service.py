@@ -18,11 +18,12 @@ import apsw
 import pytest
 
 import hctserver
-from hctserver import Database, patchset
+from hctserver import Database
 from hctserver.errors import JobError, ModeError, UnjournaledWriteError
-from hctserver.node import Node
+from hctserver.journal import patchset
+from hctserver.net.transport import MemoryNetwork
+from hctserver.node.testserver import Node
 from hctserver.position import Entry
-from hctserver.transport import MemoryNetwork
 
 import dbdump
 from helpers import wait_until

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from hctserver import bootstrap, wire
 from hctserver.errors import (
     ConnectError,
     ConnectionLostError,
@@ -25,7 +24,8 @@ from hctserver.errors import (
     UnknownMessageTypeError,
 )
 from hctserver.position import ZERO_HASH, Entry, Position, fold
-from hctserver.session import (
+from hctserver.protocol import bootstrap, wire
+from hctserver.protocol.session import (
     BUSY,
     DRAINING,
     Backoff,

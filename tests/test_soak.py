@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from hctserver import wire
+from hctserver.protocol import wire
 
 from helpers import wait_until
 from nodes import assert_identical, init_db, snapshot_of

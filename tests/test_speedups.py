@@ -14,9 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hctserver import apply, hctformat, patchset, position, speedups, wire
+from hctserver import position, speedups
 from hctserver.errors import ProtocolError
+from hctserver.journal import apply, hctformat, patchset
 from hctserver.position import Entry
+from hctserver.protocol import wire
 
 native: Any = pytest.importorskip("hctserver.native", reason="the extension is not built here")
 
@@ -193,7 +195,7 @@ def test_the_implementation_in_use_and_forcing_pure_python() -> None:
         assert speedups.implementation() == "native"
         assert position.chain is native.chain and wire.NATIVE_DECODE is native.decode_entries
     code = (
-        "from hctserver import speedups, position, wire;"
+        "from hctserver import speedups, position; from hctserver.protocol import wire;"
         "print(speedups.implementation(), position.chain is position.py_chain,"
         " wire.NATIVE_DECODE is None)"
     )

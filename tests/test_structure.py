@@ -6,29 +6,69 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+from typing import Any
+
+import grimp
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "src" / "hctserver"
 
 
 def modules() -> dict[str, ast.Module]:
-    return {p.stem: ast.parse(p.read_text(), str(p)) for p in sorted(PKG.glob("*.py"))}
+    """Every module of the package by its name (names are unique across the
+    subpackages; their ``__init__`` files hold only a docstring)."""
+    out = {}
+    for p in sorted(PKG.rglob("*.py")):
+        if p.stem == "__init__" and p.parent != PKG:
+            assert not ast.parse(p.read_text()).body[1:], f"{p}: a docstring only"
+            continue
+        assert p.stem not in out, f"two modules named {p.stem}"
+        out[p.stem] = ast.parse(p.read_text(), str(p))
+    return out
 
 
-def package_imports(name: str, tree: ast.Module) -> set[str]:
-    """Modules of the package that ``name`` imports, anywhere in it (inside
+def package_imports() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, anywhere in it (inside
     functions and TYPE_CHECKING blocks too: a cycle there is still a cycle)."""
-    out: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                out.add(node.module.split(".")[0])
-            else:
-                out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hctserver"):
-            parts = (node.module or "").split(".")
-            out.update(parts[1:2] or [a.name for a in node.names])
-    return {m for m in out if (PKG / f"{m}.py").exists() and m != name}
+    graph = grimp.build_graph("hctserver", cache_dir=None)
+    return {m: graph.find_modules_directly_imported_by(m) for m in graph.modules}
+
+
+# top to bottom; a layer imports only from itself and the layers below it
+# (the same contract as [tool.importlinter] in pyproject.toml, which CI runs)
+LAYERS = (
+    "hctserver.tools",
+    "hctserver.cluster",
+    "hctserver.node",
+    ("hctserver.net", "hctserver.protocol"),  # side by side, neither importing the other
+    "hctserver.journal",
+)
+
+
+def illegal_imports(graph: grimp.ImportGraph) -> set[Any]:
+    layers = [grimp.Layer(*x) if isinstance(x, tuple) else grimp.Layer(x) for x in LAYERS]
+    return graph.find_illegal_dependencies_for_layers(layers=layers)
+
+
+def test_lower_layers_never_import_upper_ones() -> None:
+    graph = grimp.build_graph("hctserver", cache_dir=None)
+    bad = illegal_imports(graph)
+    assert not bad, [(d.importer, d.imported, d.routes) for d in bad]
+    roots = {m for m in graph.modules if m.count(".") == 1 and m != "hctserver.__main__"}
+    for m in roots - {"hctserver.tools", "hctserver.cluster", "hctserver.node", "hctserver.net",
+                      "hctserver.protocol", "hctserver.journal"}:  # fmt: skip
+        ups = {i.split(".")[1] for i in graph.find_modules_directly_imported_by(m)} - {
+            "errors", "faults", "position", "version", "speedups"}  # fmt: skip
+        assert not ups, f"{m}, a root module, imports from {ups}"
+
+
+def test_the_layer_check_can_fail() -> None:
+    graph = grimp.build_graph("hctserver", cache_dir=None)
+    graph.add_import(importer="hctserver.journal.store", imported="hctserver.node.leader")
+    graph.add_import(importer="hctserver.net.transport", imported="hctserver.protocol.wire")
+    bad = {(d.importer, d.imported) for d in illegal_imports(graph)}
+    assert ("hctserver.journal", "hctserver.node") in bad
+    assert ("hctserver.net", "hctserver.protocol") in bad
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -54,7 +94,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_package_has_no_import_cycle() -> None:
-    graph = {name: package_imports(name, tree) for name, tree in modules().items()}
+    graph = package_imports()
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
 
 
@@ -123,7 +163,7 @@ def test_every_socket_lives_in_the_transport_module() -> None:
 
 def test_every_thread_is_in_the_architectures_table() -> None:
     names = set()
-    for p in PKG.glob("*.py"):
+    for p in PKG.rglob("*.py"):
         for m in re.finditer(r'spawn\(\s*f?"(hct-[a-z-]+)', p.read_text()):
             names.add(m.group(1).rstrip("-"))
     assert len(names) >= 8, names

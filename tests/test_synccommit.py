@@ -9,9 +9,9 @@ import time
 import pytest
 
 from hctserver.errors import CommitUnknownError, ConfigError
-from hctserver.feedback import Report
-from hctserver.followers import CommitClock, FollowerTable
-from hctserver.synccommit import SyncCommit
+from hctserver.node.followers import CommitClock, FollowerTable
+from hctserver.node.synccommit import SyncCommit
+from hctserver.protocol.feedback import Report
 
 from helpers import wait_until
 from nodes import follower_node, init_db, leader_node, snapshot_of

@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hctserver import wire
 from hctserver.errors import (
     EntryTooSmallError,
     MissingNulError,
@@ -18,6 +17,7 @@ from hctserver.errors import (
     UnknownMessageTypeError,
 )
 from hctserver.position import Entry
+from hctserver.protocol import wire
 
 entries = st.builds(
     Entry,

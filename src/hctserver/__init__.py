@@ -1,9 +1,9 @@
 """hctserver: leader/follower replication for SQLite (the hctree hct_testserver)."""
 
 from .errors import HctError
-from .journal import Database, connect
+from .journal.database import Database, connect
+from .journal.store import Mode
 from .position import Entry, Position, entry_hash, fold
-from .store import Mode
 from .version import VERSION
 
 __version__ = VERSION

@@ -1,7 +1,7 @@
 """Every exception hctserver raises on purpose.
 
 Classes say what went wrong; the command line decides the exit code
-(``hctserver.cli.EXIT_CODES``). Network errors come in two kinds:
+(``hctserver.tools.cli.EXIT_CODES``). Network errors come in two kinds:
 
 * :class:`TransientError` and its subclasses: the peer is unreachable,
   went away, timed out, or is busy or shutting down. Retrying later may

@@ -1,0 +1,1 @@
+"""Coordination of equal nodes through etcd: election, fencing, membership."""

@@ -1,0 +1,2 @@
+"""The journaled database: capture, commit, apply, entry formats, retention,
+snapshots and the commit gate. No networking."""

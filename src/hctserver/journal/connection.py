@@ -1,0 +1,315 @@
+"""Connections for user code: every write transaction becomes a journal entry.
+
+Statements are sorted (:mod:`hctserver.journal.sqltext`) and dispatched: reads run
+as they are; writes run inside a journaled transaction
+(:mod:`hctserver.journal.transaction`); ALTER/DROP TABLE and CREATE TABLE ... AS go
+through :mod:`hctserver.journal.reshape`; the authorizer keeps user SQL off the
+system tables.
+
+Transaction forms: ``BEGIN [DEFERRED|IMMEDIATE|EXCLUSIVE|CONCURRENT]`` …
+``COMMIT``/``END``/``ROLLBACK``; ``SAVEPOINT``/``RELEASE`` (an outermost
+SAVEPOINT starts a transaction, its RELEASE commits it); ``with conn:``; and
+a single writing statement outside any transaction, which is wrapped in one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import apsw
+
+from ..errors import UnsupportedStatementError
+from . import sqltext
+from .authorizer import Authorizer
+from .capture import Capture, uncaptured
+from .groupcommit import Committed, GroupCommitter, Statements, prepare
+from .reshape import Reshaper
+from .sqltext import Kind, Statement, ddl_texts
+from .store import CommitHook, Mode, Store
+from .transaction import CidTracker, Transactions, disk_full, not_leader
+
+
+class Rows:
+    """The rows of a statement that already ran to completion."""
+
+    def __init__(self, rows: list[tuple[Any, ...]]) -> None:
+        self._it = iter(rows)
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return self._it
+
+    def __next__(self) -> tuple[Any, ...]:
+        return next(self._it)
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return list(self._it)
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return next(self._it, None)
+
+
+_NO_ROWS = Rows([])
+_parse = sqltext.parse
+
+
+class JournaledConnection:
+    """A connection to a replication-enabled database for user code.
+
+    One per thread. ``execute`` accepts one or several statements; bindings
+    only with a single statement. ``with conn:`` is a transaction (a
+    savepoint when one is already open). A connection reads its own writes.
+    """
+
+    def __init__(
+        self, db: Store, *, owns_db: bool = False, committer: GroupCommitter | None = None
+    ) -> None:
+        self.db = db
+        self._owns_db = owns_db
+        self._committer = committer
+        self._own_committer: GroupCommitter | None = None
+        self._conn = db.open_connection()
+        self._epoch = -1
+        self._ctx: list[str | None] = []
+        self._auth = Authorizer(self._conn)
+        self._cap = Capture(self._conn, db.share, track_keys=db.format == "hctree")
+        self._txs = Transactions(self._conn, db, self._cap, self._auth)
+        self._reshaper = Reshaper(self._conn, self._cap, self._auth)
+
+    # --- public API ----------------------------------------------------------
+
+    def execute(self, sql: str, bindings: Any = None) -> Any:
+        """Run SQL; returns a cursor (or, for a statement wrapped in its own
+        transaction, its rows already fetched)."""
+        if self._epoch != self.db.mode_epoch:
+            self._sync_mode()
+        try:
+            return self._execute(sql, bindings)
+        except apsw.AuthError as e:
+            raise self._refusal(e) from None
+
+    def _refusal(self, e: apsw.AuthError) -> BaseException:
+        why, self._auth.refused = self._auth.refused, None
+        return e if why is None else UnsupportedStatementError(why)
+
+    def _execute(self, sql: str, bindings: Any) -> Any:
+        stmts = _parse(sql)
+        if len(stmts) == 1:
+            return self._run(stmts[0], bindings)
+        if not stmts:
+            return self._conn.execute(sql, bindings)
+        if bindings is not None:
+            raise UnsupportedStatementError(
+                "bindings were given with several statements; execute them one at a time"
+            )
+        for st in stmts[:-1]:
+            for _ in self._run(st, None):
+                pass
+        return self._run(stmts[-1], bindings)
+
+    def executemany(self, sql: str, sequence: Iterable[Any]) -> Any:
+        """Run one statement for each set of bindings; outside a transaction all
+        of them form one journaled transaction."""
+        if self._epoch != self.db.mode_epoch:
+            self._sync_mode()
+        stmts = _parse(sql)
+        if len(stmts) != 1:
+            raise UnsupportedStatementError("executemany takes exactly one statement")
+        st = stmts[0]
+        if st.kind not in (Kind.WRITE, Kind.READ):
+            raise UnsupportedStatementError(
+                f"executemany runs INSERT/UPDATE/DELETE/SELECT, not {st.kind.value} statements"
+            )
+        if st.kind is Kind.READ:
+            return self._conn.executemany(st.text, sequence)
+        self._check_writable()
+        txs = self._txs
+        if txs.tx is not None:
+            txs.start_writing()
+            return txs.guarded(lambda: self._conn.executemany(st.text, sequence))
+        txs.begin(eager=True)
+        try:
+            rows = list(self._conn.executemany(st.text, sequence))
+            txs.commit()
+        except BaseException:
+            txs.abort()
+            raise
+        return Rows(rows)
+
+    def transact(self, statements: Statements) -> Committed:
+        """Run ``statements`` (each ``"sql"`` or ``("sql", bindings)``: one
+        INSERT/UPDATE/DELETE/REPLACE or SELECT each) as one journaled
+        transaction, in one call. Transactions that threads submit at the
+        same time are committed together (group commit), each atomic on its
+        own with its own cid; this returns once its group is committed, with
+        the cid (0 if it changed nothing) and each statement's rows. If one
+        statement fails, the transaction is rolled back and the error raised."""
+        if self._epoch != self.db.mode_epoch:
+            self._sync_mode()
+        prepared = prepare(statements)
+        self._check_writable()
+        if self._txs.tx is not None:
+            raise UnsupportedStatementError(
+                "transact() runs a transaction of its own: commit or roll back the open one first"
+            )
+        if self._committer is None:  # a connection on a bare Store: a committer of its own
+            self._committer = self._own_committer = GroupCommitter(self.db)
+        txs = self._txs
+        entry, rows = self._committer.transact(prepared, txs.hooks, txs.tracker)
+        if entry is None:
+            return Committed(0, rows)
+        txs.last_cid = entry.cid
+        return Committed(entry.cid, rows)
+
+    def add_commit_hook(self, hook: CommitHook) -> None:
+        """Call ``hook(cid, schema, data, schemacid)`` after each journaled commit
+        of this connection (the leader streams a job's commits from here)."""
+        self._txs.hooks = (*self._txs.hooks, hook)
+
+    def track_cids(self, tracker: CidTracker | None) -> None:
+        """Tell ``tracker`` every cid this connection commits, before the
+        commit becomes visible (and again if it then fails)."""
+        self._txs.tracker = tracker
+
+    @property
+    def last_cid(self) -> int:
+        """The cid of the last transaction this connection committed (0 if none):
+        what a reader on a follower waits for to read its writes
+        (``follower_db.wait_for(conn.last_cid)``)."""
+        return self._txs.last_cid
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._txs.tx is not None
+
+    def snapshot(self) -> int:
+        return self.db.snapshot()
+
+    def wait_for(self, cid: int, timeout: float | None = None) -> bool:
+        """Wait until the database's snapshot reaches ``cid`` (see Store.wait_for)."""
+        return self.db.wait_for(cid, timeout)
+
+    def changes(self) -> int:
+        return int(self._conn.changes())
+
+    def last_insert_rowid(self) -> int:
+        return int(self._conn.last_insert_rowid())
+
+    def close(self) -> None:
+        if self._txs.tx is not None:
+            self._txs.abort()
+        self._conn.close()
+        if self._own_committer is not None:
+            self._own_committer.close()
+        if self._owns_db:
+            self.db.close()
+
+    def __enter__(self) -> JournaledConnection:
+        if self._txs.tx is None:
+            self.execute("BEGIN IMMEDIATE")
+            self._ctx.append(None)
+        else:
+            name = f"hct_ctx_{len(self._ctx)}"
+            self.execute(f"SAVEPOINT {name}")
+            self._ctx.append(name)
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        name = self._ctx.pop()
+        if name is None:
+            if self._txs.tx is not None:
+                self.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        elif self._txs.tx is not None:
+            if exc_type is not None:
+                self.execute(f"ROLLBACK TO {name}")
+            self.execute(f"RELEASE {name}")
+
+    # --- dispatch ----------------------------------------------------------
+
+    def _run(self, st: Statement, bindings: Any) -> Any:
+        k = st.kind
+        txs = self._txs
+        if k is Kind.READ or k is Kind.OTHER:
+            return self._conn.execute(st.text, bindings)
+        if k is Kind.WRITE or k is Kind.DDL or k is Kind.DDL_RESHAPE:
+            if self.db.mode is not Mode.LEADER:
+                self._check_writable()
+            tx = txs.tx
+            if tx is None:
+                return self._autocommit(st, bindings)
+            if not tx.writing:
+                txs.start_writing()
+            try:
+                return self._write(st, bindings)
+            except BaseException as exc:
+                txs.failed()
+                if isinstance(exc, apsw.FullError):
+                    raise disk_full(self.db.path) from exc
+                raise
+        if k is Kind.BEGIN:
+            if txs.tx is not None:  # let SQLite report the nesting error
+                return self._conn.execute(st.text)
+            txs.begin(eager=st.eager)
+            return _NO_ROWS
+        if k is Kind.COMMIT or k is Kind.ROLLBACK:
+            if txs.tx is None:
+                return self._conn.execute(st.text)
+            if k is Kind.COMMIT:
+                txs.commit()
+            else:
+                txs.abort()
+            return _NO_ROWS
+        if k is Kind.SAVEPOINT:
+            return txs.savepoint(st)
+        if k is Kind.RELEASE or k is Kind.ROLLBACK_TO:
+            cur = txs.release(st) if k is Kind.RELEASE else txs.rollback_to(st)
+            return _NO_ROWS if cur is None else cur
+        raise UnsupportedStatementError(
+            "VACUUM can renumber the rowids of tables without an INTEGER PRIMARY KEY,"
+            " which would break replication; use VACUUM INTO 'file' for a compact copy"
+        )
+
+    def _write(self, st: Statement, bindings: Any) -> Any:
+        txs = self._txs
+        tx = txs.tx
+        assert tx is not None
+        cap = self._cap
+        if cap.large and not tx.savepoints:
+            # not inside a savepoint: a ROLLBACK TO could not undo what was encoded
+            cap.switch_if_large()
+        if st.kind is Kind.DDL_RESHAPE or st.create_as:
+            return self._reshaper.execute(st, bindings, tx, txs.abort)
+        cur = self._conn.execute(st.text, bindings)
+        if cap.broken is not None:
+            table = cap.broken
+            txs.abort()
+            raise uncaptured(table)
+        if st.kind is Kind.DDL:
+            tx.ddl.append(ddl_texts(st))
+            cap.invalidate()
+        return cur
+
+    def _autocommit(self, st: Statement, bindings: Any) -> Rows:
+        txs = self._txs
+        txs.begin(eager=True)
+        try:
+            rows = list(self._write(st, bindings))
+            txs.commit()
+        except BaseException as exc:
+            txs.abort()
+            if isinstance(exc, apsw.FullError):
+                raise disk_full(self.db.path) from exc
+            raise
+        return Rows(rows)
+
+    # --- mode --------------------------------------------------------------
+
+    def _sync_mode(self) -> None:
+        epoch = self.db.mode_epoch
+        follower = self.db.mode is Mode.FOLLOWER
+        self._conn.execute(f"PRAGMA query_only={int(follower)}")
+        self._epoch = epoch
+
+    def _check_writable(self) -> None:
+        if self.db.mode is not Mode.LEADER:
+            raise not_leader(self.db.path)

@@ -1,0 +1,361 @@
+"""The commit gate: one decision, for every writer of a database file, on
+whether a commit may be made and whether it may be acknowledged.
+
+A node that serves a file (leader or follower) publishes its state in a
+small shared-memory file beside the database, ``DB-hctgate`` (as SQLite
+keeps its WAL index in ``DB-shm``): whether it leads, until when it may
+acknowledge commits (a point on the machine's monotonic clock, which every
+process of the machine shares), how many followers must acknowledge a
+commit, and the newest cid that many have acknowledged. Only the node
+writes it (:class:`GatePublisher`); every writer reads it (:class:`Gate`):
+the node's own jobs, ``hctserver.connect()`` in the node's process or in
+any other, a forwarded write.
+
+* Before COMMIT (:meth:`Gate.admit`, with the writer lock held) a commit is
+  refused unless a node leads this file and its acknowledgement deadline
+  lies ahead: nothing is written, the writer gets :class:`NotLeaderError`
+  or :class:`NoNodeError`.
+* After COMMIT (:meth:`Gate.acknowledge`) the writer waits, with K > 0,
+  until K followers have acknowledged the cid, then checks once more that
+  the same leadership still holds and its deadline has not passed. If the
+  acknowledgement did not arrive (the node stopped or lost its lease, the
+  sync timeout passed while waiting) the writer gets
+  :class:`CommitUnknownError`: committed here, perhaps not replicated.
+
+The deadline is the fencing: a cluster node publishes the time until which
+its lease is certainly valid in etcd, less a margin; a plain leader a
+heartbeat a few seconds ahead. Nothing has to happen for a writer to stop
+at that time (no thread, no etcd call): a paused node publishes nothing,
+and its deadline simply passes. docs/FAILOVER.md gives the argument.
+
+The record is a seqlock: the publisher makes the sequence odd, writes the
+fields, makes it even; a reader retries until it reads one even sequence
+on both sides of its copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import struct
+import threading
+import time
+from dataclasses import astuple, dataclass, replace
+from typing import Any, NamedTuple, cast
+
+from ..errors import CommitUnknownError, NoNodeError, NotLeaderError
+
+MAGIC = b"hctgate1"
+_HEAD = struct.Struct("<8sQ")  # magic, sequence
+_BODY = struct.Struct("<qqqqqqqqqq")
+_LEADER_AT = _HEAD.size + _BODY.size
+_LEADER_MAX = 240  # bytes of the leader's address (for errors and forwarding)
+SIZE = 4096
+
+NONE, LEADER, FOLLOWER = 0, 1, 2
+HEARTBEAT = 3.0  # seconds a plain leader's published deadline lies ahead
+_POLL_MIN, _POLL_MAX = 0.0002, 0.002  # a waiter in another process polls between these
+
+
+def gate_path(db_path: str) -> str:
+    return db_path + "-hctgate"
+
+
+@dataclass(frozen=True)
+class GateState:
+    pid: int
+    generation: int  # moves each time a node starts or stops leading
+    state: int  # NONE, LEADER or FOLLOWER
+    valid_until_ns: int  # monotonic ns until which the leader may acknowledge
+    sync_k: int
+    sync_timeout_ms: int  # -1: wait as long as it takes
+    acked_cid: int  # newest cid sync_k followers acknowledged (this generation)
+    degraded: int  # 1 while synchronous commit has given up (asynchronous)
+    spare1: int  # room for later fields, the layout unchanged
+    spare2: int
+    leader: str  # the leader's address, as known to this node ("" if none)
+
+
+_EMPTY = GateState(0, 0, NONE, 0, 0, -1, 0, 0, 0, 0, "")
+
+
+class Ticket(NamedTuple):
+    """What :meth:`Gate.admit` saw: the leadership a commit was made under."""
+
+    generation: int
+    degraded: bool  # asynchronous from the start: nothing to wait for
+    open: bool  # no node has ever served this file: no gate at all
+
+
+_OPEN = Ticket(0, True, True)
+
+
+def _read(m: mmap.mmap) -> GateState:
+    while True:
+        magic, s1 = _HEAD.unpack_from(m, 0)
+        body = _BODY.unpack_from(m, _HEAD.size)
+        raw = m[_LEADER_AT : _LEADER_AT + _LEADER_MAX]
+        _, s2 = _HEAD.unpack_from(m, 0)
+        if magic != MAGIC:
+            return _EMPTY
+        if s1 == s2 and not s1 & 1:
+            leader = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+            return cast(Any, GateState)(*body, leader)  # type: ignore[no-any-return]
+        time.sleep(0)
+
+
+def _open_map(path: str, create: bool) -> mmap.mmap | None:
+    """Map the gate file; with ``create``, make it first (atomically: a
+    reader never maps a half-written file, and an existing one is kept, so
+    that processes that mapped it go on seeing what is published)."""
+    if create and not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(_HEAD.pack(MAGIC, 0) + _BODY.pack(*astuple(_EMPTY)[:-1]))
+            f.truncate(SIZE)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    try:
+        fd = os.open(path, os.O_RDWR if create else os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        if os.fstat(fd).st_size < SIZE:
+            return None
+        access = mmap.ACCESS_WRITE if create else mmap.ACCESS_READ
+        return mmap.mmap(fd, SIZE, access=access)
+    finally:
+        os.close(fd)
+
+
+class _Local:
+    """Publishers and gates of one process, by file: a publish wakes this
+    process's waiters at once (others poll)."""
+
+    lock = threading.Lock()
+    conds: dict[str, threading.Condition] = {}
+
+    @classmethod
+    def cond(cls, path: str) -> threading.Condition:
+        with cls.lock:
+            c = cls.conds.get(path)
+            if c is None:
+                c = cls.conds[path] = threading.Condition()
+            return c
+
+
+class GatePublisher:
+    """The node's side: the only writer of the gate file. Thread-safe."""
+
+    def __init__(self, db_path: str) -> None:
+        self.path = gate_path(db_path)
+        m = _open_map(self.path, create=True)
+        if m is None:
+            raise OSError(f"{self.path}: cannot create the commit gate file")
+        self._map = m
+        self._lock = threading.Lock()
+        self._cond = _Local.cond(self.path)
+        self._state = replace(_read(m), pid=os.getpid())
+
+    @property
+    def state(self) -> GateState:
+        return self._state
+
+    def _publish(self, st: GateState) -> None:
+        m = self._map
+        _, seq = _HEAD.unpack_from(m, 0)
+        seq += seq & 1  # a publisher killed mid-write left it odd
+        _HEAD.pack_into(m, 0, MAGIC, seq + 1)
+        _BODY.pack_into(m, _HEAD.size, *astuple(st)[:-1])
+        raw = st.leader.encode()[: _LEADER_MAX - 1]
+        m[_LEADER_AT : _LEADER_AT + _LEADER_MAX] = raw.ljust(_LEADER_MAX, b"\0")
+        _HEAD.pack_into(m, 0, MAGIC, seq + 2)
+        self._state = st
+        with self._cond:
+            self._cond.notify_all()
+
+    def lead(self, *, sync_k: int, sync_timeout: float | None, valid_until: float) -> None:
+        """A leader starts: a new generation (commits of an earlier one that
+        still wait will never be acknowledged)."""
+        with self._lock:
+            st = self._state
+            self._publish(
+                replace(
+                    st,
+                    pid=os.getpid(),
+                    generation=st.generation + 1,
+                    state=LEADER,
+                    valid_until_ns=int(valid_until * 1e9),
+                    sync_k=sync_k,
+                    sync_timeout_ms=-1 if sync_timeout is None else int(sync_timeout * 1000),
+                    acked_cid=0,
+                    degraded=0,
+                    leader="",
+                )
+            )
+
+    def extend(self, valid_until: float) -> None:
+        """Move the deadline (a renewed lease, a heartbeat); never while not leading."""
+        with self._lock:
+            st = self._state
+            if st.state == LEADER:
+                self._publish(replace(st, valid_until_ns=int(valid_until * 1e9)))
+
+    def acked(self, cid: int) -> None:
+        """``sync_k`` followers have acknowledged every cid up to ``cid``."""
+        with self._lock:
+            st = self._state
+            if st.state == LEADER and cid > st.acked_cid:
+                self._publish(replace(st, acked_cid=cid))
+
+    def set_degraded(self, degraded: bool) -> None:
+        with self._lock:
+            st = self._state
+            if st.state == LEADER and st.degraded != int(degraded):
+                self._publish(replace(st, degraded=int(degraded)))
+
+    def follow(self, leader: str = "") -> None:
+        """This node follows ``leader`` (its address, if known)."""
+        with self._lock:
+            st = self._state
+            gen = st.generation + (st.state == LEADER)
+            self._publish(
+                replace(
+                    st,
+                    pid=os.getpid(),
+                    generation=gen,
+                    state=FOLLOWER,
+                    valid_until_ns=0,
+                    leader=leader,
+                )
+            )
+
+    def stop(self) -> None:
+        """No node serves the file any more: every waiting commit gets
+        CommitUnknownError, every new one NoNodeError."""
+        with self._lock:
+            st = self._state
+            gen = st.generation + (st.state == LEADER)
+            self._publish(replace(st, generation=gen, state=NONE, valid_until_ns=0))
+
+    def close(self) -> None:
+        with self._lock, contextlib.suppress(ValueError, BufferError):
+            self._map.close()
+
+
+class Gate:
+    """A writer's side, one per database object; thread-safe.
+
+    ``standalone``: no node has ever served the file (its recorded role is
+    none): until a gate file appears, commits are neither refused nor held.
+    """
+
+    def __init__(self, db_path: str, *, standalone: bool) -> None:
+        self.db_path = db_path
+        self.path = gate_path(db_path)
+        self.standalone = standalone
+        self._map: mmap.mmap | None = None
+        self._lock = threading.Lock()
+        self._cond = _Local.cond(self.path)
+
+    def _attach(self) -> mmap.mmap | None:
+        m = self._map
+        if m is None:
+            with self._lock:
+                if self._map is None:
+                    self._map = _open_map(self.path, create=False)
+                m = self._map
+        return m
+
+    def state(self) -> GateState | None:
+        """What the node serving the file published; None if no gate file."""
+        m = self._attach()
+        return None if m is None else _read(m)
+
+    def admit(self) -> Ticket:
+        """Before COMMIT: may this commit be made? Raises NotLeaderError or
+        NoNodeError (nothing is written; the caller rolls back)."""
+        st = self.state()
+        if st is None and self.standalone:
+            return _OPEN
+        if st is not None and st.state == LEADER and time.monotonic_ns() < st.valid_until_ns:
+            return Ticket(st.generation, bool(st.degraded) or st.sync_k <= 0, False)
+        if st is not None and st.state == FOLLOWER:
+            where = f" (it follows {st.leader})" if st.leader else ""
+            raise NotLeaderError(
+                f"{self.db_path} is a follower's database now{where}: writes are refused;"
+                " write on the leader",
+                leader=st.leader or None,
+            )
+        if st is not None and st.state == LEADER:
+            raise NotLeaderError(
+                f"{self.db_path}: its node's leadership has lapsed (no lease renewal"
+                " or heartbeat in time): writes are refused until it leads again",
+                leader=None,
+            )
+        raise NoNodeError(
+            f"{self.db_path} has been served by a replication node, and no node serves it"
+            " now (it stopped or was killed): a write here would reach no follower. Start"
+            " its node (`hctserver leader`/`node`), or write through the node that leads"
+        )
+
+    def acknowledge(self, ticket: Ticket, cid: int) -> None:
+        """After COMMIT of ``cid`` (and of every smaller cid of this writer):
+        return once the commit may be reported to the writer; else raise
+        CommitUnknownError."""
+        if ticket.open:
+            return
+        m = self._attach()
+        assert m is not None  # admit() mapped it
+        t0 = time.monotonic_ns()
+        poll = _POLL_MIN
+        here = os.getpid()
+        while True:
+            st = _read(m)
+            now = time.monotonic_ns()
+            if st.generation != ticket.generation or st.state != LEADER:
+                raise self._unknown(cid, "the node stopped leading before it was acknowledged")
+            if now >= st.valid_until_ns:
+                raise self._unknown(
+                    cid, "the leader's lease (or heartbeat) ran out before it was acknowledged"
+                )
+            if ticket.degraded or st.sync_k <= 0 or st.acked_cid >= cid:
+                return
+            if st.degraded:
+                raise self._unknown(
+                    cid, "synchronous commit gave up waiting for followers (--sync-timeout)"
+                )
+            if st.sync_timeout_ms >= 0 and now - t0 >= st.sync_timeout_ms * 1_000_000:
+                raise self._unknown(
+                    cid,
+                    f"{st.sync_k} followers did not acknowledge it within"
+                    f" {st.sync_timeout_ms / 1000:g} s (--sync-timeout)",
+                )
+            left = (st.valid_until_ns - now) / 1e9
+            if st.pid == here:  # published by this process: it wakes us
+                with self._cond:
+                    if _read(m) == st:
+                        self._cond.wait(min(0.05, left))
+            else:
+                time.sleep(min(poll, left))
+                poll = min(_POLL_MAX, poll * 2)
+
+    def _unknown(self, cid: int, why: str) -> CommitUnknownError:
+        return CommitUnknownError(
+            f"cid {cid} was committed on {self.db_path}, but {why}: it may not be on any"
+            " follower, and may be discarded if another node leads. Check for it (by its"
+            " contents) on the leader before retrying",
+            cid=cid,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            m, self._map = self._map, None
+        if m is not None:
+            with contextlib.suppress(ValueError, BufferError):
+                m.close()

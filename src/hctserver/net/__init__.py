@@ -1,0 +1,1 @@
+"""Sockets, TLS, the HTTP endpoint and task groups."""

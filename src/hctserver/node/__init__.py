@@ -1,0 +1,1 @@
+"""The leader and follower roles, their threads, status, metrics and configuration."""

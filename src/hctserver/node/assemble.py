@@ -1,0 +1,120 @@
+"""The one path that builds a node's parts from its :class:`NodeConfig`.
+
+``hctserver leader``, ``follower`` and ``node`` (and :class:`Node` and
+:class:`ClusterNode` in the API) build their leader role, follower role
+and HTTP endpoint here, so that every option reaches the role the same
+way whichever command started it, and a cluster node switching roles
+builds each one as a plain leader or follower would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..journal.database import Database
+from ..net.httpserver import HttpEndpoint, Routes, parse_address
+from ..net.tasks import TaskGroup
+from .config import HttpOptions, NodeConfig
+from .follower import Follower
+from .jobs import Job
+from .leader import Leader
+from .metrics import Metrics
+from .status import follower_lag, health, node_status
+
+Runner = Leader | Follower
+
+
+def leader_role(
+    db: Database,
+    cfg: NodeConfig,
+    jobs: Sequence[Job],
+    *,
+    lease: Callable[[], float] | None = None,
+    **hooks: Any,
+) -> Leader:
+    """The leader role. ``hooks``: constructor keywords that are not
+    configuration (a transport, poll intervals: tests and tools)."""
+    return Leader(
+        db,
+        jobs,
+        host=cfg.host,
+        port=cfg.port,
+        seconds=cfg.seconds,
+        security=cfg.security.security(),
+        retention=cfg.retention.policy(),
+        lease=lease,
+        **{**dataclasses.asdict(cfg.leader), **hooks},
+    )
+
+
+def follower_role(
+    db: Database,
+    cfg: NodeConfig,
+    jobs: Sequence[Job],
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    **hooks: Any,
+) -> Follower:
+    """The follower role, of ``host:port`` (default: the configured ones)."""
+    return Follower(
+        db,
+        host=cfg.host if host is None else host,
+        port=cfg.port if port is None else port,
+        jobs=jobs,
+        seconds=cfg.seconds,
+        security=cfg.security.security(),
+        retention=cfg.retention.policy(),
+        **{**dataclasses.asdict(cfg.follower), **hooks},
+    )
+
+
+def streaming_lag(runner: Runner | None) -> float | None:
+    """A follower's lag in seconds while it streams (for the histogram)."""
+    if not isinstance(runner, Follower):
+        return None
+    state, _, lag_ms, _ = follower_lag(runner)
+    return lag_ms / 1000 if state == "streaming" and lag_ms is not None else None
+
+
+def role_health(runner: Runner | None, http: HttpOptions, what: str) -> tuple[bool, str]:
+    if runner is None:
+        return False, f"{what}: neither leading nor following"
+    return health(runner, http.health_max_lag)
+
+
+def serve_http(
+    group: TaskGroup,
+    http: HttpOptions,
+    status: Callable[[], dict[str, Any]],
+    healthy: Callable[[], tuple[bool, str]],
+    lag: Callable[[], float | None] | None,
+) -> HttpEndpoint:
+    """``/status``, ``/metrics`` (the full registry) and ``/health`` on
+    ``http.address``, with its TLS and token, in threads of ``group``
+    (they stop with it); close the endpoint after the group."""
+    assert http.address is not None
+    host, port = parse_address(http.address)
+    metrics = Metrics(status, lag)
+    sec = http.security()
+    ep = HttpEndpoint(
+        host, port, Routes(status, metrics.render, healthy), tls=sec.tls(), token=sec.token()
+    )
+    group.spawn("hct-http", ep.serve, on_stop=ep.stop)
+    if metrics.sampler is not None:
+        group.spawn("hct-lag-sampler", metrics.sampler.run, group.stopping)
+    return ep
+
+
+def serve_runner_http(runner: Runner, http: HttpOptions) -> HttpEndpoint:
+    """The endpoint of a plain leader or follower (in the runner's group)."""
+    lag = (lambda: streaming_lag(runner)) if isinstance(runner, Follower) else None
+    return serve_http(
+        runner.group,
+        http,
+        lambda: node_status(runner),
+        lambda: role_health(runner, http, "node"),
+        lag,
+    )
