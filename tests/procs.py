@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import random
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,10 +107,38 @@ def stop(p: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 3
     return time.monotonic() - t0
 
 
+_CLAIMED: list[int] = []  # lock files held for this process's life, one per port
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A port nobody listens on right now (for a leader restarted on it)."""
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        return int(s.getsockname()[1])
+    """A port for a server that must know it before it starts (a cluster
+    node, etcd, a leader restarted on it). Without a race: it lies below the
+    kernel's ephemeral range, so no port-0 bind or outgoing connection takes
+    it meanwhile, and a lock file held for this process's life keeps other
+    test processes (another suite run beside this one) off it."""
+    top = _ephemeral_start()
+    locks = Path(tempfile.gettempdir()) / "hctserver-test-ports"
+    locks.mkdir(exist_ok=True)
+    for _ in range(2000):
+        port = random.randrange(max(1024, top - 12000), top)
+        fd = os.open(locks / str(port), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with socket.create_server(("127.0.0.1", port)):
+                pass  # nobody listens there now
+        except OSError:  # claimed by another process, or in use
+            os.close(fd)
+            continue
+        _CLAIMED.append(fd)
+        return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 def wal_size(db: str) -> int:
@@ -119,7 +150,7 @@ def require_reference() -> Path:
     """:func:`reference`, or skip the test saying why."""
     import pytest
 
-    from hctserver.tools.bench import reference_fixture
+    from hctserver.tools.locate import reference_fixture
 
     fixture = reference_fixture()
     if fixture is None:

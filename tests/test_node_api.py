@@ -134,3 +134,24 @@ def test_synchronous_is_the_databases_setting(tmp_path) -> None:
     assert c.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
     c.close()
     n.db.close()
+
+
+def test_a_node_is_a_context_manager_that_stops_what_it_started(tmp_path) -> None:
+    lp = str(tmp_path / "l.db")
+    init_db(lp)
+    with Node(lp, port=0) as leader:
+        leader.start()
+        port = leader.port
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # it listens
+        raised = False
+        try:
+            with Node(str(tmp_path / "f.db"), follower=True, port=port) as f:
+                f.start()
+                raise RuntimeError("a test that fails")
+        except RuntimeError:
+            raised = True
+        assert raised and f.db.closed and f.runner is not None and f.runner.group.stopping.is_set()
+    assert leader.db.closed
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()

@@ -140,6 +140,12 @@ class ClusterNode:
         self.group.raise_error()
         return True
 
+    def __enter__(self) -> ClusterNode:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self, timeout: float = 30.0) -> None:
         """Stop, wait for every thread (the role first), close the endpoint."""
         self.group.join(timeout)

@@ -211,6 +211,12 @@ class Node:
         """The node's first error, if any."""
         return None if self._node is None else self._node.error
 
+    def __enter__(self) -> Node:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop the node and close the database. Returns within about
         ``timeout`` seconds, even in the middle of a catch-up; the database

