@@ -408,6 +408,11 @@ def test_the_http_endpoint_over_tls_with_a_bearer_token(tmp_path, pki: Pki) -> N
         assert read_status(url, 5, token, pki.ca)["role"] == "leader"
         with pytest.raises(AuthError, match="HTTP 401"):
             read_status(url, 5, None, pki.ca)
+        for _ in range(2):  # five wrong tries in all: the address is refused for a while
+            with pytest.raises(AuthError, match="HTTP 401"):
+                read_status(url, 5, b"a wrong token of sixteen bytes", pki.ca)
+        with pytest.raises(AuthError, match="HTTP 429: too many wrong tokens"):
+            read_status(url, 5, token, pki.ca)
         with pytest.raises(urllib.error.URLError):  # a client without the CA refuses it
             urllib.request.urlopen(url + "/health", timeout=5)
     finally:

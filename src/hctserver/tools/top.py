@@ -96,6 +96,11 @@ def read_status(
     code, body = fetch(_status_url(url), timeout, token, ca)
     if code == 401:
         raise AuthError(f"{url}: HTTP 401: give the node's bearer token (--token-file)")
+    if code == 429:
+        raise AuthError(
+            f"{url}: HTTP 429: too many wrong tokens from this address; wait a minute and"
+            " retry with the right --token-file"
+        )
     if code != 200:
         raise HctError(f"{url}: HTTP {code}: {body[:200].decode(errors='replace')}")
     doc: dict[str, Any] = json.loads(body)
