@@ -12,7 +12,6 @@ journal, 9 verify: one database is behind the other, 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import math
@@ -100,14 +99,6 @@ def exit_code(e: BaseException) -> int:
 
 DEBUG_ENV = "HCTSERVER_DEBUG"
 log = logging.getLogger("hctserver")
-
-
-def defaults_of(cls: type) -> dict[str, Any]:
-    return {
-        k: p.default
-        for k, p in inspect.signature(cls).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
 
 
 def _positive_float(s: str) -> float:
