@@ -36,17 +36,8 @@ def leader_role(
 ) -> Leader:
     """The leader role. ``hooks``: constructor keywords that are not
     configuration (a transport, poll intervals: tests and tools)."""
-    return Leader(
-        db,
-        jobs,
-        host=cfg.host,
-        port=cfg.port,
-        seconds=cfg.seconds,
-        security=cfg.security.security(),
-        retention=cfg.retention.policy(),
-        lease=lease,
-        **{**dataclasses.asdict(cfg.leader), **hooks},
-    )
+    given = {"host": cfg.host, "port": cfg.port, "seconds": cfg.seconds, "lease": lease}
+    return Leader(db, jobs, **_common(cfg) | given | dataclasses.asdict(cfg.leader) | hooks)
 
 
 def follower_role(
@@ -59,16 +50,18 @@ def follower_role(
     **hooks: Any,
 ) -> Follower:
     """The follower role, of ``host:port`` (default: the configured ones)."""
-    return Follower(
-        db,
-        host=cfg.host if host is None else host,
-        port=cfg.port if port is None else port,
-        jobs=jobs,
-        seconds=cfg.seconds,
-        security=cfg.security.security(),
-        retention=cfg.retention.policy(),
-        **{**dataclasses.asdict(cfg.follower), **hooks},
-    )
+    given = {
+        "host": cfg.host if host is None else host,
+        "port": cfg.port if port is None else port,
+        "jobs": jobs,
+        "seconds": cfg.seconds,
+    }
+    return Follower(db, **_common(cfg) | given | dataclasses.asdict(cfg.follower) | hooks)
+
+
+def _common(cfg: NodeConfig) -> dict[str, Any]:
+    """What both roles take from the shared sections (``hooks`` may override it)."""
+    return {"security": cfg.security.security(), "retention": cfg.retention.policy()}
 
 
 def streaming_lag(runner: Runner | None) -> float | None:
