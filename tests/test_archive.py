@@ -604,3 +604,24 @@ def test_a_newer_archive_format_is_named(tmp_path: Any) -> None:
     store.put("v2/segments/x", b"")
     with pytest.raises(ArchiveError, match="format v2"):
         restore(store, str(tmp_path / "r.db"))
+
+
+def test_an_hctree_format_history_restores_from_its_start(tmp_path: Any) -> None:
+    path = str(tmp_path / "h.db")
+    db = Database(path, format="hctree")  # its journal starts after cid 6
+    db.set_mode("leader")
+    c = db.connect()
+    c.execute("CREATE TABLE t1(a INTEGER PRIMARY KEY, b)")
+    for i in range(20):
+        c.execute("INSERT INTO t1 VALUES(?, ?)", (i, "x" * i))
+    store = DirStore(str(tmp_path / "a"))
+    arch = Archiver(db, store, max_delay=0.0)
+    arch.ship_once()
+    arch.close()
+    assert verify(store).runs == [(7, 27)]
+    snapshot.copy(db, str(tmp_path / "copy.db"))
+    c.close()
+    db.close()
+    got = restore(store, str(tmp_path / "r.db"))
+    assert got.cid == 27 and got.anchor == "the start of the history"
+    assert compare(str(tmp_path / "copy.db"), str(tmp_path / "r.db")) is None

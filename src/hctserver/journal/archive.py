@@ -85,6 +85,7 @@ __all__ = [
 log = logging.getLogger("hctserver")
 
 CHUNK_ROWS = 1000  # journal rows per read: each read is one short read transaction
+RECHECK = 10.0  # seconds between checks that no other archiver writes here
 MAX_BACKOFF = 30.0
 _TOP = (1 << 63) - 1
 Clock = Callable[[], int]
@@ -193,6 +194,7 @@ class Archiver:
         self._end: _End | None = None
         self._open: _Open | None = None
         self._shipped: list[TimedEntry] = []  # by the current call, for snapshot_now
+        self._checked: float | None = None  # when _put last looked for another archiver
         self._lock = threading.RLock()  # one ship or snapshot at a time
         self.segments = self.bytes = self.snapshots = 0
 
@@ -223,7 +225,7 @@ class Archiver:
         return self.ship_once(flush=True)
 
     def _forget(self) -> None:
-        self._end = self._open = None
+        self._end = self._open = self._checked = None
 
     def _start(self) -> None:
         end = self._resolve()
@@ -312,13 +314,7 @@ class Archiver:
         assert op is not None and op.entries
         first, last = op.entries[0].entry.cid, op.entries[-1].entry.cid
         name = segment_name(first, last)
-        there = self.store.list(segment_prefix(first))
-        if there:
-            raise ArchiveError(
-                f"the archive already holds {there[0]} from cid {first}: another archiver"
-                " writes to this archive (this one lists it again and goes on from its end)",
-                name,
-            )
+        self._check_alone(first, name)
         blob = encode_segment(op.entries, end.hash, op.hash)
         self.store.put(name, blob)
         self._end = _End(last, op.hash, op.time_us, name)
@@ -326,6 +322,23 @@ class Archiver:
         self.segments += 1
         self.bytes += len(blob)
         op.entries, op.nbytes = [], 0
+
+    def _check_alone(self, first: int, name: str) -> None:
+        """Refuse to store an overlap: another archiver (a process that lived
+        on) stored from ``first`` already. Checked at the first put after
+        listing the archive, then every RECHECK seconds (a listing of a
+        directory costs in proportion to the objects in it)."""
+        now = self._monotonic()
+        if self._checked is not None and now - self._checked < RECHECK:
+            return
+        there = self.store.list(segment_prefix(first))
+        if there:
+            raise ArchiveError(
+                f"the archive already holds {there[0]} from cid {first}: another archiver"
+                " writes to this archive (this one lists it again and goes on from its end)",
+                name,
+            )
+        self._checked = now
 
     # --- snapshots -------------------------------------------------------------
 
@@ -380,13 +393,14 @@ class Archiver:
     def status(self) -> ArchiveStatus:
         end, op = self._end, self._open
         snap = self.db.snapshot()
-        oldest = op.entries[0].time_us if op is not None and op.entries else None
+        entries = op.entries if op is not None else []  # replaced, never emptied in place
+        oldest = entries[0].time_us if entries else None
         lag_s = 0.0 if oldest is None else max(0.0, (self._clock() - oldest) / 1e6)
         return ArchiveStatus(
             archived_cid=None if end is None else end.cid,
             lag_cids=0 if end is None else max(0, snap - end.cid),
             lag_seconds=lag_s,
-            buffered=0 if op is None else len(op.entries),
+            buffered=len(entries),
             segments=self.segments,
             bytes=self.bytes,
             snapshots=self.snapshots,

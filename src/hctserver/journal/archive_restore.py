@@ -118,6 +118,8 @@ def restore(
     out = os.path.abspath(out)
     if os.path.lexists(out):
         raise ConfigError(f"{out} exists: restore writes a new database (move it away first)")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise ConfigError(f"{os.path.dirname(out)}: no such directory to restore into")
     store = _store(source)
     cat = Catalog.load(store)
     if cat.empty:
