@@ -515,16 +515,20 @@ def test_a_gap_is_refused_until_a_snapshot_bridges_it(leader: Leader) -> None:
         arch.ship_once()
     ref = arch.snapshot_now()
     assert ref.cid == 24
+    leader.write(2)
+    leader.db.truncate(leader.db.snapshot())  # again, under a running archiver
+    assert arch.snapshot_now().cid == 26  # at once: the gap is bridged
+    leader.db.truncate(leader.db.snapshot() + 1)
     leader.write(4)
     arch.ship_once()
     arch.close()
     checked = verify(leader.store)
-    assert checked.runs == [(1, 11), (25, 28)]
+    assert checked.runs == [(1, 11), (27, 30)]
     cid, copy = leader.copy()
     assert restore(leader.store, str(leader.dir / "r.db")).cid == cid
     restored_equals(copy, str(leader.dir / "r.db"))
     restore(leader.store, str(leader.dir / "r2.db"), cid=5)
-    with pytest.raises(ObjectMissingError, match=r"no segment holds cids 12\.\.24"):
+    with pytest.raises(ObjectMissingError, match=r"no segment holds cids 12\.\.26"):
         restore(leader.store, str(leader.dir / "r3.db"), cid=15)
 
 

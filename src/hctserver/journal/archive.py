@@ -360,7 +360,11 @@ class Archiver:
                 else:
                     self._begin(end)
             if connected:
-                self.flush()
+                try:
+                    self.flush()
+                except ArchiveGapError as e:  # truncated since the last ship
+                    log.warning("%s; a snapshot bridges the gap", e)
+                    connected = False
             return self._snapshot(connected)
 
     def _snapshot(self, connected: bool) -> SnapshotRef:
