@@ -52,6 +52,8 @@ def _value(key: str, o: config.Opt, pki: Pki) -> Any:
     }
     if key in files:
         return files[key]
+    if key == "leader.archive":
+        return f"file://{pki.dir}/archive"
     default = config.default_of(key)
     special = {"port": 4321, "host": "127.0.0.2", "cluster.etcd": "http://127.0.0.1:1",
                "cluster.name": "n7", "http.address": "127.0.0.1:0", "jobs": ("writer",),

@@ -61,6 +61,16 @@ def test_what_a_follower_needs_is_kept_until_the_hard_cap() -> None:
     assert _plan(p, cid_for_bytes=lambda n: 5000) == Cut(1001, True)  # never past the snapshot
 
 
+def test_what_the_archive_has_not_stored_is_kept_even_past_the_hard_cap() -> None:
+    p = RetentionPolicy(cids=100, bytes=0, max_bytes=80_000)
+    assert _plan(p, floor=500) == Cut(501)  # the soft limit would cut at 901
+    assert _plan(p, floor=0) is None
+    cap = RetentionPolicy(cids=0, bytes=0, max_bytes=80_000)
+    assert _plan(cap, total_bytes=100_000) == Cut(201, True)  # the hard cap alone
+    assert _plan(cap, floor=150, total_bytes=100_000) == Cut(151, True)  # held at the archive
+    assert _plan(p, floor=2000) == Cut(901)  # an archive ahead holds nothing back
+
+
 def test_the_policy_is_checked() -> None:
     with pytest.raises(ConfigError, match="hard cap"):
         RetentionPolicy(bytes=100, max_bytes=10)

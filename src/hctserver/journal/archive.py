@@ -55,6 +55,7 @@ from .archive_restore import (
     parse_time,
     prune,
     restore,
+    show_time,
     verify,
 )
 from .archive_store import DirStore, ObjectStore, open_store, register_scheme
@@ -79,6 +80,7 @@ __all__ = [
     "prune",
     "register_scheme",
     "restore",
+    "show_time",
     "verify",
 ]
 

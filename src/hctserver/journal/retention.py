@@ -129,11 +129,14 @@ def plan(
     cid_for_bytes: Callable[[int], int],
     aged_cid: int | None,
     needs: list[tuple[int, str]],
+    floor: int | None = None,
 ) -> Cut | None:
     """Where to cut the journal now (None: nowhere). ``cid_for_bytes(n)``:
     the lowest cid c such that the entries below c hold at least n bytes;
     ``aged_cid``: the newest cid older than ``policy.seconds`` (None if
-    unknown); ``needs``: (cid, who) whose following entries are needed."""
+    unknown); ``needs``: (cid, who) whose following entries are needed;
+    ``floor``: a cid whose following entries are kept even past the hard cap
+    (the archive's end: what it has not stored is nowhere else)."""
     first = baseline + 1
     soft = first
     if policy.cids:
@@ -153,6 +156,8 @@ def plan(
         if hard > cut:
             cut, forced = hard, True
     cut = min(cut, snapshot + 1)
+    if floor is not None:
+        cut = min(cut, floor + 1)
     if cut <= first:
         return None
     behind = tuple(sorted((c, w) for c, w in needs if c + 1 < cut)) if forced else ()
@@ -169,11 +174,13 @@ class Retainer:
         pins: Pins,
         needs: Callable[[], list[tuple[int, str]]],
         interval: float = 1.0,
+        floor: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.db = db
         self.policy = policy
         self.pins = pins
         self.needs = needs  # connected followers' (applied cid, name)
+        self.floor = floor  # what is kept even past the hard cap (the archive's end)
         self.interval = interval
         self.truncated = 0  # entries removed so far
         self.forced = 0  # cuts past what a connected follower needed
@@ -233,6 +240,7 @@ class Retainer:
             cid_for_bytes=lambda n: self._cid_for_bytes(baseline, n),
             aged_cid=aged,
             needs=needs,
+            floor=self.floor(),
         )
         if cut is None:
             return 0

@@ -237,6 +237,17 @@ class LeaderOptions:
         None, "after S seconds without K acknowledgements, commit asynchronously (said in the"
         " log, /status and /metrics) until K followers catch up (default: wait as long as it"
         " takes)", "delay", roles=LEADS)  # fmt: skip
+    archive: str | None = opt(None, "ship the journal continuously to this archive: file:///DIR"
+                              " or s3://BUCKET/PREFIX (docs/ARCHIVE.md)", "str",
+                              roles=LEADS)  # fmt: skip
+    archive_max_delay: float = opt(1.0, "seconds a commit may wait before its segment is"
+                                   " stored (at most that much is lost with the leader)",
+                                   "delay", roles=LEADS)  # fmt: skip
+    archive_snapshot_every: float = opt(3600.0, "seconds between the archive's snapshots (0:"
+                                        " none but those a restore point needs)", "seconds",
+                                        roles=LEADS)  # fmt: skip
+    archive_keep: float = opt(0.0, "seconds of history the archive keeps, pruned at each"
+                              " snapshot (0: everything)", "seconds", roles=LEADS)  # fmt: skip
     sync_level: str = opt("durable", "what a follower acknowledges: applied and on disk"
                           " (durable), or applied", "choice", choices=("durable", "applied"),
                           roles=LEADS)  # fmt: skip

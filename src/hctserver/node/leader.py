@@ -60,6 +60,7 @@ from ..protocol.session import (
     ServeSub,
     ServeSync,
 )
+from .archiving import ArchiveTask
 from .bootserve import SnapshotServer, clean_temp
 from .feedbackhub import FeedbackHub
 from .followers import CommitClock, FollowerTable
@@ -231,6 +232,10 @@ class Leader:
         sync_timeout: float | None = None,
         sync_level: str = "durable",
         lease: Callable[[], float] | None = None,
+        archive: str | None = None,
+        archive_max_delay: float = 1.0,
+        archive_snapshot_every: float = 3600.0,
+        archive_keep: float = 0.0,
     ) -> None:
         # the keywords as given (after defaults): what reached this role, for /status and tests
         self.settings = {k: v for k, v in locals().items() if k not in ("self", "db", "jobs")}
@@ -319,12 +324,16 @@ class Leader:
             request_timeout=request_timeout,
             send_timeout=send_timeout,
         )
+        self.archive = None if archive is None else ArchiveTask(
+            db, archive, max_delay=archive_max_delay, snapshot_every=archive_snapshot_every,
+            keep=archive_keep)  # fmt: skip
         self.retainer = Retainer(
             db,
             retention if retention is not None else RetentionPolicy(),
             self.pins,
             self.followers.needs,
             retain_interval,
+            floor=(lambda: None) if self.archive is None else self.archive.floor,
         )
 
     def protection(self) -> str:
@@ -451,6 +460,8 @@ class Leader:
         )
         if self.retainer.policy.active:
             self._named["retention"] = g.spawn("hct-retention", self.retainer.run, stop)
+        if self.archive is not None:
+            self.archive.start(g)
         if self._feedback:
             self._named["feedback"] = g.spawn(
                 "hct-feedback", self._hub.run, stop, on_stop=self._hub.wake
@@ -579,6 +590,8 @@ class Leader:
                 others.catch_up()  # the last commits of other writers
             finally:
                 others.close()
+        if self.archive is not None:
+            self.archive.finish()  # the jobs have stopped: ship what they committed
         if "streamer" in self._named:
             self._named["streamer"].join(until(0.45))
             self._streamer.finish(min(self.flush_timeout, until(0.8)))

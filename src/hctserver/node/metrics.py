@@ -104,6 +104,21 @@ class NodeCollector(Collector):
             doc["sent_bytes"],
         )
         yield _counter("hctserver_syncs_served", "SYNC requests answered", doc["syncs_served"])
+        archive = doc.get("archive")
+        if archive is not None:
+            yield _gauge(
+                "hctserver_archive_lag_cids",
+                "Commits not yet stored in the archive",
+                archive["lag_cids"],
+            )
+            yield _gauge(
+                "hctserver_archive_lag_seconds",
+                "Age of the oldest commit not yet stored in the archive",
+                archive["lag_s"],
+            )
+            yield _counter(
+                "hctserver_archive_segments", "Segments stored by this leader", archive["segments"]
+            )
         sync = doc["sync_commit"]
         yield _gauge(
             "hctserver_sync_commit_degraded",

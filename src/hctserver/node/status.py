@@ -107,6 +107,7 @@ def leader_status(leader: Leader) -> dict[str, Any]:
             "snapshots": leader.snapshot_server.stats(),
             "retention": retention_status(leader),
             "sync_commit": leader.sync.status(),
+            "archive": None if leader.archive is None else leader.archive.status(),
         }
     )
     return doc

@@ -50,6 +50,7 @@ from ..errors import (
     UnjournaledWriteError,
     UnsupportedStatementError,
 )
+from ..journal import archive
 from ..journal.database import Database
 from ..journal.snapshot import describe
 from ..journal.snapshot import make as backup
@@ -71,6 +72,8 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (JobError, 7),
     (UnjournaledWriteError, 8),
     (IncompatibleError, 4),
+    (archive.ArchiveMismatchError, 4),
+    (archive.ArchiveError, 3),
     (GapError, 4),
     (DivergenceError, 4),
     (ApplyError, 4),
@@ -241,6 +244,35 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(role, help=what)
         s.add_argument("db", metavar="DB", nargs="?", help="the database file (or db in --config)")
         _config_flags(s, role)
+    s = sub.add_parser(
+        "restore", help="rebuild a database at any cid or time the archive holds (docs/ARCHIVE.md)"
+    )
+    s.add_argument("url", metavar="URL", help="the archive: file:///DIR or s3://BUCKET/PREFIX")
+    s.add_argument("db", metavar="DB", help="the database to write (a new file)")
+    when = s.add_mutually_exclusive_group()
+    when.add_argument("--cid", type=_cid, metavar="N", help="restore to cid N")
+    when.add_argument(
+        "--time",
+        metavar="T",
+        help="restore to the last commit at or before T (ISO 8601, or @UNIX-SECONDS)",
+    )
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s = sub.add_parser("archive", help="a continuous archive: list, verify, snapshot, prune")
+    asub = s.add_subparsers(dest="archive_command", metavar="WHAT", required=True)
+    c = asub.add_parser("ls", help="the archive's snapshots and its cid and time range")
+    c.add_argument("url", metavar="URL")
+    c.add_argument("--json", action="store_true", help="print JSON")
+    c = asub.add_parser("verify", help="check every object and the whole hash chain")
+    c.add_argument("url", metavar="URL")
+    c = asub.add_parser("snapshot", help="store a snapshot of DB in the archive now")
+    c.add_argument("url", metavar="URL")
+    c.add_argument("db", metavar="DB")
+    c = asub.add_parser("prune", help="delete what no restore within the kept history needs")
+    c.add_argument("url", metavar="URL")
+    c.add_argument(
+        "--keep", type=_delay, required=True, metavar="S", help="seconds of history to keep"
+    )
+    c.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     s = sub.add_parser("config", help="show a node's effective configuration")
     csub = s.add_subparsers(dest="config_command", metavar="WHAT", required=True)
     c = csub.add_parser(
@@ -449,6 +481,58 @@ def _etcd(c: config.ClusterOptions) -> EtcdClient:
                       password_file=c.etcd_password_file)  # fmt: skip
 
 
+def cmd_restore(a: argparse.Namespace) -> int:
+    when = None if a.time is None else archive.parse_time(a.time)
+    r = archive.restore(a.url, a.db, cid=a.cid, time=when)
+    if a.json:
+        print(json.dumps({"path": r.path, "cid": r.cid, "hash": r.hash.hex(),
+                          "time": archive.show_time(r.time_us), "from": r.anchor,
+                          "entries": r.entries}))  # fmt: skip
+    else:
+        print(
+            f"{r.path}: restored at cid {r.cid:,} (committed {archive.show_time(r.time_us)}),"
+            f" from {r.anchor} and {r.entries:,} entries, every hash checked"
+        )
+    return 0
+
+
+def cmd_archive(a: argparse.Namespace) -> int:
+    if a.archive_command == "ls":
+        li = archive.ls(a.url)
+        doc = {
+            "url": li.url,
+            "segments": li.segments,
+            "ranges": li.ranges,
+            "first_time": None if li.first_time_us is None else archive.show_time(li.first_time_us),
+            "last_time": None if li.last_time_us is None else archive.show_time(li.last_time_us),
+            "snapshots": [{"cid": r.cid, "time": archive.show_time(r.time_us), "name": r.name}
+                          for r in li.snapshots],
+        }  # fmt: skip
+        if a.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            _print_flat(doc)
+        return 0
+    if a.archive_command == "verify":
+        v = archive.verify(a.url)
+        runs = ", ".join(f"{lo:,}-{hi:,}" for lo, hi in v.runs) or "none"
+        print(f"archive intact: {a.url}: {v.segments} segments, {v.entries:,} entries,"
+              f" {v.snapshots} snapshots; chain runs over cids {runs}")  # fmt: skip
+        return 0
+    if a.archive_command == "snapshot":
+        db = Database(a.db, init=False)
+        try:
+            ref = archive.Archiver(db, archive.open_store(a.url)).snapshot_now()
+        finally:
+            db.close()
+        print(f"{a.url}: snapshot of {a.db} at cid {ref.cid:,} ({ref.name})")
+        return 0
+    pr = archive.prune(a.url, a.keep, dry_run=a.dry_run)
+    verb = "would delete" if a.dry_run else "deleted"
+    print(f"{a.url}: {verb} {len(pr.deleted)} objects; oldest snapshot kept: {pr.kept_snapshot}")
+    return 0
+
+
 def cmd_config(a: argparse.Namespace) -> int:
     print(config.dump(load_config(a, None)), end="")
     return 0
@@ -636,6 +720,8 @@ COMMANDS = {
     "follower": cmd_follower,
     "node": cmd_node,
     "config": cmd_config,
+    "restore": cmd_restore,
+    "archive": cmd_archive,
     "cluster": cmd_cluster,
     "status": cmd_status,
     "top": cmd_top,

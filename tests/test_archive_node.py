@@ -1,0 +1,100 @@
+"""The continuous archive as an operator runs it: a leader with ``--archive``
+under a write load, SIGKILLed and restarted; then ``archive verify`` and
+``restore`` through the CLI, each restored database compared with the
+leader at that cid."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hctserver import Database
+
+from helpers import wait_until
+from procs import HCT, processes, stop
+
+SECONDS = 6.0  # of writes in each run (the slow test: 60)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*HCT, *args], capture_output=True, text=True, timeout=120)
+
+
+def _cid(path: str) -> int:
+    db = Database(path, init=False)
+    try:
+        return db.snapshot()
+    finally:
+        db.close()
+
+
+def _run(tmp: Path, seconds: float) -> None:
+    lp, arch = str(tmp / "l.db"), tmp / "archive"
+    url = f"file://{arch}"
+    assert _cli("init", lp, "--sql", "CREATE TABLE t1(a INTEGER PRIMARY KEY, b, c)").returncode == 0
+    leader_args = [
+        "leader", lp, "--port", "0", "--job", "writer", "--archive", url,
+        "--archive-max-delay", "0.2", "--retain-cids", "500", "--retain-bytes", "0",
+        "--http", "0",
+    ]  # fmt: skip
+    with processes(str(tmp)) as procs:
+        leader = procs.start(*HCT, *leader_args)
+        wait_until(lambda: _cid(lp) > 2000, 60, "the writer job committing")
+        mid = _cli("backup", lp, str(tmp / "mid.db"), "--json")  # the leader at one cid
+        assert mid.returncode == 0, mid.stderr
+        mid_cid = json.loads(mid.stdout)["cid"]
+        end = _cid(lp) + int(seconds * 500)
+        wait_until(lambda: _cid(lp) > end, 60 + seconds * 4, "writes go on")
+        leader.kill()  # SIGKILL: what was not shipped is still in the journal
+        leader.wait(30)
+        killed_at = _cid(lp)
+        leader = procs.start(*HCT, *leader_args)
+        wait_until(lambda: _cid(lp) > killed_at + int(seconds * 500), 60 + seconds * 4, "writes")
+        assert stop(leader) < 30 and leader.returncode == 0, procs.stderr(leader)
+    newest = _cid(lp)
+    v = _cli("archive", "verify", url)
+    assert v.returncode == 0 and "archive intact" in v.stdout, v.stdout + v.stderr
+    ls = json.loads(_cli("archive", "ls", url, "--json").stdout)
+    assert ls["ranges"][-1][1] == newest, (ls["ranges"], newest)  # a clean stop ships it all
+    for name, cid, want in (("r-mid.db", mid_cid, tmp / "mid.db"), ("r-new.db", None, lp)):
+        out = str(tmp / name)
+        r = _cli("restore", url, out, *(["--cid", str(cid)] if cid else []), "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["cid"] == (cid or newest)
+        same = _cli("verify", out, str(want))
+        assert same.returncode == 0 and "identical" in same.stdout, same.stdout + same.stderr
+    # the journal was truncated behind the archive, never ahead of it
+    baseline = json.loads(_cli("status", lp, "--json").stdout)["baseline_cid"]
+    assert 0 < baseline <= newest
+
+
+def test_an_archived_leader_killed_and_restarted_restores_to_any_cid(tmp_path: Path) -> None:
+    _run(tmp_path, SECONDS)
+
+
+@pytest.mark.slow
+def test_a_minute_of_writes_killed_and_restarted(tmp_path: Path) -> None:
+    _run(tmp_path, 60.0)
+
+
+def test_a_damaged_archive_is_named_and_nothing_is_written(tmp_path: Path) -> None:
+    lp, arch = str(tmp_path / "l.db"), tmp_path / "archive"
+    url = f"file://{arch}"
+    assert _cli("init", lp, "--sql", "CREATE TABLE t1(a INTEGER PRIMARY KEY, b, c)").returncode == 0
+    with processes(str(tmp_path)) as procs:
+        leader = procs.start(*HCT, "leader", lp, "--port", "0", "--job", "writer", "--archive",
+                             url, "--archive-max-delay", "0.1")  # fmt: skip
+        segs = arch / "v1" / "segments"
+        wait_until(lambda: segs.exists() and len(list(segs.iterdir())) >= 3, 60, "segments")
+        assert stop(leader) < 30 and leader.returncode == 0, procs.stderr(leader)
+    victim = sorted(segs.iterdir())[1]
+    victim.write_bytes(victim.read_bytes()[:-20])  # truncated
+    for args in (("archive", "verify", url), ("restore", url, str(tmp_path / "r.db"))):
+        p = _cli(*args)
+        assert p.returncode == 3, p.stdout + p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and victim.name in lines[0], lines
+    assert not (tmp_path / "r.db").exists()
