@@ -182,8 +182,12 @@ class Archiver:
         interval: float = 0.2,
         clock: Clock = wall_us,
         monotonic: Callable[[], float] = time.monotonic,
+        ceiling: Callable[[], int] | None = None,
     ) -> None:
         self.db = db
+        # the newest cid it may ship (a synchronous leader's acknowledged cid:
+        # then the archive never holds a commit a new leader might lack)
+        self.ceiling = ceiling
         self.store = store
         self.max_bytes = max_bytes
         self.max_delay = max_delay
@@ -293,7 +297,8 @@ class Archiver:
             self._reader = JournalReader(self.db)
         now_us, now = self._clock(), self._monotonic()
         while True:
-            rows = self._reader.raw_chunk(op.next - 1, _TOP, CHUNK_ROWS)
+            top = _TOP if self.ceiling is None else self.ceiling()
+            rows = self._reader.raw_chunk(op.next - 1, top, CHUNK_ROWS) if top >= op.next else []
             for cid, schemacid, schema, data in rows:
                 if cid != op.next:
                     if op.entries:

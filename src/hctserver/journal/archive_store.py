@@ -1,8 +1,9 @@
 """Where the archive's objects live: a small object-store interface, the
 directory backend (``file:///path``) and a registry of URL schemes.
 
-A backend for another scheme (``s3://``) registers a factory with
-:func:`register_scheme` from its own module; :func:`open_store` finds it.
+A backend for another scheme registers a factory with :func:`register_scheme`;
+:func:`open_store` finds it. ``s3://`` is registered here, and its module
+(:mod:`hctserver.journal.archive_s3`, boto3) imported only when one is opened.
 """
 
 from __future__ import annotations
@@ -160,4 +161,11 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _open_s3(url: str) -> ObjectStore:
+    from .archive_s3 import S3Store  # only now: it imports boto3 (an optional extra)
+
+    return S3Store.from_url(url)
+
+
 register_scheme("file", DirStore.from_url)
+register_scheme("s3", _open_s3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import apsw
@@ -32,9 +33,10 @@ class ArchiveTask:
         max_delay: float = 1.0,
         snapshot_every: float = 3600.0,
         keep: float = 0.0,
+        ceiling: Callable[[], int] | None = None,
     ) -> None:
         self.url = url
-        self.archiver = Archiver(db, open_store(url), max_delay=max_delay)
+        self.archiver = Archiver(db, open_store(url), max_delay=max_delay, ceiling=ceiling)
         self.snapshot_every = snapshot_every
         self.keep = keep
         self.jobs_done = threading.Event()  # then the last entries are shipped

@@ -324,9 +324,12 @@ class Leader:
             request_timeout=request_timeout,
             send_timeout=send_timeout,
         )
+        # a synchronous leader archives only what K followers acknowledged: after
+        # a failover the new leader holds all of it and continues the same chain
+        acked = (lambda: self.sync.acked_cid) if sync_followers else None
         self.archive = None if archive is None else ArchiveTask(
             db, archive, max_delay=archive_max_delay, snapshot_every=archive_snapshot_every,
-            keep=archive_keep)  # fmt: skip
+            keep=archive_keep, ceiling=acked)  # fmt: skip
         self.retainer = Retainer(
             db,
             retention if retention is not None else RetentionPolicy(),
