@@ -185,7 +185,7 @@ class S3Store:
             # a botocore session of our own: AWS_PROFILE, the shared files, AWS_MAX_ATTEMPTS
             self._core = b.session.Session()
             attempts = max_attempts or self._core.get_config_variable("max_attempts")
-            self.attempts = int(attempts or MAX_ATTEMPTS)
+            self.attempts = _attempts(attempts or MAX_ATTEMPTS, self.url)
             mode = self._core.get_config_variable("retry_mode") or "standard"
             # botocore reads AWS_DEFAULT_REGION only; AWS_REGION wins, as in the AWS CLI
             region = region or os.environ.get("AWS_REGION") or None
@@ -302,8 +302,12 @@ class S3Store:
                 " AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (the shared config files), or run"
                 " with an instance or task role"
             )
-        if isa("PartialCredentialsError"):  # names the missing variable, no value
-            return ConfigError(f"{where}: incomplete AWS credentials: {self._scrub(str(e))}")
+        if isa("PartialCredentialsError"):
+            kw = getattr(e, "kwargs", {})  # where they were found, what is missing: no value
+            return ConfigError(
+                f"{where}: incomplete AWS credentials in {kw.get('provider')}: {kw.get('cred_var')}"
+                " is missing: set it, or remove the others"
+            )
         if isa("ProfileNotFound"):
             return ConfigError(
                 f"{where}: the AWS profile {e.kwargs.get('profile')!r} (AWS_PROFILE) is not in"
@@ -319,7 +323,8 @@ class S3Store:
                 f"{where}: the AWS SSO token is missing or expired: run `aws sso login`"
             )
         if isa("InvalidRegionError", "NoRegionError"):
-            return ConfigError(f"{where}: {self._scrub(str(e))}: set ?region= or AWS_REGION")
+            msg = self._scrub(str(e)).rstrip(".")
+            return ConfigError(f"{where}: {msg}: set ?region= or AWS_REGION")
         if isa("FlexibleChecksumError"):  # damaged on the way: another try may do
             return TransientError(f"{where}: the object's checksum did not match on receipt: retry")
         if isa("ConfigParseError", "InvalidConfigError"):
@@ -405,6 +410,19 @@ class S3Store:
         )
         text = _no_userinfo(" ".join(text.split()))
         return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def _attempts(value: object, url: str) -> int:
+    try:
+        n = int(str(value))
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(
+            f"{url}: AWS_MAX_ATTEMPTS (or max_attempts in the AWS profile) must be a whole"
+            " number of at least 1"
+        )
+    return n
 
 
 def _listable(name: str) -> bool:
