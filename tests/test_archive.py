@@ -593,8 +593,8 @@ def test_open_store_knows_file_urls_and_registered_schemes(tmp_path: Any) -> Non
         store.get("v1/z")
     with pytest.raises(ArchiveError, match="invalid object name"):
         store.put("../evil", b"")
-    with pytest.raises(ConfigError, match=r"s3:// is not supported \(use one of file://"):
-        open_store("s3://bucket/prefix")
+    with pytest.raises(ConfigError, match=r"gs:// is not supported \(use one of file://"):
+        open_store("gs://bucket/prefix")
     with pytest.raises(ConfigError, match="plain path"):
         open_store(str(tmp_path))
     with pytest.raises(ConfigError, match="absolute"):

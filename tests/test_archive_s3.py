@@ -32,11 +32,11 @@ from hctserver.journal.archive import (
 from hctserver.journal.archive_s3 import S3Store, parse_url
 from hctserver.journal.verify import compare
 from hctserver.node.jobs import WRITER_SQL
-from s3server import REGION, S3Server, aws_env, s3_server
 
 from helpers import wait_until
 from nodes import assert_identical, init_db
 from procs import HCT, free_port
+from s3server import REGION, S3Server, aws_env, s3_server
 
 pytestmark = pytest.mark.timeout(240)
 

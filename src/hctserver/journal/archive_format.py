@@ -333,3 +333,12 @@ def decode_snapshot(blob: bytes, ref: SnapshotRef, out: IO[bytes] | None) -> Sna
     if size != head.db_bytes or digest.hexdigest() != head.sha256:
         raise ArchiveError("its data is truncated or damaged (size or digest differs)", ref.name)
     return head
+
+
+def check_name(name: str) -> None:
+    """An object name an archive may hold: relative, no empty or dot part."""
+    parts = name.split("/")
+    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ArchiveError(f"invalid object name {name!r}")
+    if any(p.startswith(".") for p in parts):
+        raise ArchiveError(f"invalid object name {name!r} (a part starts with '.')")

@@ -28,8 +28,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from ..errors import AuthError, ConfigError, HctError, TransientError
 from ..version import VERSION
-from .archive_format import ArchiveError, ObjectMissingError
-from .archive_store import _check_name
+from .archive_format import ArchiveError, ObjectMissingError, check_name
 
 INSTALL = "pip install 'hctserver[s3]'"
 CONNECT_TIMEOUT = 5.0  # seconds to open a connection
@@ -226,12 +225,12 @@ class S3Store:
     # --- the ObjectStore interface ----------------------------------------------
 
     def put(self, name: str, data: bytes) -> None:
-        _check_name(name)
+        check_name(name)
         with self._errors("PutObject", name):
             self._client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data)
 
     def get(self, name: str) -> bytes:
-        _check_name(name)
+        check_name(name)
         with self._errors("GetObject", name):
             resp = self._client.get_object(Bucket=self.bucket, Key=self.prefix + name)
             body = resp["Body"]
@@ -256,7 +255,7 @@ class S3Store:
         return sorted(names)
 
     def delete(self, name: str) -> None:
-        _check_name(name)
+        check_name(name)
         with self._errors("DeleteObject", name):  # an absent key is no error in S3
             self._client.delete_object(Bucket=self.bucket, Key=self.prefix + name)
 

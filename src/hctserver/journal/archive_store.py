@@ -17,7 +17,7 @@ from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigError
-from .archive_format import ArchiveError, ObjectMissingError
+from .archive_format import ObjectMissingError, check_name
 
 
 class ObjectStore(Protocol):
@@ -67,14 +67,6 @@ def open_store(url: str) -> ObjectStore:
     return factory(url)
 
 
-def _check_name(name: str) -> None:
-    parts = name.split("/")
-    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise ArchiveError(f"invalid object name {name!r}")
-    if any(p.startswith(".") for p in parts):
-        raise ArchiveError(f"invalid object name {name!r} (a part starts with '.')")
-
-
 class DirStore:
     """Objects as files under a directory. ``put`` writes a temporary file in
     ``ROOT/.tmp``, syncs it, renames it into place and syncs the directory,
@@ -93,7 +85,7 @@ class DirStore:
         return cls(unquote(u.path))
 
     def _path(self, name: str) -> str:
-        _check_name(name)
+        check_name(name)
         return os.path.join(self.root, *name.split("/"))
 
     def put(self, name: str, data: bytes) -> None:

@@ -214,14 +214,18 @@ def journaled_rate(
     return job.rate
 
 
-def jobs_rate(path: str, seconds: float, jobs: int, synchronous: str = "NORMAL") -> float:
+def jobs_rate(
+    path: str, seconds: float, jobs: int, synchronous: str = "NORMAL", archive: str | None = None
+) -> float:
     """Commits/s of ``jobs`` writer jobs of one leader, all at once (the
-    bundled writer: one ``transact`` per commit, so they commit in groups)."""
+    bundled writer: one ``transact`` per commit, so they commit in groups);
+    ``archive``: the leader ships its journal there meanwhile."""
     _leader_db(path)
     gate = threading.Event()
     timed = [_Timed(gate, seconds) for _ in range(jobs)]
     db = Database(path, synchronous=synchronous)
-    leader = Leader(db, [Job(t, f"writer{i}") for i, t in enumerate(timed)], port=0, seconds=0)
+    jobs_ = [Job(t, f"writer{i}") for i, t in enumerate(timed)]
+    leader = Leader(db, jobs_, port=0, seconds=0, archive=archive)
     leader.start()
     try:
         gate.set()
@@ -860,6 +864,30 @@ def _app_child(argv: list[str]) -> int:
 # --- handshake ---------------------------------------------------------------------------
 
 
+def archive_restore(journal: str, tmp: str) -> dict[str, float]:
+    """Ship a built journal to a directory archive, then restore it: entries/s each."""
+    from ..journal.archive import Archiver, open_store, restore
+
+    url = f"file://{os.path.join(tmp, 'bench-archive')}"
+    db = Database(journal, init=False)
+    try:
+        n = db.snapshot() - db.baseline()[0]
+        t0 = time.perf_counter()
+        Archiver(db, open_store(url)).flush()
+        ship = time.perf_counter() - t0
+    finally:
+        db.close()
+    out = os.path.join(tmp, "bench-restored.db")
+    t0 = time.perf_counter()
+    res = restore(url, out)
+    took = time.perf_counter() - t0
+    remove_files(out)
+    return {
+        "archive_ship_entries_per_s": n / ship,
+        "restore_entries_per_s": res.entries / took,
+    }
+
+
 def handshake_ms(path: str, tries: int = 7) -> float:
     leader, db = _serve(path)
     try:
@@ -914,6 +942,18 @@ def run_bench(quick: bool = False, json_path: str | None = None, entries: int | 
             )
         r["leader_jobs_4_ratio"] = (
             r["leader_jobs_4_commits_per_s"] / r["leader_journaled_commits_per_s"]
+        )
+        with_archive, without = [], []
+        for i in range(3):  # alternated, so that the machine's drift hits both alike
+            url = f"file://{os.path.join(tmp, f'archive-{i}')}"
+            without.append(jobs_rate(os.path.join(tmp, f"noarch{i}.db"), secs, 4))
+            with_archive.append(jobs_rate(os.path.join(tmp, f"arch{i}.db"), secs, 4, archive=url))
+        r["leader_jobs_4_no_archive_commits_per_s"] = statistics.median(without)
+        r["leader_jobs_4_archived_commits_per_s"] = statistics.median(with_archive)
+        r["archive_commit_ratio"] = statistics.median(with_archive) / statistics.median(without)
+        _say(
+            f"  4 writer jobs with --archive: {statistics.median(with_archive):,.0f} commits/s,"
+            f" without: {statistics.median(without):,.0f} (ratio {r['archive_commit_ratio']:.2f})"
         )
         for j in FULL_SYNC_JOBS:
             fp = os.path.join(tmp, f"full{j}.db")
@@ -993,6 +1033,13 @@ def run_bench(quick: bool = False, json_path: str | None = None, entries: int | 
                 r["catchup_entries_per_s"] = rate
                 r["catchup_mb_per_s"] = res["bytes"] / res["seconds"] / 1e6
                 r["catchup_best_syncthreads"] = st
+        arch = archive_restore(big, tmp)
+        r.update(arch)
+        _say(
+            f"  archive: shipped {arch['archive_ship_entries_per_s']:,.0f} entries/s;"
+            f" restore {arch['restore_entries_per_s']:,.0f} entries/s (catch-up, best:"
+            f" {r['catchup_entries_per_s']:,.0f})"
+        )
         pure = catchup(big, tmp, 1, pure=True)
         r["catchup_pure_entries_per_s"] = pure["entries"] / pure["seconds"]
         _say(f"  catch-up in pure Python, syncthreads=1: {r['catchup_pure_entries_per_s']:,.0f}")
@@ -1069,6 +1116,7 @@ TARGETS = {
     "metrics_overhead_ratio": (">=", 0.97),
     "tls_catchup_ratio": (">=", 0.8),
     "tls_leader_commit_ratio": (">=", 0.9),
+    "archive_commit_ratio": (">=", 0.9),
 }
 
 
