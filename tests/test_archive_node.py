@@ -6,6 +6,7 @@ leader at that cid."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -63,7 +64,16 @@ def _run(tmp: Path, seconds: float) -> None:
         wait_until(lambda: _cid(lp) > killed_at + int(seconds * 500), 60 + seconds * 4, "writes")
         # retention truncates the journal, behind the archive (never ahead: checked below)
         wait_until(lambda: _baseline(lp) > 0, 60, "retention cutting the journal")
+        # a new follower starts from the archive, then catches up from the leader
+        m = re.search(r"leader on \S+:(\d+)", procs.stderr(leader))
+        assert m is not None
+        fp = str(tmp / "f.db")
+        f = procs.start(*HCT, "follower", fp, "--port", m.group(1), "--bootstrap-from", url,
+                        "--once")  # fmt: skip
+        wait_until(lambda: "bootstrapped from the archive" in procs.stderr(f), 60, "seeding")
+        wait_until(lambda: "streaming" in procs.stderr(f), 60, "the follower streaming")
         assert stop(leader) < 30 and leader.returncode == 0, procs.stderr(leader)
+        assert f.wait(60) == 0, procs.stderr(f)
     newest = _cid(lp)
     v = _cli("archive", "verify", url)
     assert v.returncode == 0 and "archive intact" in v.stdout, v.stdout + v.stderr
@@ -77,6 +87,8 @@ def _run(tmp: Path, seconds: float) -> None:
         same = _cli("verify", out, str(want))
         assert same.returncode == 0 and "identical" in same.stdout, same.stdout + same.stderr
     assert _baseline(lp) <= ls["ranges"][-1][1]
+    same = _cli("verify", fp, lp)
+    assert same.returncode == 0 and "identical" in same.stdout, same.stdout + same.stderr
 
 
 def test_an_archived_leader_killed_and_restarted_restores_to_any_cid(tmp_path: Path) -> None:

@@ -10,9 +10,12 @@ builds each one as a plain leader or follower would.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..journal import archive
 from ..journal.database import Database
 from ..net.httpserver import HttpEndpoint, Routes, parse_address
 from ..net.tasks import TaskGroup
@@ -24,6 +27,7 @@ from .metrics import Metrics
 from .status import follower_lag, health, node_status
 
 Runner = Leader | Follower
+log = logging.getLogger("hctserver")
 
 
 def leader_role(
@@ -62,6 +66,20 @@ def follower_role(
 def _common(cfg: NodeConfig) -> dict[str, Any]:
     """What both roles take from the shared sections (``hooks`` may override it)."""
     return {"security": cfg.security.security(), "retention": cfg.retention.policy()}
+
+
+def seed_from_archive(path: str, url: str | None) -> int | None:
+    """A new follower's file, restored from the archive ``url`` at its newest
+    cid (the follower then catches up from there); None if ``url`` is None
+    or the file exists (a follower that has a history keeps it)."""
+    if url is None or os.path.exists(path):
+        return None
+    r = archive.restore(url, path)
+    log.info(
+        "%s: bootstrapped from the archive %s at cid %d (%s and %d entries)",
+        path, url, r.cid, r.anchor, r.entries,
+    )  # fmt: skip
+    return r.cid
 
 
 def streaming_lag(runner: Runner | None) -> float | None:

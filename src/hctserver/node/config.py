@@ -340,6 +340,10 @@ class NodeConfig:
     jobs: tuple[str, ...] = opt((), "a Python script (globals db, timeout) or a bundled job:"
                                 " writer, monitor, snapshot (repeatable)", "list",
                                 flag="--job")  # fmt: skip
+    bootstrap_from: str | None = opt(None, "a new follower (its file does not exist yet) starts"
+                                     " from the archive's newest cid, then catches up from the"
+                                     " leader (docs/ARCHIVE.md)", "str",
+                                     roles=FOLLOWS)  # fmt: skip
     synchronous: str = opt("NORMAL", "SQLite's synchronous setting: NORMAL (a commit survives"
                            " the process, on disk at the next checkpoint), FULL or EXTRA (on"
                            " disk at once)", "choice",

@@ -36,7 +36,7 @@ from ..errors import ConfigError
 from ..journal.database import Database
 from ..net.httpserver import HttpEndpoint, parse_address
 from ..net.security import HttpSecurity, Security
-from .assemble import follower_role, leader_role, serve_runner_http
+from .assemble import follower_role, leader_role, seed_from_archive, serve_runner_http
 from .config import HttpOptions, NodeConfig, SecurityOptions
 from .follower import Follower
 from .jobs import Job, JobFunction
@@ -98,6 +98,8 @@ class Node:
         self.options = dict(DEFAULTS)
         self.options.update(_options_of(self._base))
         self.configure(**options)
+        if self.options["follower"]:
+            seed_from_archive(os.fspath(path), self._base.bootstrap_from)
         self.db = Database(
             path,
             init=init,

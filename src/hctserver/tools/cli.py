@@ -58,6 +58,7 @@ from ..journal.systables import FORMATS as ENTRY_FORMATS
 from ..journal.verify import Behind, compare
 from ..net.security import read_secret
 from ..node import config
+from ..node.assemble import seed_from_archive
 from ..node.logs import configure as configure_logging
 from ..node.testserver import Node
 from ..version import VERSION as __version__
@@ -457,6 +458,7 @@ def cmd_node(a: argparse.Namespace) -> int:
     assert cfg.db is not None and cfg.cluster.etcd is not None
     etcd = _etcd(cfg.cluster)
     etcd.check(f"/hctserver/{cfg.cluster.cluster}/")  # TLS and credentials: fail now, once
+    seed_from_archive(cfg.db, cfg.bootstrap_from)
     db = Database(cfg.db, adopt=False, synchronous=cfg.synchronous)
     node = ClusterNode(db, etcd, cfg)
     name, cluster = cfg.cluster.name, cfg.cluster.cluster
