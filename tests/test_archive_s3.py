@@ -5,6 +5,7 @@ typed one-line error that never holds a credential."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -135,6 +136,17 @@ def test_archive_ls_verify_and_restore_through_s3(s3: S3Server, env: None, tmp_p
     assert restore(url, str(tmp_path / "r-m2.db"), cid=middle[0]).anchor == (
         "the start of the history"
     )
+    # the same through the command line (credentials from the environment)
+    cli = [sys.executable, "-m", "hctserver"]
+    out = subprocess.run([*cli, "archive", "ls", url, "--json"], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["ranges"] == [[1, newest[0]]]
+    r = str(tmp_path / "r-cli.db")
+    out = subprocess.run([*cli, "restore", url, r, "--cid", str(middle[0])], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert_identical(middle[1], r)
 
 
 def test_the_store_interface(s3: S3Server, env: None, monkeypatch: pytest.MonkeyPatch) -> None:
