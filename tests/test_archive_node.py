@@ -87,6 +87,19 @@ def _run(tmp: Path, seconds: float) -> None:
         same = _cli("verify", out, str(want))
         assert same.returncode == 0 and "identical" in same.stdout, same.stdout + same.stderr
     assert _baseline(lp) <= ls["ranges"][-1][1]
+    # to a time in the middle of the load: the last commit at or before it, a
+    # state of the leader's history (behind the leader, equal to that cid's restore)
+    at = json.loads(_cli("restore", url, str(tmp / "r-probe.db"), "--cid", str(mid_cid),
+                         "--json").stdout)["time"]  # fmt: skip
+    r = _cli("restore", url, str(tmp / "r-time.db"), "--time", at, "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["cid"] >= mid_cid and got["time"] == at, (got, mid_cid, at)
+    newest_copy = str(tmp / "r-new.db")  # identical to the leader, with the whole journal
+    assert _cli("verify", str(tmp / "r-time.db"), newest_copy).returncode == 9  # behind it
+    by_cid = str(tmp / "r-time-cid.db")
+    assert _cli("restore", url, by_cid, "--cid", str(got["cid"])).returncode == 0
+    assert _cli("verify", str(tmp / "r-time.db"), by_cid).returncode == 0
     same = _cli("verify", fp, lp)
     assert same.returncode == 0 and "identical" in same.stdout, same.stdout + same.stderr
 
