@@ -98,6 +98,10 @@ def probe_health(port: int, n: int, tls: ssl.SSLContext | None = None) -> None:
     results = [request(port, "/health", tls=tls) for _ in range(n)]
     bad = [(code, round(t, 3)) for code, _, t in results if code != 200 or t >= 1.0]
     assert not bad, f"{len(bad)} of {n} probes failed or were slow: {bad[:10]}"
+    times = sorted(t for _, _, t in results)
+    print(
+        f"{n} probes: all 200; median {times[n // 2] * 1000:.1f} ms, max {times[-1] * 1000:.1f} ms"
+    )
 
 
 def slow_clients(stack: contextlib.ExitStack, port: int, n: int) -> list[socket.socket]:
