@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from hctserver import Database
 from helpers import wait_until
 from procs import HCT, processes, stop
 
-SECONDS = 6.0  # of writes in each run (the slow test: 60)
+SECONDS = 3.0  # of writes before the kill and after the restart (the slow test: 30 + 30)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -30,6 +31,14 @@ def _cid(path: str) -> int:
         return db.snapshot()
     finally:
         db.close()
+
+
+def _writes_for(path: str, seconds: float) -> None:
+    """The write load goes on for ``seconds`` (a duration of load, not a
+    wait for something to happen: progress is checked on the way)."""
+    start, until = _cid(path), time.monotonic() + seconds
+    wait_until(lambda: time.monotonic() >= until, seconds + 5, f"{seconds:g} s of writes")
+    assert _cid(path) > start + 100, "the writer job stalled"
 
 
 def _baseline(path: str) -> int:
@@ -55,13 +64,13 @@ def _run(tmp: Path, seconds: float) -> None:
         mid = _cli("backup", lp, str(tmp / "mid.db"), "--json")  # the leader at one cid
         assert mid.returncode == 0, mid.stderr
         mid_cid = json.loads(mid.stdout)["cid"]
-        end = _cid(lp) + int(seconds * 500)
-        wait_until(lambda: _cid(lp) > end, 60 + seconds * 4, "writes go on")
+        _writes_for(lp, seconds)
         leader.kill()  # SIGKILL: what was not shipped is still in the journal
         leader.wait(30)
         killed_at = _cid(lp)
         leader = procs.start(*HCT, *leader_args)
-        wait_until(lambda: _cid(lp) > killed_at + int(seconds * 500), 60 + seconds * 4, "writes")
+        _writes_for(lp, seconds)
+        assert _cid(lp) > killed_at
         # retention truncates the journal, behind the archive (never ahead: checked below)
         wait_until(lambda: _baseline(lp) > 0, 60, "retention cutting the journal")
         # a new follower starts from the archive, then catches up from the leader
@@ -81,7 +90,11 @@ def _run(tmp: Path, seconds: float) -> None:
     assert ls["ranges"][-1][1] == newest, (ls["ranges"], newest)  # a clean stop ships it all
     for name, cid, want in (("r-mid.db", mid_cid, tmp / "mid.db"), ("r-new.db", None, lp)):
         out = str(tmp / name)
+        t0 = time.monotonic()
         r = _cli("restore", url, out, *(["--cid", str(cid)] if cid else []), "--json")
+        took = time.monotonic() - t0
+        print(f"restore to cid {cid or newest:,} of {newest:,} ({ls['segments']} segments,"
+              f" ranges {ls['ranges']}, killed at {killed_at:,}): {took:.1f} s")  # fmt: skip
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["cid"] == (cid or newest)
         same = _cli("verify", out, str(want))
@@ -110,7 +123,7 @@ def test_an_archived_leader_killed_and_restarted_restores_to_any_cid(tmp_path: P
 
 @pytest.mark.slow
 def test_a_minute_of_writes_killed_and_restarted(tmp_path: Path) -> None:
-    _run(tmp_path, 60.0)
+    _run(tmp_path, 30.0)
 
 
 def test_a_damaged_archive_is_named_and_nothing_is_written(tmp_path: Path) -> None:
