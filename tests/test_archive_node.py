@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from hctserver import Database
+from hctserver.errors import TransientError
+from hctserver.node.archiving import ArchiveTask
+from hctserver.node.assemble import seed_from_archive
 
 from helpers import wait_until
 from procs import HCT, processes, stop
@@ -73,6 +76,9 @@ def _run(tmp: Path, seconds: float) -> None:
         assert _cid(lp) > killed_at
         # retention truncates the journal, behind the archive (never ahead: checked below)
         wait_until(lambda: _baseline(lp) > 0, 60, "retention cutting the journal")
+        # a running leader ships there itself: a second archiver is refused
+        p = _cli("archive", "snapshot", url, lp)
+        assert p.returncode == 3 and "already served by a node" in p.stderr, p.stderr
         # a new follower starts from the archive, then catches up from the leader
         m = re.search(r"leader on \S+:(\d+)", procs.stderr(leader))
         assert m is not None
@@ -144,3 +150,56 @@ def test_a_damaged_archive_is_named_and_nothing_is_written(tmp_path: Path) -> No
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and victim.name in lines[0], lines
     assert not (tmp_path / "r.db").exists()
+
+
+class _DownStore:
+    """An object store that is down (as S3 out of reach): every call fails."""
+
+    url = "down://"
+
+    def put(self, name: str, data: bytes) -> None:
+        raise TransientError("the store is down")
+
+    def get(self, name: str) -> bytes:
+        raise TransientError("the store is down")
+
+    def list(self, prefix: str) -> list[str]:
+        raise TransientError("the store is down")
+
+    def delete(self, name: str) -> None:
+        raise TransientError("the store is down")
+
+
+def test_the_retention_floor_holds_while_the_store_is_down(tmp_path: Path) -> None:
+    lp = str(tmp_path / "l.db")
+    assert _cli("init", lp, "--sql", "CREATE TABLE t1(a INTEGER PRIMARY KEY, b, c)").returncode == 0
+    db = Database(lp, init=False)
+    db.set_mode("leader")
+    try:
+        c = db.connect()
+        for i in range(50):
+            c.execute("INSERT INTO t1 VALUES(?, 1, 1)", (i,))
+        task = ArchiveTask(db, f"file://{tmp_path}/archive")
+        assert task.floor() == -1  # nothing known yet: keep everything
+        task.archiver.flush()
+        shipped = task.floor()
+        assert shipped == db.snapshot()
+        task.archiver.store = _DownStore()
+        for i in range(50, 60):
+            c.execute("INSERT INTO t1 VALUES(?, 1, 1)", (i,))
+        with pytest.raises(TransientError):
+            task.archiver.flush()
+        assert task.floor() == shipped  # not forgotten with the failure
+        st = task.status()
+        assert st["archived_cid"] == shipped and st["lag_cids"] == 10
+        task.archiver.close()
+        c.close()
+    finally:
+        db.close()
+
+
+def test_bootstrap_from_an_empty_archive_starts_from_the_leader_alone(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/empty"
+    (tmp_path / "empty").mkdir()
+    assert seed_from_archive(str(tmp_path / "f.db"), url) is None
+    assert not (tmp_path / "f.db").exists()

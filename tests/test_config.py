@@ -56,7 +56,8 @@ def _value(key: str, o: config.Opt, pki: Pki) -> Any:
         return f"file://{pki.dir}/archive"
     default = config.default_of(key)
     special = {"port": 4321, "host": "127.0.0.2", "cluster.etcd": "http://127.0.0.1:1",
-               "cluster.name": "n7", "http.address": "127.0.0.1:0", "jobs": ("writer",),
+               "cluster.name": "n7", "cluster.advertise": "db7:7007",
+               "http.address": "127.0.0.1:0", "jobs": ("writer",),
                "follower.syncthreads": 3, "leader.sync_followers": 2}  # fmt: skip
     if key in special:
         return special[key]
@@ -191,6 +192,8 @@ def test_config_show_prints_a_file_that_loads_back_the_same(tmp_path: Path) -> N
         ("[security]\ntls_cert = \"a.pem\"\n", "leader", "--tls-cert and --tls-key go together"),
         ("port = [\n", "leader", "not valid TOML"),
         ("", "node", "--etcd is required for node"),
+        ("[leader]\narchive_keep = 60\narchive_snapshot_every = 0\n", "leader",
+         "--archive-keep prunes at each"),
     ],
 )  # fmt: skip
 def test_a_bad_file_is_one_clear_error(tmp_path: Path, text: str, role: str, match: str) -> None:
@@ -205,3 +208,21 @@ def test_the_api_builds_the_same_object() -> None:
     assert cfg == config.load("follower", {"port": "9", "follower.max_streams": 9}, None, {})
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.port = 10  # type: ignore[misc]
+
+
+def test_a_path_with_a_newline_survives_config_show(tmp_path: Path) -> None:
+    cfg = config.load("leader", {"db": 'odd\nname "x".db'}, None, {})
+    f = tmp_path / "odd.toml"
+    f.write_text(config.dump(cfg))
+    assert config.load("leader", {}, str(f), {}) == cfg
+
+
+def test_a_cluster_node_needs_host_and_port_to_advertise(tmp_path: Path) -> None:
+    flags = {"cluster.etcd": "http://127.0.0.1:1", "cluster.name": "n1", "cluster.advertise": "db1"}
+    cfg = config.load("node", flags, None, {})
+    db = Database(str(tmp_path / "n.db"))
+    try:
+        with pytest.raises(ConfigError, match="--advertise takes HOST:PORT"):
+            ClusterNode(db, EtcdClient("http://127.0.0.1:1"), cfg)
+    finally:
+        db.close()

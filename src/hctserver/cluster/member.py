@@ -77,6 +77,9 @@ class ClusterNode:
         self.host = config.host
         self.port = config.port
         self.address = c.advertise or f"{config.host}:{config.port}"
+        host, _, port = self.address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ConfigError(f"--advertise takes HOST:PORT, not {self.address!r}")
         self.cluster = c.cluster
         self.ttl = c.ttl
         self.jobs = [Job(j) for j in config.jobs]

@@ -203,6 +203,7 @@ class Archiver:
         self._checked: float | None = None  # when _put last looked for another archiver
         self._lock = threading.RLock()  # one ship or snapshot at a time
         self.segments = self.bytes = self.snapshots = 0
+        self.retired = False
 
     # --- shipping --------------------------------------------------------------
 
@@ -316,7 +317,14 @@ class Archiver:
         assert self._end is not None
         return self._end
 
+    def retire(self) -> None:
+        """Store nothing from now on (its node has stopped; a call still stuck
+        on the store must not land a segment after the next leader's)."""
+        self.retired = True
+
     def _put(self) -> None:
+        if self.retired:
+            raise ArchiveError(f"{self.store.url}: this archiver was retired", None)
         op, end = self._open, self._stored_end()
         assert op is not None and op.entries
         first, last = op.entries[0].entry.cid, op.entries[-1].entry.cid
@@ -425,7 +433,11 @@ class Archiver:
         try:
             while not stop.wait(wait):
                 try:
-                    self.ship_once()
+                    try:
+                        self.ship_once()
+                    except ArchiveGapError as e:  # the journal was cut: a snapshot bridges it
+                        log.warning("archiving to %s: %s; storing a snapshot", self.store.url, e)
+                        self.snapshot_now()
                 except (HctError, apsw.Error, OSError) as e:
                     if not failing:
                         log.warning("archiving to %s failed (%s); retrying", self.store.url, e)
@@ -435,7 +447,8 @@ class Archiver:
                     log.warning("archiving to %s works again", self.store.url)
                 failing, wait = False, self.interval
             try:
-                self.flush()
+                if not failing:  # a store that is down now would only hold up the stop
+                    self.flush()
             except (HctError, apsw.Error, OSError) as e:
                 log.warning("archiving to %s: the last entries were not shipped (%s)",
                             self.store.url, e)  # fmt: skip

@@ -40,6 +40,7 @@ class ArchiveTask:
         self.snapshot_every = snapshot_every
         self.keep = keep
         self.jobs_done = threading.Event()  # then the last entries are shipped
+        self._high = -1  # the newest cid the archive was seen to hold: it never moves back
 
     def start(self, group: TaskGroup) -> None:
         group.spawn("hct-archive", self.archiver.run, self.jobs_done)
@@ -51,16 +52,21 @@ class ArchiveTask:
         self.jobs_done.set()
 
     def floor(self) -> int:
-        """The newest cid the archive holds (-1 while unknown: keep everything)."""
+        """The newest cid the archive is known to hold (-1 before it is known:
+        keep everything). It holds while the store is down: what the archive
+        has not stored stays in the journal."""
         cid = self.archiver.status().archived_cid
-        return -1 if cid is None else cid
+        if cid is not None and cid > self._high:
+            self._high = cid
+        return self._high
 
     def status(self) -> dict[str, Any]:
         st = self.archiver.status()
+        high = self.floor()
         return {
             "url": self.archiver.store.url,
-            "archived_cid": st.archived_cid,
-            "lag_cids": st.lag_cids,
+            "archived_cid": None if high < 0 else high,
+            "lag_cids": max(0, self.archiver.db.snapshot() - high) if high >= 0 else None,
             "lag_s": round(st.lag_seconds, 3),
             "segments": st.segments,
             "bytes": st.bytes,

@@ -74,6 +74,10 @@ def seed_from_archive(path: str, url: str | None) -> int | None:
     or the file exists (a follower that has a history keeps it)."""
     if url is None or os.path.exists(path):
         return None
+    listing = archive.ls(url)
+    if not listing.segments and not listing.snapshots:  # a new cluster's empty archive
+        log.info("%s: the archive %s is empty; starting from the leader alone", path, url)
+        return None
     r = archive.restore(url, path)
     log.info(
         "%s: bootstrapped from the archive %s at cid %d (%s and %d entries)",

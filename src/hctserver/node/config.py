@@ -22,6 +22,7 @@ for frozen, typed records, and the package gains no dependency.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -366,6 +367,11 @@ class NodeConfig:
             raise ConfigError(f"a cluster node needs a fixed --port (1-65535), not {self.port}")
         if self.http.address is None and (self.http.tls_cert or self.http.token_file):
             raise ConfigError("--http-tls-cert and --http-token-file need --http")
+        if self.leader.archive_keep and not self.leader.archive_snapshot_every:
+            raise ConfigError(
+                "--archive-keep prunes at each of the archive's snapshots: give"
+                " --archive-snapshot-every too"
+            )
         self.security.security()  # the pairs (cert and key) are checked there
         self.http.security()
         self.retention.policy()
@@ -499,5 +505,4 @@ def _toml(v: Any) -> str:
         return repr(v)
     if isinstance(v, tuple):
         return "[" + ", ".join(_toml(x) for x in v) + "]"
-    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{s}"'
+    return json.dumps(str(v))  # a JSON string is a TOML basic string

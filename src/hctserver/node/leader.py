@@ -600,6 +600,8 @@ class Leader:
             self._streamer.finish(min(self.flush_timeout, until(0.8)))
         self._finish_requests(min(self.flush_timeout, until(0.9)))
         g.join(until(1.0))
+        if self.archive is not None:
+            self.archive.archiver.retire()  # a thread still stuck on the store stores nothing
         if self.background_checkpoint:
             self._checkpointer.final()
         self._hub.close()  # also when feedback is off or run() never ran

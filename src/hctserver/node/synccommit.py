@@ -71,7 +71,8 @@ class SyncCommit:
         no commit up to ``base`` (before the leader started) waits."""
         with self._lock:
             self.sink = sink
-            self.acked_cid = base
+            if sink is not None:  # detaching keeps it: the archive ships up to it at the end
+                self.acked_cid = base
             self.degraded = False
         self.refresh()
 

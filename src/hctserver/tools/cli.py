@@ -60,6 +60,7 @@ from ..net.security import read_secret
 from ..node import config
 from ..node.assemble import seed_from_archive
 from ..node.logs import configure as configure_logging
+from ..node.nodelock import NodeLock
 from ..node.testserver import Node
 from ..version import VERSION as __version__
 from .top import read_status, run_top
@@ -458,6 +459,8 @@ def cmd_node(a: argparse.Namespace) -> int:
     assert cfg.db is not None and cfg.cluster.etcd is not None
     etcd = _etcd(cfg.cluster)
     etcd.check(f"/hctserver/{cfg.cluster.cluster}/")  # TLS and credentials: fail now, once
+    if cfg.leader.archive is not None:
+        archive.open_store(cfg.leader.archive)  # a bad URL fails now, not once elected
     seed_from_archive(cfg.db, cfg.bootstrap_from)
     db = Database(cfg.db, adopt=False, synchronous=cfg.synchronous)
     node = ClusterNode(db, etcd, cfg)
@@ -522,6 +525,9 @@ def cmd_archive(a: argparse.Namespace) -> int:
               f" {v.snapshots} snapshots; chain runs over cids {runs}")  # fmt: skip
         return 0
     if a.archive_command == "snapshot":
+        lock = NodeLock(a.db)  # a running leader ships there itself: two archivers would clash
+        lock.acquire("archive snapshot")
+        lock.release()
         db = Database(a.db, init=False)
         try:
             ref = archive.Archiver(db, archive.open_store(a.url)).snapshot_now()

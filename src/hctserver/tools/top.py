@@ -56,6 +56,10 @@ def view(
             t.add_row(name, "?", "unreachable", "", "", "", "", escape(doc))
             continue
         role = doc["role"]
+        if "version" not in doc:  # a cluster node between roles (an election)
+            t.add_row(name, role, doc.get("cluster", {}).get("role", ""), "", "", "", "",
+                      "neither leading nor following")  # fmt: skip
+            continue
         if role == "leader":
             counter, lag_c, lag_ms = "commits", None, None
             reporting = sum(1 for f in doc["followers"] if f["feedback"])
