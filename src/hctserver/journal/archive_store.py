@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigError
 from .archive_format import ObjectMissingError, check_name
+from .snapshot import fsync_dir
 
 
 class ObjectStore(Protocol):
@@ -104,7 +105,7 @@ class DirStore:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise
-        _fsync_dir(os.path.dirname(path))
+        fsync_dir(path)
 
     def get(self, name: str) -> bytes:
         try:
@@ -133,7 +134,7 @@ class DirStore:
             os.remove(path)
         except FileNotFoundError:
             return
-        _fsync_dir(os.path.dirname(path))
+        fsync_dir(path)
 
 
 def _makedirs(path: str) -> None:
@@ -142,15 +143,7 @@ def _makedirs(path: str) -> None:
     _makedirs(os.path.dirname(path))
     with contextlib.suppress(FileExistsError):
         os.mkdir(path)
-    _fsync_dir(os.path.dirname(path))  # the new folder's entry survives a crash
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path)  # the new folder's entry survives a crash
 
 
 def _open_s3(url: str) -> ObjectStore:

@@ -462,21 +462,21 @@ def load(
         raw.update((k, (v, f"{file}: {k}")) for k, v in from_file.items())
     env = read_env(os.environ if environ is None else environ)
     raw.update((k, (v, ENV_PREFIX + k.replace(".", "__").upper())) for k, v in env.items())
+    by_key = {k: o for k, o, _ in options()}
     for k, v in (flags or {}).items():
-        raw[k] = (v, _flag(k, next(o for kk, o, _ in options() if kk == k)))
+        raw[k] = (v, _flag(k, by_key[k]))
     if role is not None:
         raw["role"] = (role, "the command")
     top: dict[str, Any] = {}
     parts: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-    by_key = {k: o for k, o, _ in options()}
     for k, (v, where) in raw.items():
         value = coerce(by_key[k], v, where)
         section, _, name = k.rpartition(".")
         (parts[section] if section else top)[name] = value
     role_now = top.get("role", "leader")
-    for k, o, _ in options():
-        if check_roles and k in raw and role_now not in o.roles:
-            raise ConfigError(f"{raw[k][1]} does not apply to a {role_now}")
+    for k, (_, where) in raw.items():
+        if check_roles and role_now not in by_key[k].roles:
+            raise ConfigError(f"{where} does not apply to a {role_now}")
     sections = {s: SECTIONS[s](**v) for s, v in parts.items()}
     return NodeConfig(**top, **sections)
 
