@@ -21,7 +21,7 @@ from hctserver.cluster.etcd import EtcdAuthError, EtcdClient, EtcdError
 from hctserver.tools.locate import etcd_binary as find_etcd
 
 from helpers import wait_until
-from procs import free_port
+from procs import free_port, terminate
 
 
 def etcd_binary() -> str:
@@ -126,13 +126,7 @@ class EtcdServer:
             self._auth_enabled = True
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc)
         self.proc = None
 
     def tail(self) -> str:

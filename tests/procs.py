@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 HCT = [sys.executable, "-m", "hctserver"]
 
@@ -115,6 +116,18 @@ def _ephemeral_start() -> int:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
+
+
+def terminate(p: subprocess.Popen[Any] | None, timeout: float = 10) -> None:
+    """SIGTERM a server a test started, SIGKILL it if it does not exit in time."""
+    if p is None or p.poll() is not None:
+        return
+    p.terminate()
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(timeout)
 
 
 def free_port() -> int:

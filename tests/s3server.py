@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from helpers import wait_until
-from procs import free_port
+from procs import free_port, terminate
 
 # what the server is told by the test's own client; any value works before enforce_auth
 KEY_ID = "AKIAHCTSERVERTEST01"
@@ -95,13 +95,7 @@ class S3Server:
         wait_until(up, 60, "the S3 server (moto) to answer")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc)
         self.proc = None
 
     def tail(self) -> str:

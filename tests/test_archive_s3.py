@@ -21,7 +21,6 @@ import pytest
 
 from hctserver import Database
 from hctserver.errors import AuthError, ConfigError, TransientError, is_transient
-from hctserver.journal import snapshot
 from hctserver.journal.archive import (
     Archiver,
     ObjectMissingError,
@@ -32,8 +31,8 @@ from hctserver.journal.archive import (
 )
 from hctserver.journal.archive_s3 import S3Store, parse_url
 from hctserver.journal.verify import compare
-from hctserver.node.jobs import WRITER_SQL
 
+from archived import Leader
 from helpers import wait_until
 from nodes import assert_identical, init_db
 from procs import HCT, free_port
@@ -62,35 +61,6 @@ def new_bucket(s3: S3Server) -> str:
     return name
 
 
-class Leader:
-    """A leader's database archived to ``store``, and copies of it at chosen cids."""
-
-    def __init__(self, tmp_path: Any, store: S3Store) -> None:
-        self.dir = tmp_path
-        self.path = str(tmp_path / "l.db")
-        init_db(self.path)
-        self.db = Database(self.path, init=False)
-        self.db.set_mode("leader")
-        self.conn = self.db.connect()
-        self.store = store
-        self.archiver = Archiver(self.db, store, max_delay=0.0)
-
-    def write(self, n: int) -> None:
-        for _ in range(n):
-            self.conn.execute(WRITER_SQL)
-
-    def copy(self) -> tuple[int, str]:
-        cid = self.db.snapshot()
-        out = str(self.dir / f"copy-{cid}.db")
-        snapshot.copy(self.db, out)
-        return cid, out
-
-    def close(self) -> None:
-        self.archiver.close()
-        self.conn.close()
-        self.db.close()
-
-
 # --- the round trip -------------------------------------------------------------------
 
 
@@ -98,7 +68,7 @@ def test_archive_ls_verify_and_restore_through_s3(s3: S3Server, env: None, tmp_p
     url = s3.url(new_bucket(s3), "prod/orders")
     store = open_store(url)
     assert isinstance(store, S3Store) and store.url == url and store.prefix == "prod/orders/"
-    lead = Leader(tmp_path, store)
+    lead = Leader(tmp_path, store=store)
     try:
         lead.write(20)
         assert lead.archiver.ship_once() > 0
