@@ -56,3 +56,10 @@ def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "con
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)
+
+
+def complete_lines(text: str) -> list[str]:
+    """The lines of a log another process is still writing, without its
+    last one if that is not whole yet (read between two writes of a line)."""
+    lines = text.split("\n")
+    return [line for line in lines[:-1] if line]  # what follows the last newline is partial

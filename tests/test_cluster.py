@@ -22,7 +22,7 @@ from hctserver.cluster.member import cluster_status
 from hctserver.journal import patchset
 
 from etcdserver import etcd_server
-from helpers import wait_until
+from helpers import complete_lines, wait_until
 from nodes import assert_identical
 from procs import HCT, free_port, processes, stop
 
@@ -94,7 +94,7 @@ class Cluster:
     def acks(self) -> list[str]:
         """Acknowledged commits so far, "key cid time" (the writer job's log)."""
         p = Path(self.env["HCT_TEST_ACKLOG"])
-        return p.read_text().splitlines() if p.exists() else []
+        return complete_lines(p.read_text()) if p.exists() else []
 
     def writes(self) -> int:
         return len(self.acks())
@@ -113,7 +113,7 @@ class Cluster:
     def app_acks(self) -> list[tuple[str, str, float, str]]:
         """The applications' log: (kind, key, time, node) with kind "ack" or "unknown"."""
         p = Path(self.env["HCT_TEST_ACKLOG"] + ".apps")
-        rows = [line.split() for line in p.read_text().splitlines()] if p.exists() else []
+        rows = [line.split() for line in complete_lines(p.read_text())] if p.exists() else []
         return [(r[0], r[1], float(r[3]), r[4]) for r in rows if len(r) == 5]
 
     def acks_by_node(self) -> list[tuple[float, str, str]]:

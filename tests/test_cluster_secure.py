@@ -20,7 +20,7 @@ from hctserver.net.httpserver import fetch
 from hctserver.node import config
 
 from etcdserver import etcd_server
-from helpers import wait_until
+from helpers import complete_lines, wait_until
 from nodes import assert_identical, init_db
 from procs import HCT, free_port, processes, stop
 
@@ -103,7 +103,7 @@ def test_a_cluster_secured_everywhere_started_from_toml_files(tmp_path: Path) ->
 
         def acks() -> int:
             p = Path(env["HCT_TEST_ACKLOG"])
-            return len(p.read_text().splitlines()) if p.exists() else 0
+            return len(complete_lines(p.read_text())) if p.exists() else 0
 
         wait_until(lambda: acks() > 50, 60, "synchronous commits over TLS")
 

@@ -26,7 +26,7 @@ from hctserver.errors import (
 )
 from hctserver.journal.gate import HEARTBEAT, GatePublisher, gate_path
 
-from helpers import wait_until
+from helpers import complete_lines, wait_until
 from nodes import init_db, snapshot_of
 from procs import HCT, processes, stop
 
@@ -231,7 +231,7 @@ def test_an_application_beside_a_paused_leader_stops_and_goes_on_after(tmp_path)
 
         def acked() -> list[float]:
             text = Path(acks).read_text() if os.path.exists(acks) else ""
-            return [float(x.split()[3]) for x in text.splitlines() if x.startswith("ack")]
+            return [float(x.split()[3]) for x in complete_lines(text) if x.startswith("ack")]
 
         wait_until(lambda: len(acked()) > 50, what="acknowledged writes")
         leader.send_signal(signal.SIGSTOP)
@@ -314,7 +314,7 @@ def test_a_paused_sync_follower_acknowledges_again_within_2_s(tmp_path) -> None:
         app = _app(procs, lp, script)
 
         def acks() -> list[float]:
-            return [float(x.split()[2]) for x in procs.stdout(app).splitlines() if x]
+            return [float(x.split()[2]) for x in complete_lines(procs.stdout(app))]
 
         wait_until(lambda: len(acks()) > 20, what="synchronous commits")
         f.send_signal(signal.SIGSTOP)
