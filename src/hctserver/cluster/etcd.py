@@ -320,7 +320,8 @@ class EtcdClient:
             status = reply.status
         except ssl.SSLError as e:
             raise self._tls_error(e) from None
-        except http.client.RemoteDisconnected:
+        except (http.client.RemoteDisconnected, ConnectionResetError):
+            # a TLS server drops a plain request: with a close or, as often, a reset
             if self._tls is None and _speaks_tls(self._host, self._port, min(1.0, left)):
                 raise EtcdAuthError(
                     f"etcd at {self.url} speaks TLS: give its https:// URL (and --etcd-ca;"
