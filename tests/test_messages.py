@@ -166,7 +166,8 @@ GOLDEN = {
     "error": "03000000030000006e6f00",
     "syncreply_start": "0400000003000000",
     "subreply_start": "05000000",
-    "accept": "06000000140000000100000007000000000000002a00000000000000",
+    "accept": "06000000140000000200000007000000000000002a00000000000000",
+    "accept_v2": "06000000230000000200000007000000000000002a000000000000000d00687474703a2f2f683a31323334",
     "state": "07000000100000002a00000000000000dc05000000000000",
     "report": "080000001a0000002800000000000000270000000000000029000000000000006631",
     "request": "01000000feffffffffffffff6863747365727665722d62732d763100",
@@ -194,6 +195,7 @@ def test_the_bytes_on_the_wire_did_not_change() -> None:
         "syncreply_start": wire.encode_syncreply_start(3),
         "subreply_start": wire.encode_subreply_start(),
         "accept": feedback.encode_accept(7, 42),
+        "accept_v2": feedback.encode_accept(7, 42, "http://h:1234"),
         "state": feedback.encode_state(42, 1500),
         "report": feedback.encode_report(40, 39, 41, "f1"),
         "request": bootstrap.encode_request(),
@@ -214,7 +216,7 @@ def test_the_golden_frames_decode() -> None:
     fb = feedback.Decoder(frozenset({feedback.ACCEPT, feedback.STATE, feedback.REPORT}))
     stream = b"".join(bytes.fromhex(GOLDEN[k]) for k in ("accept", "state", "report"))
     assert fb.feed(stream) == [
-        feedback.Accept(1, 7, 42),
+        feedback.Accept(2, 7, 42),
         feedback.State(42, 1500),
         feedback.Report(40, 39, 41, "f1"),
     ]
@@ -318,3 +320,16 @@ def test_a_type_without_a_frame_is_a_programming_error() -> None:
     dec.feed(head(MessageType.SUBX, 12))
     with pytest.raises(ValueError, match="SUBX is not an extension frame"):
         dec.next_frame(frozenset({MessageType.SUBX}))
+
+
+def test_accept_carries_the_leaders_client_url_and_a_follower_resolves_its_host() -> None:
+    (msg,) = feedback.Decoder(frozenset({feedback.ACCEPT})).feed(
+        feedback.encode_accept(3, 9, "https://0.0.0.0:8080")
+    )
+    assert msg == feedback.Accept(2, 3, 9, "https://0.0.0.0:8080")
+    assert feedback.client_url(msg.client, "10.1.2.3") == "https://10.1.2.3:8080"
+    assert feedback.client_url("http://[::]:80/x", "::1") == "http://[::1]:80/x"
+    assert feedback.client_url("http://db.example:80", "10.0.0.1") == "http://db.example:80"
+    # version 1 (no URL): an empty client
+    (old,) = feedback.Decoder(frozenset({feedback.ACCEPT})).feed(feedback.encode_accept(3, 9))
+    assert old.client == ""

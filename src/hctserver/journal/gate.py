@@ -51,6 +51,9 @@ _HEAD = struct.Struct("<8sQ")  # magic, sequence
 _BODY = struct.Struct("<qqqqqqqqqq")
 _LEADER_AT = _HEAD.size + _BODY.size
 _LEADER_MAX = 240  # bytes of the leader's address (for errors and forwarding)
+_CLIENT_AT, _CLIENT_MAX = 512, 512  # the leader's client (SQL over HTTP) URL
+_WANT = struct.Struct("<q")  # outside the seqlock: any process may write it
+_WANT_AT = 2048
 SIZE = 4096
 
 NONE, LEADER, FOLLOWER = 0, 1, 2
@@ -75,9 +78,14 @@ class GateState:
     spare1: int  # room for later fields, the layout unchanged
     spare2: int
     leader: str  # the leader's address, as known to this node ("" if none)
+    client: str = ""  # the leader's client URL, where writes here are forwarded
 
 
 _EMPTY = GateState(0, 0, NONE, 0, 0, -1, 0, 0, 0, 0, "")
+
+
+def _text(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 class Ticket(NamedTuple):
@@ -96,12 +104,13 @@ def _read(m: mmap.mmap) -> GateState:
         magic, s1 = _HEAD.unpack_from(m, 0)
         body = _BODY.unpack_from(m, _HEAD.size)
         raw = m[_LEADER_AT : _LEADER_AT + _LEADER_MAX]
+        client = m[_CLIENT_AT : _CLIENT_AT + _CLIENT_MAX]
         _, s2 = _HEAD.unpack_from(m, 0)
         if magic != MAGIC:
             return _EMPTY
         if s1 == s2 and not s1 & 1:
-            leader = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
-            return cast(Any, GateState)(*body, leader)  # type: ignore[no-any-return]
+            state = cast(Any, GateState)(*body, _text(raw), _text(client))
+            return state  # type: ignore[no-any-return]
         time.sleep(0)
 
 
@@ -112,7 +121,7 @@ def _open_map(path: str, create: bool) -> mmap.mmap | None:
     if create and not os.path.exists(path):
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
-            f.write(_HEAD.pack(MAGIC, 0) + _BODY.pack(*astuple(_EMPTY)[:-1]))
+            f.write(_HEAD.pack(MAGIC, 0) + _BODY.pack(*astuple(_EMPTY)[:-2]))
             f.truncate(SIZE)
         try:
             os.link(tmp, path)
@@ -171,9 +180,11 @@ class GatePublisher:
         _, seq = _HEAD.unpack_from(m, 0)
         seq += seq & 1  # a publisher killed mid-write left it odd
         _HEAD.pack_into(m, 0, MAGIC, seq + 1)
-        _BODY.pack_into(m, _HEAD.size, *astuple(st)[:-1])
+        _BODY.pack_into(m, _HEAD.size, *astuple(st)[:-2])
         raw = st.leader.encode()[: _LEADER_MAX - 1]
         m[_LEADER_AT : _LEADER_AT + _LEADER_MAX] = raw.ljust(_LEADER_MAX, b"\0")
+        raw = st.client.encode()[: _CLIENT_MAX - 1]
+        m[_CLIENT_AT : _CLIENT_AT + _CLIENT_MAX] = raw.ljust(_CLIENT_MAX, b"\0")
         _HEAD.pack_into(m, 0, MAGIC, seq + 2)
         self._state = st
         with self._cond:
@@ -196,6 +207,7 @@ class GatePublisher:
                     acked_cid=0,
                     degraded=0,
                     leader="",
+                    client="",
                 )
             )
 
@@ -232,8 +244,23 @@ class GatePublisher:
                     state=FOLLOWER,
                     valid_until_ns=0,
                     leader=leader,
+                    client="" if leader != st.leader else st.client,
                 )
             )
+
+    def leader_client(self, url: str) -> None:
+        """The leader this node follows serves clients at ``url``: writers
+        on this file forward their writes there."""
+        with self._lock:
+            st = self._state
+            if st.state == FOLLOWER and st.client != url:
+                self._publish(replace(st, client=url))
+
+    def wanted(self) -> int:
+        """The newest cid a reader of this file waits to see applied (a
+        forwarded write reading its own write): the applier should not
+        hold it back to batch."""
+        return int(_WANT.unpack_from(self._map, _WANT_AT)[0])
 
     def stop(self) -> None:
         """No node serves the file any more: every waiting commit gets
@@ -260,6 +287,7 @@ class Gate:
         self.path = gate_path(db_path)
         self.standalone = standalone
         self._map: mmap.mmap | None = None
+        self._want_map: mmap.mmap | None = None
         self._lock = threading.Lock()
         self._cond = _Local.cond(self.path)
 
@@ -345,6 +373,21 @@ class Gate:
                 time.sleep(min(poll, left))
                 poll = min(_POLL_MAX, poll * 2)
 
+    def want(self, cid: int) -> None:
+        """Ask the node to apply up to ``cid`` without waiting to batch (a
+        hint: a process that may not write the file just waits longer)."""
+        if self._attach() is None:  # no node serves the file: nobody to ask
+            return
+        with self._lock:
+            if self._want_map is None:
+                try:
+                    self._want_map = _open_map(self.path, create=True)
+                except OSError:
+                    return
+            m = self._want_map
+        if m is not None and _WANT.unpack_from(m, _WANT_AT)[0] < cid:
+            _WANT.pack_into(m, _WANT_AT, cid)
+
     def _unknown(self, cid: int, why: str) -> CommitUnknownError:
         return CommitUnknownError(
             f"cid {cid} was committed on {self.db_path}, but {why}: it may not be on any"
@@ -355,7 +398,9 @@ class Gate:
 
     def close(self) -> None:
         with self._lock:
-            m, self._map = self._map, None
-        if m is not None:
-            with contextlib.suppress(ValueError, BufferError):
-                m.close()
+            maps = (self._map, self._want_map)
+            self._map = self._want_map = None
+        for m in maps:
+            if m is not None:
+                with contextlib.suppress(ValueError, BufferError):
+                    m.close()

@@ -51,6 +51,7 @@ class FeedbackHub:
         self.newest = newest
         self.max_channels = max_channels
         self.idle_timeout = idle_timeout
+        self.client_url = ""  # sent in ACCEPT: where this leader serves SQL clients
         self._poller = Poller()
         self._lock = threading.Lock()
         self._channels: dict[Conn, _Channel] = {}
@@ -70,7 +71,7 @@ class FeedbackHub:
             self._opening += 1
         info = self.table.add(conn.peer)
         try:
-            conn.send_all(feedback.encode_accept(info.id, newest), timeout)
+            conn.send_all(feedback.encode_accept(info.id, newest, self.client_url), timeout)
         except BaseException:
             self.table.remove(info.id)
             with self._lock:

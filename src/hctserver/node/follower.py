@@ -48,7 +48,7 @@ from ..net.security import Security, describe
 from ..net.tasks import Task, TaskGroup
 from ..net.transport import TCP, Conn, Poller, TcpTransport, Transport, Waker
 from ..position import Entry, chain
-from ..protocol import auth, bootstrap, wire
+from ..protocol import auth, bootstrap, feedback, wire
 from ..protocol.session import (
     Backoff,
     BackoffOver,
@@ -748,6 +748,9 @@ class Follower:
                     self.reporter.hello(conn)
                 finally:
                     self._release(conn, keep=True)  # the reporter owns it (or closed it)
+                client = self.reporter.view.client
+                if client:  # writers on this file forward there
+                    self.db.publisher.leader_client(feedback.client_url(client, self.host))
         newest = self.reporter.view.newest
         if newest >= 0:
             log.info(

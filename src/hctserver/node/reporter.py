@@ -43,6 +43,7 @@ class HeardFromLeader:
     newest: int = -1  # the leader's newest cid; -1 unknown
     lag_ms: float | None = None  # this follower's lag as the leader sees it
     heard_at: float | None = None
+    client: str = ""  # where the leader serves SQL clients, as it said in ACCEPT
 
 
 class Reporter:
@@ -100,7 +101,9 @@ class Reporter:
         """``conn`` is the channel from now on (the caller holds the lock)."""
         self._conn = conn
         self._decoder = feedback.Decoder(frozenset({feedback.STATE}))
-        self.view = HeardFromLeader(acc.follower_id, acc.newest, None, time.monotonic())
+        self.view = HeardFromLeader(
+            acc.follower_id, acc.newest, None, time.monotonic(), acc.client
+        )
         self._wake.set()
 
     def _await_accept(self, conn: Conn) -> feedback.Accept:
@@ -226,5 +229,5 @@ class Reporter:
                 if self._conn is conn:
                     lag = None if m.lag_us < 0 else m.lag_us / 1000
                     self.view = HeardFromLeader(
-                        self.view.follower_id, m.newest, lag, time.monotonic()
+                        self.view.follower_id, m.newest, lag, time.monotonic(), self.view.client
                     )

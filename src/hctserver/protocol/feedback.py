@@ -33,7 +33,7 @@ from . import messages
 from .messages import MessageType, Origin
 
 PROBE_CID, PROBE_HASH = messages.OPENERS[Origin.FEEDBACK]
-VERSION = 1
+VERSION = 2  # 2: ACCEPT carries the leader's client URL
 
 ACCEPT = MessageType.ACCEPT  # leader -> follower, once
 STATE = MessageType.STATE  # leader -> follower, one per REPORT
@@ -44,6 +44,8 @@ MAX_NAME = 200  # bytes of a follower's name kept
 
 _accept = struct.Struct("<iqq")
 _state = struct.Struct("<qq")
+_len16 = struct.Struct("<H")
+MAX_URL = 400  # bytes of the leader's client URL
 _report = struct.Struct("<qqq")
 
 
@@ -51,6 +53,7 @@ class Accept(NamedTuple):
     version: int
     follower_id: int
     newest: int
+    client: str = ""  # version 2: where the leader serves SQL clients ("" if not)
 
 
 class State(NamedTuple):
@@ -69,8 +72,27 @@ def is_probe(cid: int, hash_: bytes) -> bool:
     return cid == PROBE_CID and hash_ == PROBE_HASH
 
 
-def encode_accept(follower_id: int, newest: int) -> bytes:
-    return messages.encode(ACCEPT, _accept.pack(VERSION, follower_id, newest))
+def client_url(url: str, host: str) -> str:
+    """The leader's client URL as a follower that reached it at ``host``
+    uses it: a wildcard or empty host in ``url`` becomes ``host``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, path = rest.partition("/")
+    name, colon, port = netloc.rpartition(":")
+    if not colon:
+        name, port = netloc, ""
+    if name.strip("[]") in ("", "0.0.0.0", "::"):
+        name = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{name}{colon}{port}{slash}{path}"
+
+
+def encode_accept(follower_id: int, newest: int, client: str = "") -> bytes:
+    body = _accept.pack(VERSION, follower_id, newest)
+    url = client.encode()[:MAX_URL]
+    if url:  # else the fields of version 1 alone
+        body += _len16.pack(len(url)) + url
+    return messages.encode(ACCEPT, body)
 
 
 def encode_state(newest: int, lag_us: int) -> bytes:
@@ -98,7 +120,15 @@ class Decoder:
 def _decode(frame: messages.Frame) -> Accept | State | Report:
     body = frame.body  # at least the fields of version 1: the frame's bounds
     if frame.kind == ACCEPT:
-        return Accept(*_accept.unpack_from(body))
+        version, fid, newest = _accept.unpack_from(body)
+        client = ""
+        rest = body[_accept.size :]
+        if version >= 2 and len(rest) >= _len16.size:
+            (n,) = _len16.unpack_from(rest)
+            client = bytes(rest[_len16.size : _len16.size + min(n, MAX_URL)]).decode(
+                "utf-8", "replace"
+            )
+        return Accept(version, fid, newest, client)
     if frame.kind == STATE:
         return State(*_state.unpack_from(body))
     applied, durable, received = _report.unpack_from(body)
