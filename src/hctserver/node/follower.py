@@ -393,7 +393,9 @@ class Follower:
         if self.background_checkpoint:
             self._checkpointer.take_over()  # before the applier's connection opens
         ap = db.applier(**self.applier_options)
-        sink = self._sink = Sink(ap, self.syncthreads > 1, self.queue_bytes, self.stats)
+        sink = self._sink = Sink(
+            ap, self.syncthreads > 1, self.queue_bytes, self.stats, wanted=db.publisher.wanted
+        )
         self.stats.snapshot = self.stats.start_snapshot = ap.snapshot
         streams = self._streams = StreamReader(
             sink, self._events, self.stats, io_timeout=self.io_timeout

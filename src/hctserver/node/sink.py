@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from .followers import CommitClock
 log = logging.getLogger("hctserver")
 
 _FULL_RETRY_MAX = 5.0  # seconds between attempts while the disk is full
+_WANT_POLL = 0.0005  # seconds between looks at the readers' wanted cid while gathering
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Sink:
         queue_bytes: int,
         stats: FollowerStats,
         min_batch: int = 40_000,
+        wanted: Callable[[], int] | None = None,
     ) -> None:
         self.applier = applier
         self.arrivals = CommitClock()  # when each cid arrived: the local view of lag
@@ -68,6 +71,7 @@ class Sink:
         self.limit = max(1, queue_bytes)
         self.stats = stats
         self.min_batch = min_batch
+        self.wanted = wanted  # the newest cid a reader waits for: no batching delay then
         self.commit_interval = 0.0
         self.streaming = False
         self._lock = threading.Lock()
@@ -175,8 +179,7 @@ class Sink:
                 self._busy = True
                 delay = self.commit_interval if self.streaming else 0.0
             if delay > 0 and self._bytes < self.limit // 2:
-                with self._cond:  # gather more of the stream into this transaction
-                    self._cond.wait_for(lambda: self._closed, delay)
+                self._gather(delay)
             with self._cond:
                 chunks, self._items = self._items, []
                 self._count = self._bytes = 0
@@ -195,6 +198,20 @@ class Sink:
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
+
+    def _gather(self, delay: float) -> None:
+        """Let more of the stream join this transaction for ``delay`` seconds,
+        unless a reader waits for a cid not applied yet (a forwarded write
+        reading its own write): it is polled, as it may be in another process."""
+        end = time.monotonic() + delay
+        with self._cond:
+            while not self._closed:
+                if self.wanted is not None and self.wanted() > self.stats.snapshot:
+                    return
+                left = end - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(min(left, _WANT_POLL))
 
     def _raise(self) -> None:
         if self.error is not None:
