@@ -347,6 +347,10 @@ class Leader:
             tls = "TLS with client certificates" if mutual else "TLS"
         return describe(tls, self._secret is not None)
 
+    def serve_clients_at(self, url: str) -> None:
+        """Tell followers (in ACCEPT) that this leader serves SQL clients at ``url``."""
+        self._hub.client_url = url
+
     # --- what the rules see (session.LeaderView) -------------------------------------
 
     @property
