@@ -1,0 +1,184 @@
+"""The driver's backend for a database file on this machine.
+
+It runs each statement on a :class:`~hctserver.journal.connection.JournaledConnection`
+(what ``hctserver.connect(path)`` returns) and gives its whole outcome at
+once, as a node would over the network. A writing statement outside a
+transaction runs in a transaction of this backend's own (``BEGIN IMMEDIATE``,
+the statement, ``COMMIT``): the connection's own one-statement transactions
+hand back rows without their column names, and its COMMIT's journal row
+would show in ``changes()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import apsw
+
+from ..errors import HctError
+from ..journal import database, sqltext
+from ..journal.connection import JournaledConnection
+from ..journal.sqltext import Kind, Statement
+from .backend import Params, Result
+from .exceptions import ProgrammingError, from_apsw, from_hct
+
+
+@contextlib.contextmanager
+def mapped() -> Iterator[None]:
+    """Raise apsw's and hctserver's errors as the driver's."""
+    try:
+        yield
+    except apsw.Error as e:
+        raise from_apsw(e) from e
+    except HctError as e:
+        raise from_hct(e) from e
+    except KeyError as e:  # apsw: a named parameter missing from the mapping
+        raise ProgrammingError(
+            f"You did not supply a value for binding parameter {e.args[0]}."
+        ) from e
+
+
+def one_statement(sql: str) -> Statement | None:
+    """The one statement of ``sql`` (None for only comments or blanks)."""
+    stmts = sqltext.parse(sql)
+    if len(stmts) > 1:
+        raise ProgrammingError("You can only execute one statement at a time.")
+    return stmts[0] if stmts else None
+
+
+def may_return_rows(st: Statement | None) -> bool:
+    """Whether a statement can have result columns even when it gave no rows."""
+    if st is None:
+        return False
+    if st.kind is Kind.READ:
+        return True
+    words = sqltext.tokens(st.text, limit=1 << 30)
+    if st.kind is Kind.WRITE:
+        return "RETURNING" in words
+    return st.kind is Kind.OTHER and words[:1] == ["PRAGMA"]
+
+
+class LocalBackend:
+    """A database file opened with ``hctserver.connect(path, **options)``:
+    a new file becomes a replication-enabled database."""
+
+    def __init__(self, path: str | os.PathLike[str], **options: Any) -> None:
+        with mapped():
+            self._jc = database.connect(path, **options)
+        self._sqlite: apsw.Connection | None = None
+
+    @classmethod
+    def over(cls, db: database.Database) -> LocalBackend:
+        """A backend on a connection to ``db``, a database this process has
+        open already (a node's: its SQL endpoint's streams)."""
+        self = cls.__new__(cls)
+        self._jc = db.connect()
+        self._sqlite = None
+        return self
+
+    @property
+    def connection(self) -> JournaledConnection:
+        """The journaled connection under this backend."""
+        return self._jc
+
+    def execute(self, sql: str, params: Params) -> Result:
+        st = one_statement(sql)
+        jc = self._jc
+        before = jc.last_cid
+        with mapped():
+            if st is not None and st.kind is Kind.WRITE:
+                res = self._write(st, sql, [params])
+            else:
+                columns, rows = self._fetch(jc.execute(sql, params), st, sql, params)
+                res = Result(columns, rows, lastrowid=jc.last_insert_rowid())
+        res.cid = jc.last_cid if jc.last_cid != before else 0
+        return res
+
+    def executemany(self, sql: str, seq: Iterable[Params]) -> Result:
+        st = one_statement(sql)
+        if st is None or st.kind is not Kind.WRITE:
+            raise ProgrammingError("executemany() can only execute DML statements.")
+        before = self._jc.last_cid
+        with mapped():
+            res = self._write(st, sql, seq, many=True)
+        res.cid = self._jc.last_cid if self._jc.last_cid != before else 0
+        return res
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._jc.in_transaction
+
+    @property
+    def last_cid(self) -> int:
+        return self._jc.last_cid
+
+    def close(self) -> None:
+        with mapped():
+            self._jc.close()
+
+    # --- helpers -------------------------------------------------------------
+
+    def _write(self, st: Statement, sql: str, seq: Iterable[Params], many: bool = False) -> Result:
+        """Run a writing statement once per parameter set, inside a transaction
+        (the open one, else one of its own); ``rowcount`` is the sum."""
+        jc = self._jc
+        own = not jc.in_transaction
+        if own:
+            jc.execute("BEGIN IMMEDIATE")
+        try:
+            res = Result(rowcount=0)
+            for params in seq:
+                columns, rows = self._fetch(jc.execute(sql, params), st, sql, params)
+                if not many:
+                    res.columns, res.rows = columns, rows
+                res.rowcount += jc.changes()
+            res.lastrowid = jc.last_insert_rowid()
+            if own:
+                jc.execute("COMMIT")
+        except BaseException:
+            if own and jc.in_transaction:
+                with contextlib.suppress(apsw.Error, HctError):
+                    jc.execute("ROLLBACK")
+            raise
+        return res
+
+    def _fetch(
+        self, out: Any, st: Statement | None, sql: str, params: Params
+    ) -> tuple[list[tuple[str, str | None]], list[tuple[Any, ...]]]:
+        """Columns and rows of what ``JournaledConnection.execute`` returned:
+        an apsw cursor, or rows already fetched (here, or by the leader for a
+        forwarded statement, with their description)."""
+        columns: list[tuple[str, str | None]] = []
+        describe = getattr(out, "getdescription", None)
+        if describe is not None:
+            with contextlib.suppress(apsw.ExecutionCompleteError):
+                columns = [(str(name), decltype) for name, decltype in describe()]
+        rows = [tuple(r) for r in out]
+        if not columns:
+            columns = self._describe(sql, params) if may_return_rows(st) else []
+        return columns, rows
+
+    def _describe(self, sql: str, params: Params) -> list[tuple[str, str | None]]:
+        """The result columns of a statement that gave no rows (SQLite names
+        them only while a statement is under way): prepared again on the same
+        connection, stopped before it runs."""
+        if self._sqlite is None:
+            self._sqlite = self._jc.execute("SELECT 1").connection
+        found: list[tuple[str, str | None]] = []
+
+        def stop(cur: apsw.Cursor, _sql: str, _bindings: Any) -> bool:
+            found.extend(cur.get_description())
+            return False
+
+        cur = self._sqlite.cursor()
+        cur.exec_trace = stop
+        try:
+            cur.execute(sql, params)
+        except apsw.ExecTraceAbort:
+            pass
+        finally:
+            cur.close()
+        return found
