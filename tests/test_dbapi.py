@@ -832,6 +832,12 @@ def test_remote_options_are_refused_for_a_file(local: str) -> None:
         db.connect(local, token="secret")
 
 
+@pytest.mark.parametrize("name", [":memory:", ""])
+def test_no_in_memory_database(name: str) -> None:
+    with pytest.raises(db.NotSupportedError, match="file"):
+        db.connect(name)
+
+
 def test_options_reach_hctserver_connect(local: str) -> None:
     with pytest.raises(db.DatabaseError, match="synchronous"):
         db.connect(local, synchronous="SOMETIMES")

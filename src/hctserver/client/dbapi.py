@@ -174,6 +174,8 @@ def open_backend(database: Database, timeout: float, options: dict[str, Any]) ->
         url = f"{_SCHEMES[scheme.lower()]}://{rest}"
         backend: Backend = remote.RemoteBackend(url, timeout=timeout, **options)
         return backend
+    if target in ("", ":memory:"):
+        raise NotSupportedError("a replicated database is a file: give its path, not :memory:")
     for key in _REMOTE_ONLY:
         if options.pop(key) is not None:
             raise ProgrammingError(f"{key} is an option for a node's URL, not for a file")
