@@ -304,7 +304,7 @@ def test_named_parameters(con: db.Connection) -> None:
 
 
 def test_a_missing_named_parameter(con: db.Connection) -> None:
-    with pytest.raises(db.ProgrammingError, match="binding parameter"):
+    with pytest.raises(db.ProgrammingError, match="binding parameter :b"):
         con.execute("SELECT :a, :b", {"a": 1})
 
 

@@ -37,7 +37,7 @@ def mapped() -> Iterator[None]:
         raise from_hct(e) from e
     except KeyError as e:  # apsw: a named parameter missing from the mapping
         raise ProgrammingError(
-            f"You did not supply a value for binding parameter {e.args[0]}."
+            f"You did not supply a value for binding parameter :{e.args[0]}."
         ) from e
 
 
