@@ -166,9 +166,11 @@ GOLDEN = {
     "error": "03000000030000006e6f00",
     "syncreply_start": "0400000003000000",
     "subreply_start": "05000000",
-    "accept": "06000000140000000200000007000000000000002a00000000000000",
-    "accept_v2": "06000000230000000200000007000000000000002a000000000000000d00687474703a2f2f683a31323334",
+    "accept": "06000000140000000300000007000000000000002a00000000000000",
+    "accept_v2": "06000000230000000300000007000000000000002a000000000000000d00"
+    "687474703a2f2f683a31323334",
     "state": "07000000100000002a00000000000000dc05000000000000",
+    "state_v3": "07000000140000002a00000000000000dc0500000000000001000000",
     "report": "080000001a0000002800000000000000270000000000000029000000000000006631",
     "request": "01000000feffffffffffffff6863747365727665722d62732d763100",
     "offer": "0a000000140000000100000003000000000000002a00000000000000",
@@ -197,6 +199,7 @@ def test_the_bytes_on_the_wire_did_not_change() -> None:
         "accept": feedback.encode_accept(7, 42),
         "accept_v2": feedback.encode_accept(7, 42, "http://h:1234"),
         "state": feedback.encode_state(42, 1500),
+        "state_v3": feedback.encode_state(42, 1500, feedback.WAITS),
         "report": feedback.encode_report(40, 39, 41, "f1"),
         "request": bootstrap.encode_request(),
         "offer": bootstrap.encode_offer(3, 42),
@@ -214,12 +217,32 @@ def test_the_bytes_on_the_wire_did_not_change() -> None:
 
 def test_the_golden_frames_decode() -> None:
     fb = feedback.Decoder(frozenset({feedback.ACCEPT, feedback.STATE, feedback.REPORT}))
-    stream = b"".join(bytes.fromhex(GOLDEN[k]) for k in ("accept", "state", "report"))
+    stream = b"".join(bytes.fromhex(GOLDEN[k]) for k in ("accept", "state", "state_v3", "report"))
     assert fb.feed(stream) == [
-        feedback.Accept(2, 7, 42),
+        feedback.Accept(3, 7, 42),
         feedback.State(42, 1500),
+        feedback.State(42, 1500, feedback.WAITS),
         feedback.Report(40, 39, 41, "f1"),
     ]
+
+
+def test_older_feedback_versions_decode() -> None:
+    """Frames of versions 1 and 2 (an ACCEPT without flags in STATE) still
+    decode, and a STATE of version 3 keeps the fields of version 1 first, so
+    that an older follower reading only those gets the same values."""
+    v2 = bytes.fromhex(
+        "06000000230000000200000007000000000000002a000000000000000d00687474703a2f2f683a31323334"
+    )
+    v1 = bytes.fromhex("06000000140000000100000007000000000000002a00000000000000")
+    fb = feedback.Decoder(frozenset({feedback.ACCEPT, feedback.STATE}))
+    assert fb.feed(v2 + v1) == [
+        feedback.Accept(2, 7, 42, "http://h:1234"),
+        feedback.Accept(1, 7, 42),
+    ]
+    v3 = bytes.fromhex(GOLDEN["state_v3"])
+    assert v3[8:24] == bytes.fromhex(GOLDEN["state"])[8:24]
+    assert fb.feed(v3)[0].flags == feedback.WAITS
+    assert fb.feed(feedback.encode_state(1, 2, 0)) == [feedback.State(1, 2, 0)]
     bs = bootstrap.Decoder(frozenset({bootstrap.OFFER, bootstrap.WANT, bootstrap.HEAD,
                                       bootstrap.DATA, bootstrap.END, wire.ERROR}))  # fmt: skip
     keys = ("offer", "want", "head", "data", "end", "error")
@@ -326,7 +349,7 @@ def test_accept_carries_the_leaders_client_url_and_a_follower_resolves_its_host(
     (msg,) = feedback.Decoder(frozenset({feedback.ACCEPT})).feed(
         feedback.encode_accept(3, 9, "https://0.0.0.0:8080")
     )
-    assert msg == feedback.Accept(2, 3, 9, "https://0.0.0.0:8080")
+    assert msg == feedback.Accept(feedback.VERSION, 3, 9, "https://0.0.0.0:8080")
     assert feedback.client_url(msg.client, "10.1.2.3") == "https://10.1.2.3:8080"
     assert feedback.client_url("http://[::]:80/x", "::1") == "http://[::1]:80/x"
     assert feedback.client_url("http://db.example:80", "10.0.0.1") == "http://db.example:80"

@@ -52,6 +52,7 @@ class FeedbackHub:
         self.max_channels = max_channels
         self.idle_timeout = idle_timeout
         self.client_url = ""  # sent in ACCEPT: where this leader serves SQL clients
+        self.waits = False  # STATE says WAITS: this leader's commits wait for acknowledgements
         self._poller = Poller()
         self._lock = threading.Lock()
         self._channels: dict[Conn, _Channel] = {}
@@ -128,7 +129,8 @@ class FeedbackHub:
             r = reports[-1]
             assert isinstance(r, feedback.Report)
             lag = self.table.report(ch.info.id, r, ch.heard)
-            ch.out += feedback.encode_state(self.newest(), int(lag * 1e6))
+            flags = feedback.WAITS if self.waits else 0
+            ch.out += feedback.encode_state(self.newest(), int(lag * 1e6), flags)
         if len(ch.out) > _MAX_OUT:
             raise ConnectionLostError("the follower does not read its STATE replies")
 

@@ -396,6 +396,8 @@ class Follower:
         sink = self._sink = Sink(
             ap, self.syncthreads > 1, self.queue_bytes, self.stats, wanted=db.publisher.wanted
         )
+        # a leader whose commits wait for acknowledgements: apply what arrives at once
+        self.reporter.on_waits = sink.hurry
         self.stats.snapshot = self.stats.start_snapshot = ap.snapshot
         streams = self._streams = StreamReader(
             sink, self._events, self.stats, io_timeout=self.io_timeout

@@ -309,6 +309,12 @@ class Leader:
         self.followers = FollowerTable(self.clock)
         self._feedback = feedback
         self._hub = FeedbackHub(self.followers, lambda: self.clock.newest, max_feedback)
+        if sync_followers:
+            # commits wait for the followers: they apply and report what arrives at
+            # once (STATE's WAITS), and the streamer sends each commit at once
+            # (what is committed while it sends goes in its next send)
+            self._hub.waits = True
+            self._streamer.coalesce = 0.0
         self.sync = SyncCommit(
             self.followers, sync_followers, level=sync_level, timeout=sync_timeout
         )

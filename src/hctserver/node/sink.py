@@ -8,7 +8,12 @@ that received them; ``pipelined=True`` hands them to the apply thread
 through a queue bounded in bytes, so that receiving overlaps with applying.
 While streaming, the apply thread always applies: it waits
 ``commit_interval`` after the first entry of a group arrives, trading that
-much lag for a low cost per entry.
+much lag for a low cost per entry. While the leader's commits wait for this
+follower's acknowledgement (:meth:`Sink.hurry`, told by the reporter when
+the leader's STATE says ``WAITS``), it applies what has arrived at once,
+without that wait: entries that arrive while one transaction commits join
+the next one (group commit without a timer), so that one sync of the WAL
+acknowledges them all.
 """
 
 from __future__ import annotations
@@ -74,6 +79,8 @@ class Sink:
         self.wanted = wanted  # the newest cid a reader waits for: no batching delay then
         self.commit_interval = 0.0
         self.streaming = False
+        self.eager = False  # the leader waits for acknowledgements: no batching delay
+        self.applies = 0  # apply passes (for tests and the bench)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._items: list[tuple[list[Entry], list[Any] | None]] = []
@@ -99,6 +106,14 @@ class Sink:
         with self._cond:
             self.commit_interval = commit_interval
             self.streaming = True
+            self._cond.notify_all()
+
+    def hurry(self, eager: bool) -> None:
+        """The leader's commits wait for acknowledgements (``eager``): apply
+        what arrives as soon as it arrives; else batch over
+        ``commit_interval`` again."""
+        with self._cond:
+            self.eager = eager
             self._cond.notify_all()
 
     def put(self, entries: list[Entry], nbytes: int, hashes: list[Any] | None = None) -> None:
@@ -147,6 +162,7 @@ class Sink:
         while True:
             try:
                 self.stats.snapshot = ap.apply()
+                self.applies += 1
             except DiskFullError as e:
                 # keep the entries and try again: the disk may get space back
                 if not self.stats.disk_full:
@@ -177,7 +193,7 @@ class Sink:
                 if self._closed:
                     return
                 self._busy = True
-                delay = self.commit_interval if self.streaming else 0.0
+                delay = self.commit_interval if self.streaming and not self.eager else 0.0
             if delay > 0 and self._bytes < self.limit // 2:
                 self._gather(delay)
             with self._cond:
@@ -205,7 +221,7 @@ class Sink:
         reading its own write): it is polled, as it may be in another process."""
         end = time.monotonic() + delay
         with self._cond:
-            while not self._closed:
+            while not self._closed and not self.eager:
                 if self.wanted is not None and self.wanted() > self.stats.snapshot:
                     return
                 left = end - time.monotonic()

@@ -13,7 +13,10 @@ that has not said it understands:
   this follower, its newest cid) and keeps the connection as the feedback
   channel: the follower sends **REPORT** (applied, durable and received
   cids, its name), the leader answers each with **STATE** (its newest cid,
-  this follower's lag as it sees it);
+  this follower's lag as it sees it; from version 3, flags: :data:`WAITS`
+  when the leader's commits wait for its followers' acknowledgements, so
+  that the follower applies and reports what arrives at once instead of
+  batching it);
 * with the id, the follower subscribes with **SUBX** (SUB plus the id), so
   the leader knows which streams are whose.
 
@@ -33,7 +36,7 @@ from . import messages
 from .messages import MessageType, Origin
 
 PROBE_CID, PROBE_HASH = messages.OPENERS[Origin.FEEDBACK]
-VERSION = 2  # 2: ACCEPT carries the leader's client URL
+VERSION = 3  # 2: ACCEPT carries the leader's client URL; 3: STATE carries flags
 
 ACCEPT = MessageType.ACCEPT  # leader -> follower, once
 STATE = MessageType.STATE  # leader -> follower, one per REPORT
@@ -44,6 +47,8 @@ MAX_NAME = 200  # bytes of a follower's name kept
 
 _accept = struct.Struct("<iqq")
 _state = struct.Struct("<qq")
+_flags = struct.Struct("<I")  # version 3: STATE's flags, after the fields of version 1
+WAITS = 1  # STATE flag: the leader's commits wait for acknowledgements (synchronous commit)
 _len16 = struct.Struct("<H")
 MAX_URL = 400  # bytes of the leader's client URL
 _report = struct.Struct("<qqq")
@@ -59,6 +64,7 @@ class Accept(NamedTuple):
 class State(NamedTuple):
     newest: int
     lag_us: int  # the follower's lag as the leader sees it; -1 if unknown
+    flags: int = 0  # version 3: WAITS (0 from older leaders)
 
 
 class Report(NamedTuple):
@@ -95,8 +101,11 @@ def encode_accept(follower_id: int, newest: int, client: str = "") -> bytes:
     return messages.encode(ACCEPT, body)
 
 
-def encode_state(newest: int, lag_us: int) -> bytes:
-    return messages.encode(STATE, _state.pack(newest, lag_us))
+def encode_state(newest: int, lag_us: int, flags: int = 0) -> bytes:
+    body = _state.pack(newest, lag_us)
+    if flags:  # else the fields of version 1 alone (an older follower reads those only)
+        body += _flags.pack(flags)
+    return messages.encode(STATE, body)
 
 
 def encode_report(applied: int, durable: int, received: int, name: str) -> bytes:
@@ -130,7 +139,11 @@ def _decode(frame: messages.Frame) -> Accept | State | Report:
             )
         return Accept(version, fid, newest, client)
     if frame.kind == STATE:
-        return State(*_state.unpack_from(body))
+        newest, lag_us = _state.unpack_from(body)
+        flags = 0
+        if len(body) >= _state.size + _flags.size:
+            (flags,) = _flags.unpack_from(body, _state.size)
+        return State(newest, lag_us, flags)
     applied, durable, received = _report.unpack_from(body)
     name = body[_report.size :][:MAX_NAME].decode("utf-8", "replace")
     return Report(applied, durable, received, name)

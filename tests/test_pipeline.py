@@ -1,0 +1,163 @@
+"""The synchronous commit pipeline (issue 26): a follower whose leader waits
+for acknowledgements applies and reports at once, its reports never wait
+for the leader's answers, and the leader's writers wait for their own cid
+while the next groups commit."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from hctserver.net.transport import TCP, Conn, Waker
+from hctserver.node.follower import Follower
+from hctserver.node.leader import Leader
+from hctserver.node.reporter import Reporter
+from hctserver.protocol import feedback, wire
+
+from helpers import wait_until
+from nodes import follower_node, init_db, leader_node, snapshot_of
+
+# --- the reporter, against a leader played by the test ------------------------------
+
+
+class _FakeLeader:
+    """Accepts one feedback channel: answers the probe with ACCEPT, records
+    every REPORT, and answers nothing unless told (:meth:`state`)."""
+
+    def __init__(self) -> None:
+        self.listener = TCP.listen("127.0.0.1", 0)
+        self.port = self.listener.port
+        self.reports: list[feedback.Report] = []
+        self.conn: Conn | None = None
+        self._ready = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        conn = self.listener.accept(Waker())
+        assert conn is not None
+        probe = bytearray()
+        buf = bytearray(4096)
+        while len(probe) < len(wire.encode_sync(feedback.PROBE_CID, feedback.PROBE_HASH)):
+            n = conn.recv_into(buf, 10)
+            if not n:
+                return
+            probe += buf[:n]
+        conn.send_all(feedback.encode_accept(1, 5), 10)
+        self.conn = conn
+        self._ready.set()
+        dec = feedback.Decoder(frozenset({feedback.REPORT}))
+        while True:
+            try:
+                n = conn.recv_into(buf, 30)
+            except Exception:
+                return
+            if not n:
+                return
+            for m in dec.feed(memoryview(buf)[:n]):
+                assert isinstance(m, feedback.Report)
+                self.reports.append(m)
+
+    def state(self, flags: int) -> None:
+        assert self._ready.wait(10) and self.conn is not None
+        self.conn.send_all(feedback.encode_state(7, 0, flags), 10)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
+
+
+def _reporter(port: int, pos: list[int], waits: list[bool]) -> tuple[Reporter, threading.Event]:
+    r = Reporter(
+        "f",
+        lambda: (pos[0], pos[0], pos[0]),
+        interval=3600.0,  # no periodic report in the test's time: only moves report
+        on_waits=waits.append,
+    )
+    conn = TCP.connect("127.0.0.1", port, 10)
+    assert r.hello(conn) == 1
+    stop = threading.Event()
+    threading.Thread(target=r.run, args=(stop,), daemon=True).start()
+    return r, stop
+
+
+def test_reports_go_out_at_each_move_while_the_leader_answers_nothing() -> None:
+    """Full duplex: no REPORT waits for the STATE answering the one before."""
+    fake = _FakeLeader()
+    pos = [1]
+    waits: list[bool] = []
+    r, stop = _reporter(fake.port, pos, waits)
+    try:
+        wait_until(lambda: [x.applied for x in fake.reports] == [1], what="the first report")
+        for cid in range(2, 12):
+            pos[0] = cid
+            r.wake()
+            wait_until(lambda c=cid: fake.reports[-1].applied == c, what=f"the report of {cid}")
+        assert [x.applied for x in fake.reports] == list(range(1, 12))
+        assert not waits and not r.view.waits
+    finally:
+        stop.set()
+        r.wake()
+        fake.close()
+
+
+def test_a_state_is_read_when_it_arrives_and_tells_whether_the_leader_waits() -> None:
+    """STATE is read as it comes, not only after a REPORT: a leader that
+    starts waiting for acknowledgements is heard at once."""
+    fake = _FakeLeader()
+    pos = [3]
+    waits: list[bool] = []
+    r, stop = _reporter(fake.port, pos, waits)
+    try:
+        wait_until(lambda: len(fake.reports) == 1, what="the first report")
+        fake.state(feedback.WAITS)  # no report is due for an hour
+        wait_until(lambda: waits == [True], what="WAITS heard")
+        assert r.view.waits and r.view.newest == 7
+        fake.state(0)
+        wait_until(lambda: waits == [True, False], what="no longer waiting")
+        fake.state(feedback.WAITS)
+        wait_until(lambda: waits == [True, False, True], what="waiting again")
+        r.detach()  # the session ends: nobody waits on this follower any more
+        assert waits == [True, False, True, False] and not r.view.waits
+        assert len(fake.reports) == 1
+    finally:
+        stop.set()
+        r.wake()
+        fake.close()
+
+
+# --- nodes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sync", [1, 0])
+def test_a_follower_applies_at_once_only_for_a_leader_that_waits(tmp_path, sync: int) -> None:
+    """With --sync-followers the follower's sink applies without its batching
+    delay (told by STATE), and each commit the leader makes is acknowledged;
+    an asynchronous leader's follower keeps batching."""
+    lp, fp = str(tmp_path / "l.db"), str(tmp_path / "f.db")
+    init_db(lp, 3)
+    leader = leader_node(lp, [], sync_followers=sync)
+    f = follower_node(fp, leader.port, once=False)
+    try:
+        runner, frun = leader.runner, f.runner
+        assert isinstance(runner, Leader) and isinstance(frun, Follower)
+        wait_until(lambda: len(runner.followers) == 1, what="the feedback channel")
+        rep = frun.reporter
+        wait_until(lambda: rep.view.lag_ms is not None, what="a STATE")
+        app = leader.db.connect()
+        cid = 0
+        for i in range(10):
+            cid = app.transact([("REPLACE INTO t1 VALUES(?, 'p', ?)", (i, i))]).cid
+            if sync:
+                assert snapshot_of(fp) >= cid  # acknowledged: applied and durable there
+        app.close()
+        sink = frun._sink  # the follower's apply side
+        assert sink is not None
+        assert sink.eager is bool(sync) and rep.view.waits is bool(sync)
+        assert runner.sync.status()["acked_cid"] >= (cid if sync else 0)
+        wait_until(lambda: snapshot_of(fp) >= cid, what="the follower has every commit")
+    finally:
+        f.close()
+        leader.close()
