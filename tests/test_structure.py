@@ -40,6 +40,7 @@ LAYERS = (
     "hctserver.tools",
     "hctserver.cluster",
     "hctserver.node",
+    "hctserver.client",  # drivers and forwarding: what a node and an application use
     ("hctserver.net", "hctserver.protocol"),  # side by side, neither importing the other
     "hctserver.journal",
 )
@@ -56,7 +57,7 @@ def test_lower_layers_never_import_upper_ones() -> None:
     assert not bad, [(d.importer, d.imported, d.routes) for d in bad]
     roots = {m for m in graph.modules if m.count(".") == 1 and m != "hctserver.__main__"}
     for m in roots - {"hctserver.tools", "hctserver.cluster", "hctserver.node", "hctserver.net",
-                      "hctserver.protocol", "hctserver.journal"}:  # fmt: skip
+                      "hctserver.protocol", "hctserver.journal", "hctserver.client"}:  # fmt: skip
         ups = {i.split(".")[1] for i in graph.find_modules_directly_imported_by(m)} - {
             "errors", "faults", "position", "version", "speedups"}  # fmt: skip
         assert not ups, f"{m}, a root module, imports from {ups}"
@@ -155,8 +156,9 @@ def test_every_socket_lives_in_the_transport_module() -> None:
     }
     # the HTTP endpoint is a server on a port of its own (it wraps its sockets
     # in TLS itself); etcd's client speaks HTTP(S) to etcd alone, never to a
-    # peer of the replication protocol; security builds ssl contexts only
-    assert users == {"transport", "httpserver", "etcd", "security"}
+    # peer of the replication protocol; the HTTP client speaks to a node's
+    # HTTP endpoint (SQL clients, forwarded writes); security builds ssl contexts only
+    assert users == {"transport", "httpserver", "httpclient", "etcd", "security"}
     security = ast.dump(modules()["security"])
     assert "socket" not in security and "selectors" not in security
 

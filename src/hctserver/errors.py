@@ -70,6 +70,15 @@ class CommitUnknownError(HctError):
         self.cid = cid
 
 
+class LagError(TransientError):
+    """A write forwarded to the leader was committed there (as ``cid``) but
+    not applied on this follower within the time allowed."""
+
+    def __init__(self, message: str, cid: int = 0) -> None:
+        super().__init__(message)
+        self.cid = cid
+
+
 class BusyError(HctError):
     """The write lock could not be taken within the busy timeout, or the
     transaction met a concurrent change and must be retried."""

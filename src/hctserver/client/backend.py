@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Union
+from typing import Any, Protocol, TypeAlias
 
-Value = Union[None, int, float, str, bytes]
-Params = Union[Sequence[Value], Mapping[str, Value], None]
+Value: TypeAlias = int | float | str | bytes | None
+Params: TypeAlias = Sequence[Value] | Mapping[str, Value] | None
 
 
 @dataclass

@@ -109,9 +109,8 @@ class ClusterNode:
 
     def start(self) -> None:
         """Run the node (and its HTTP endpoint, if configured) in its task group."""
-        self.group.spawn("hct-cluster", self._run, ends_group=True)
         http = self.config.http
-        if http.address is not None:
+        if http.address is not None:  # first: a leader tells followers its client URL
             try:
                 self._http = serve_http(
                     self.group,
@@ -119,10 +118,12 @@ class ClusterNode:
                     self.http_status,
                     lambda: role_health(self.runner, http, self.role),
                     lambda: streaming_lag(self.runner),
+                    self.db,
                 )
             except BaseException:
                 self.close()
                 raise
+        self.group.spawn("hct-cluster", self._run, ends_group=True)
 
     @property
     def http_url(self) -> str | None:
@@ -289,7 +290,10 @@ class ClusterNode:
 
     def make_leader(self, lease: Callable[[], float]) -> Leader:
         """The leader role, as every node builds it; ``lease``: the gate's deadline."""
-        return leader_role(self.db, self.config, self.jobs, lease=lease)
+        leader = leader_role(self.db, self.config, self.jobs, lease=lease)
+        if self._http is not None and self._http.client_url is not None:
+            leader.serve_clients_at(self._http.client_url)
+        return leader
 
     def make_follower(self, host: str, port: int) -> Follower:
         """The follower role of ``host:port`` (it never runs the jobs)."""

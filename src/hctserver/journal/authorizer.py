@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import apsw
 
-from .systables import GUARD_PREFIX, SYSTEM_TABLES
+from .systables import GUARD_PREFIX, SYSTEM_TABLES, TXIDS
+
+_OURS = SYSTEM_TABLES | {TXIDS}  # tables user SQL may read but not change
 
 _REFUSED = {
     apsw.SQLITE_ATTACH: "ATTACH: changes to another database file are not journaled, so"
@@ -67,8 +69,8 @@ class Authorizer:
             self.refused = f"refused on a replicated database: {why}"
             return apsw.SQLITE_DENY
         if op in _WRITE_OPS:
-            return apsw.SQLITE_DENY if p1 in SYSTEM_TABLES else apsw.SQLITE_OK
-        if op in _DDL_OPS and (p1 in SYSTEM_TABLES or p2 in SYSTEM_TABLES):
+            return apsw.SQLITE_DENY if p1 in _OURS else apsw.SQLITE_OK
+        if op in _DDL_OPS and (p1 in _OURS or p2 in _OURS):
             return apsw.SQLITE_DENY
         if op == apsw.SQLITE_DROP_TABLE:
             self._dropping = p1  # its guard triggers go with it, authorized next

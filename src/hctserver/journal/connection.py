@@ -14,15 +14,16 @@ a single writing statement outside any transaction, which is wrapped in one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 import apsw
 
-from ..errors import UnsupportedStatementError
-from . import sqltext
+from ..errors import LagError, UnsupportedStatementError
+from . import sqltext, txids
 from .authorizer import Authorizer
 from .capture import Capture, uncaptured
+from .gate import FOLLOWER
 from .groupcommit import Committed, GroupCommitter, Statements, prepare
 from .reshape import Reshaper
 from .sqltext import Kind, Statement, ddl_texts
@@ -31,10 +32,25 @@ from .transaction import CidTracker, Transactions, disk_full, not_leader
 
 
 class Rows:
-    """The rows of a statement that already ran to completion."""
+    """The rows of a statement that already ran to completion (here, or on
+    the leader for a forwarded statement): ``description`` as an apsw
+    cursor's ``getdescription()``; ``changes`` and ``lastrowid`` as the
+    connection's after it."""
 
-    def __init__(self, rows: list[tuple[Any, ...]]) -> None:
+    def __init__(
+        self,
+        rows: list[tuple[Any, ...]],
+        description: tuple[tuple[str, str | None], ...] = (),
+        changes: int = 0,
+        lastrowid: int = 0,
+    ) -> None:
         self._it = iter(rows)
+        self.description = description
+        self.changes = changes
+        self.lastrowid = lastrowid
+
+    def getdescription(self) -> tuple[tuple[str, str | None], ...]:
+        return self.description
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         return self._it
@@ -51,6 +67,31 @@ class Rows:
 
 _NO_ROWS = Rows([])
 _parse = sqltext.parse
+_FORWARDED = frozenset({Kind.WRITE, Kind.DDL, Kind.DDL_RESHAPE, Kind.BEGIN, Kind.SAVEPOINT})
+APPLY_TIMEOUT = 10.0  # seconds a forwarded write waits to be applied here
+APPLY_POLL = 0.0005  # seconds between looks at the file meanwhile (another process applies)
+
+
+class RemoteStream(Protocol):
+    """A SQL session on the leader (:mod:`hctserver.client.remote`): how a
+    connection on a follower's file runs its writes."""
+
+    @property
+    def cid(self) -> int:
+        """The newest cid this stream committed (0 if none)."""
+        ...
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+    def execute(self, sql: str, bindings: Any) -> Rows: ...
+
+    def transact(self, statements: Statements) -> Committed: ...
+
+    def close(self) -> None: ...
+
+
+Forwarder = Callable[[], RemoteStream]  # a new stream to the current leader
 
 
 class JournaledConnection:
@@ -62,9 +103,18 @@ class JournaledConnection:
     """
 
     def __init__(
-        self, db: Store, *, owns_db: bool = False, committer: GroupCommitter | None = None
+        self,
+        db: Store,
+        *,
+        owns_db: bool = False,
+        committer: GroupCommitter | None = None,
+        forward: Forwarder | None = None,
     ) -> None:
         self.db = db
+        self._forward = forward  # where writes go while this file follows
+        self._remote: RemoteStream | None = None  # a forwarded transaction, open
+        self._remote_rows: Rows | None = None  # the last forwarded statement's
+        self._recorded = 0
         self._owns_db = owns_db
         self._committer = committer
         self._own_committer: GroupCommitter | None = None
@@ -94,6 +144,15 @@ class JournaledConnection:
 
     def _execute(self, sql: str, bindings: Any) -> Any:
         stmts = _parse(sql)
+        if stmts and self._forwarding(stmts[0]):
+            if len(stmts) > 1 and bindings is not None:
+                raise UnsupportedStatementError(
+                    "bindings were given with several statements; execute them one at a time"
+                )
+            rows = _NO_ROWS
+            for st in stmts:
+                rows = self._forwarded(st.text, bindings)
+            return rows
         if len(stmts) == 1:
             return self._run(stmts[0], bindings)
         if not stmts:
@@ -122,6 +181,14 @@ class JournaledConnection:
             )
         if st.kind is Kind.READ:
             return self._conn.executemany(st.text, sequence)
+        if self._forwarding(st):
+            if self._remote is not None:
+                n = 0
+                for b in sequence:
+                    n += self._forwarded(st.text, b).changes
+                return Rows([], changes=n)
+            done = self._forward_transact([(st.text, b) for b in sequence])
+            return Rows(done.rows[-1] if done.rows else [])
         self._check_writable()
         txs = self._txs
         if txs.tx is not None:
@@ -147,6 +214,8 @@ class JournaledConnection:
         if self._epoch != self.db.mode_epoch:
             self._sync_mode()
         prepared = prepare(statements)
+        if self._forward is not None and self._txs.tx is None and self._follows():
+            return self._forward_transact([(sql, b) for sql, b, _ in prepared])
         self._check_writable()
         if self._txs.tx is not None:
             raise UnsupportedStatementError(
@@ -180,7 +249,7 @@ class JournaledConnection:
 
     @property
     def in_transaction(self) -> bool:
-        return self._txs.tx is not None
+        return self._txs.tx is not None or self._remote is not None
 
     def snapshot(self) -> int:
         return self.db.snapshot()
@@ -190,12 +259,112 @@ class JournaledConnection:
         return self.db.wait_for(cid, timeout)
 
     def changes(self) -> int:
+        if self._remote_rows is not None:
+            return self._remote_rows.changes
         return int(self._conn.changes())
 
     def last_insert_rowid(self) -> int:
+        if self._remote_rows is not None:
+            return self._remote_rows.lastrowid
         return int(self._conn.last_insert_rowid())
 
+    # --- transaction ids ------------------------------------------------------
+
+    def recall(self, txid: str) -> tuple[int, str] | None:
+        """The (cid, outcome) recorded for a client transaction id, if any
+        (see :mod:`hctserver.journal.txids`)."""
+        with self._auth.bypass():
+            return txids.recall(self._conn, txid)
+
+    def remember(self, txid: str, outcome: str, window: float = txids.WINDOW) -> int:
+        """Record ``txid`` and its ``outcome`` in the open transaction: they
+        commit with it. Returns the cid it will commit as."""
+        txs = self._txs
+        if txs.tx is None:
+            raise UnsupportedStatementError("a transaction id is recorded in an open transaction")
+        if not txs.tx.writing:
+            txs.start_writing()
+        with self._auth.bypass():
+            if not txids.exists(self._conn):
+                for sql in (txids.CREATE, txids.INDEX):
+                    self._write(_parse(sql)[0], None)
+            self._recorded += 1
+            return txids.record(self._conn, txid, outcome, window, self._recorded)
+
+    # --- forwarding (a follower's file) ---------------------------------------
+
+    def _follows(self) -> bool:
+        st = self.db.gate.state()
+        return st is not None and st.state == FOLLOWER
+
+    def _forwarding(self, st: Statement) -> bool:
+        """Does this statement go to the leader? Everything in a forwarded
+        transaction; outside one, writes and transaction starts on a
+        follower's file (reads stay here)."""
+        if self._remote is not None:
+            return True
+        return (
+            self._forward is not None
+            and st.kind in _FORWARDED
+            and self._txs.tx is None
+            and self._follows()
+        )
+
+    def _forwarded(self, sql: str, bindings: Any) -> Rows:
+        remote = self._remote
+        if remote is None:
+            assert self._forward is not None
+            remote = self._remote = self._forward()
+        try:
+            rows = remote.execute(sql, bindings)
+        except BaseException:
+            if not remote.in_transaction:
+                self._end_remote()
+            raise
+        self._remote_rows = rows
+        if not remote.in_transaction:
+            self._end_remote()
+        return rows
+
+    def _end_remote(self) -> None:
+        remote, self._remote = self._remote, None
+        if remote is None:
+            return
+        cid = remote.cid
+        remote.close()
+        if cid:
+            self._applied(cid)
+
+    def _forward_transact(self, statements: Statements) -> Committed:
+        assert self._forward is not None
+        remote = self._forward()
+        try:
+            done = remote.transact(statements)
+        finally:
+            remote.close()
+        if done.cid:
+            self._applied(done.cid)
+        return done
+
+    def _applied(self, cid: int) -> None:
+        """Return once this file has applied ``cid`` (read your writes)."""
+        self._txs.last_cid = cid
+        db = self.db
+        if db.snapshot() >= cid:
+            return
+        db.gate.want(cid)
+        if not db.wait_for(cid, APPLY_TIMEOUT, poll=APPLY_POLL):
+            raise LagError(
+                f"the write was committed on the leader as cid {cid}, but {db.path} has not"
+                f" applied it within {APPLY_TIMEOUT:g} s: it will; read it on the leader or"
+                " wait for it (wait_for)",
+                cid=cid,
+            )
+
     def close(self) -> None:
+        if self._remote is not None:
+            remote, self._remote = self._remote, None
+            remote.close()
         if self._txs.tx is not None:
             self._txs.abort()
         self._conn.close()
@@ -217,7 +386,7 @@ class JournaledConnection:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         name = self._ctx.pop()
         if name is None:
-            if self._txs.tx is not None:
+            if self.in_transaction:
                 self.execute("COMMIT" if exc_type is None else "ROLLBACK")
         elif self._txs.tx is not None:
             if exc_type is not None:

@@ -28,6 +28,7 @@ JOURNAL = "hct_journal"
 BASELINE = "hct_baseline"
 LOCAL = "hct_local"
 SYSTEM_TABLES = frozenset({JOURNAL, BASELINE, LOCAL})
+TXIDS = "hct_txid"  # replicated: client transaction ids and their outcomes (txids.py)
 GUARD_PREFIX = "hct_guard_"  # hctserver's own triggers (see guard.py)
 
 CREATE_JOURNAL = (

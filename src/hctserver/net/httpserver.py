@@ -57,6 +57,10 @@ AUTH_WINDOW = 60.0  # seconds
 AUTH_TABLE = 1024  # addresses with failures remembered at most
 _TICK = 0.2  # seconds between checks of deadlines
 
+SQL_PATH = "/v2/pipeline"
+SQL_BODY_LIMIT = 8 << 20  # bytes of a SQL pipeline request
+SQL_DEADLINE = 70.0  # seconds for a SQL request: its reads may wait up to 60 s
+
 _BUSY = b"503 Service Unavailable\r\nRetry-After: 1"
 _TOO_LARGE = b"431 Request Header Fields Too Large"
 
@@ -77,17 +81,20 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 class Routes:
-    """What the endpoint serves: callables of the node."""
+    """What the endpoint serves: callables of the node. ``sql``, if given,
+    answers ``POST /v2/pipeline`` bodies with (status, JSON body)."""
 
     def __init__(
         self,
         status: Callable[[], dict[str, Any]],
         metrics: Callable[[], bytes],
         health: Callable[[], tuple[bool, str]],
+        sql: Callable[[bytes], tuple[int, bytes]] | None = None,
     ) -> None:
         self.status = status
         self.metrics = metrics
         self.health = health
+        self.sql = sql
 
 
 def client_key(address: str) -> str:
@@ -233,6 +240,42 @@ class _Handler(BaseHTTPRequestHandler):
         self.rfile.close()
         self.rfile = io.BytesIO(self.head)
 
+    def do_POST(self) -> None:
+        routes = self.server.routes
+        path = self.path.split("?", 1)[0]
+        if path != SQL_PATH or routes.sql is None:
+            self._reply(404, "text/plain", b"not found: POST /v2/pipeline serves SQL clients\n")
+            return
+        if not self._admitted(path):
+            return
+        body = self._body()
+        if body is None:
+            return
+        try:
+            code, out = routes.sql(body)
+        except Exception as e:
+            log.exception("HTTP %s failed", path)
+            code, out = 500, json.dumps({"message": f"internal error: {e}", "code": None}).encode()
+        self._reply(code, "application/json", out)
+
+    def _body(self) -> bytes | None:
+        """The request body (Content-Length bytes, at most SQL_BODY_LIMIT)."""
+        try:
+            n = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self._reply(411, "text/plain", b"a POST needs a Content-Length\n")
+            return None
+        if not 0 <= n <= SQL_BODY_LIMIT:
+            self._reply(413, "text/plain", f"at most {SQL_BODY_LIMIT} bytes\n".encode())
+            return None
+        got = bytearray(self.rfile.read(n))  # what came with the head
+        while len(got) < n:
+            chunk = self.connection.recv(min(1 << 20, n - len(got)))
+            if not chunk:
+                raise ConnectionResetError("the client closed before sending its body")
+            got += chunk
+        return bytes(got)
+
     def do_GET(self) -> None:
         routes = self.server.routes
         path = self.path.split("?", 1)[0]
@@ -244,6 +287,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply(200, "application/json", body)
             elif path == "/metrics":
                 self._reply(200, CONTENT_METRICS, routes.metrics())
+            elif path == "/v2" and routes.sql is not None:  # Hrana clients probe it
+                self._reply(200, "text/plain", b"hrana v2 over HTTP\n")
             elif path == "/health":
                 ok, why = routes.health()
                 self._reply(200 if ok else 503, "text/plain; charset=utf-8", why.encode() + b"\n")
@@ -475,8 +520,11 @@ class _Server(socketserver.TCPServer):
         if slot is None:
             self._answer(p.sock, _BUSY)
             return
+        deadline = p.deadline
+        if head.startswith(b"POST "):
+            deadline = max(deadline, p.deadline - self.deadline + SQL_DEADLINE)
         with self.active_lock:
-            self.active[p.sock] = p.deadline
+            self.active[p.sock] = deadline
         t = threading.Thread(
             target=self._serve_one,
             args=(p.sock, p.addr, head, slot),
@@ -590,6 +638,7 @@ class HttpEndpoint:
                 f"cannot listen for HTTP on {host}:{port}: {e.strerror or e}"
             ) from None
         self.host = host
+        self.client_url: str | None = None  # set where SQL clients are served
         self.scheme = "https" if tls is not None else "http"
         self.port = int(self._server.server_address[1])
         self._lock = threading.Lock()
@@ -601,7 +650,8 @@ class HttpEndpoint:
         return f"{self.scheme}://{host}:{self.port}"
 
     def serve(self) -> None:
-        log.info("HTTP status on %s (/status, /metrics, /health)", self.url)
+        sql = ", SQL clients at /v2/pipeline" if self.client_url else ""
+        log.info("HTTP status on %s (/status, /metrics, /health%s)", self.url, sql)
         with self._lock:
             if self._stopping:
                 return

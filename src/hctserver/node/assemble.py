@@ -24,6 +24,7 @@ from .follower import Follower
 from .jobs import Job
 from .leader import Leader
 from .metrics import Metrics
+from .sqlservice import SqlService
 from .status import follower_lag, health, node_status
 
 Runner = Leader | Follower
@@ -106,18 +107,33 @@ def serve_http(
     status: Callable[[], dict[str, Any]],
     healthy: Callable[[], tuple[bool, str]],
     lag: Callable[[], float | None] | None,
+    db: Database | None = None,
 ) -> HttpEndpoint:
     """``/status``, ``/metrics`` (the full registry) and ``/health`` on
     ``http.address``, with its TLS and token, in threads of ``group``
-    (they stop with it); close the endpoint after the group."""
+    (they stop with it); and SQL clients on ``db`` (``POST /v2/pipeline``)
+    where ``http.sql`` allows. Close the endpoint after the group."""
     assert http.address is not None
     host, port = parse_address(http.address)
     metrics = Metrics(status, lag)
     sec = http.security()
-    ep = HttpEndpoint(
-        host, port, Routes(status, metrics.render, healthy), tls=sec.tls(), token=sec.token()
-    )
-    group.spawn("hct-http", ep.serve, on_stop=ep.stop)
+    token = sec.token()
+    sql = None
+    if db is not None and http.serves_sql(host):
+        sql = SqlService(db, token=token, ca=http.tls_ca)
+    elif db is not None and http.sql == "auto":
+        log.info("not serving SQL clients on %s: give it a token, or --http-sql on", host)
+    routes = Routes(status, metrics.render, healthy, None if sql is None else sql.handle)
+    ep = HttpEndpoint(host, port, routes, tls=sec.tls(), token=token, max_clients=64 if sql else 16)
+    if sql is not None:
+        ep.client_url = ep.url
+
+    def stop() -> None:
+        ep.stop()
+        if sql is not None:
+            sql.close()
+
+    group.spawn("hct-http", ep.serve, on_stop=stop)
     if metrics.sampler is not None:
         group.spawn("hct-lag-sampler", metrics.sampler.run, group.stopping)
     return ep
@@ -126,10 +142,14 @@ def serve_http(
 def serve_runner_http(runner: Runner, http: HttpOptions) -> HttpEndpoint:
     """The endpoint of a plain leader or follower (in the runner's group)."""
     lag = (lambda: streaming_lag(runner)) if isinstance(runner, Follower) else None
-    return serve_http(
+    ep = serve_http(
         runner.group,
         http,
         lambda: node_status(runner),
         lambda: role_health(runner, http, "node"),
         lag,
+        runner.db,
     )
+    if isinstance(runner, Leader) and ep.client_url is not None:
+        runner.serve_clients_at(ep.client_url)
+    return ep

@@ -169,7 +169,7 @@ class SecurityOptions:
 
 @dataclass(frozen=True)
 class HttpOptions:
-    """The HTTP endpoint: /status, /metrics, /health."""
+    """The HTTP endpoint: /status, /metrics, /health, and SQL clients."""
 
     address: str | None = opt(None, "serve /status, /metrics and /health on HOST:PORT (PORT"
                               " alone: loopback)", "address", flag="--http")  # fmt: skip
@@ -182,9 +182,20 @@ class HttpOptions:
                                  flag="--http-token-file")  # fmt: skip
     health_max_lag: float = opt(10.0, "a follower lagging more than S seconds is unhealthy",
                                 "delay")  # fmt: skip
+    sql: str = opt("auto", "serve SQL clients on --http (POST /v2/pipeline, docs/CLIENTS.md):"
+                   " auto: only when --http is loopback or has a token", "choice",
+                   choices=("auto", "on", "off"), flag="--http-sql")  # fmt: skip
+    tls_ca: str | None = opt(None, "verify the leader's https endpoint against this CA when"
+                             " forwarding writes to it", "path", flag="--http-tls-ca")  # fmt: skip
 
     def security(self) -> HttpSecurity:
         return HttpSecurity(self.tls_cert, self.tls_key, self.token_file)
+
+    def serves_sql(self, host: str) -> bool:
+        """Whether SQL clients are served on ``host`` (the --http host)."""
+        if self.sql != "auto":
+            return self.sql == "on"
+        return self.token_file is not None or host in ("127.0.0.1", "::1", "localhost")
 
 
 @dataclass(frozen=True)
