@@ -86,7 +86,7 @@ class RemoteStream(Protocol):
 
     def execute(self, sql: str, bindings: Any) -> Rows: ...
 
-    def transact(self, statements: Statements) -> Committed: ...
+    def transact(self, statements: Statements, txid: str | None = None) -> Committed: ...
 
     def close(self) -> None: ...
 
@@ -203,19 +203,25 @@ class JournaledConnection:
             raise
         return Rows(rows)
 
-    def transact(self, statements: Statements) -> Committed:
+    def transact(self, statements: Statements, txid: str | None = None) -> Committed:
         """Run ``statements`` (each ``"sql"`` or ``("sql", bindings)``: one
         INSERT/UPDATE/DELETE/REPLACE or SELECT each) as one journaled
         transaction, in one call. Transactions that threads submit at the
         same time are committed together (group commit), each atomic on its
         own with its own cid; this returns once its group is committed, with
         the cid (0 if it changed nothing) and each statement's rows. If one
-        statement fails, the transaction is rolled back and the error raised."""
+        statement fails, the transaction is rolled back and the error raised.
+
+        ``txid``: the transaction's id (see :mod:`hctserver.journal.txids`): if
+        a transaction with this id was committed before (an answer lost, a
+        failover), nothing runs and its cid is returned (its rows are not kept)."""
         if self._epoch != self.db.mode_epoch:
             self._sync_mode()
         prepared = prepare(statements)
         if self._forward is not None and self._txs.tx is None and self._follows():
-            return self._forward_transact([(sql, b) for sql, b, _ in prepared])
+            return self._forward_transact([(sql, b) for sql, b, _ in prepared], txid)
+        if txid is not None:
+            return self._transact_once(prepared, txid)
         self._check_writable()
         if self._txs.tx is not None:
             raise UnsupportedStatementError(
@@ -291,6 +297,27 @@ class JournaledConnection:
             self._recorded += 1
             return txids.record(self._conn, txid, outcome, window, self._recorded)
 
+    def _transact_once(self, prepared: Any, txid: str) -> Committed:
+        """transact() with a transaction id, here (not group-committed)."""
+        self._check_writable()
+        if self._txs.tx is not None:
+            raise UnsupportedStatementError(
+                "transact() runs a transaction of its own: commit or roll back the open one first"
+            )
+        found = self.recall(txid)
+        if found is not None:
+            return Committed(found[0], [])
+        txs = self._txs
+        txs.begin(eager=True)
+        try:
+            rows = [list(self._write(_parse(sql)[0], b)) for sql, b, _ in prepared]
+            self.remember(txid, "[]")
+            txs.commit()
+        except BaseException:
+            txs.abort()
+            raise
+        return Committed(txs.last_cid, rows)
+
     # --- forwarding (a follower's file) ---------------------------------------
 
     def _follows(self) -> bool:
@@ -335,11 +362,11 @@ class JournaledConnection:
         if cid:
             self._applied(cid)
 
-    def _forward_transact(self, statements: Statements) -> Committed:
+    def _forward_transact(self, statements: Statements, txid: str | None = None) -> Committed:
         assert self._forward is not None
         remote = self._forward()
         try:
-            done = remote.transact(statements)
+            done = remote.transact(statements, txid)
         finally:
             remote.close()
         if done.cid:

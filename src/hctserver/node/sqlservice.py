@@ -219,7 +219,7 @@ class SqlService:
             found = local.connection.recall(p.txid)
             if found is not None:
                 cid, outcome = found
-                return list(json.loads(outcome)), {"cid": cid, "duplicate": True}
+                return _padded(json.loads(outcome), p), {"cid": cid, "duplicate": True}
         wrap = p.txid is not None and not local.in_transaction and not _controls(p)
         if wrap:
             local.execute("BEGIN IMMEDIATE", None)
@@ -365,7 +365,10 @@ class _Run:
                 self.txid = None
         r = self.local.execute(stmt.sql, stmt.params)
         rows = r.rows if stmt.want_rows else []
-        return hrana.stmt_result(r.columns, rows, max(0, r.rowcount), r.lastrowid)
+        wrote = r.rowcount > 0  # a rowid is news only after a write (as sqlite3's lastrowid)
+        return hrana.stmt_result(
+            r.columns, rows, max(0, r.rowcount), r.lastrowid if wrote else None
+        )
 
     def _batch(self, req: Request) -> dict[str, Any]:
         outcomes: list[bool | None] = []
@@ -388,6 +391,21 @@ class _Run:
                 errors.append(hrana.error(str(e), error_code(e)))
                 outcomes.append(False)
         return {"step_results": results, "step_errors": errors}
+
+
+def _padded(kept: Any, p: Pipeline) -> list[dict[str, Any]]:
+    """A retried transaction's first answer, one result per request: what was
+    kept (nothing when ``transact()`` recorded it), then empty successes."""
+    out = list(kept) if isinstance(kept, list) else []
+    for r in p.requests[len(out) :]:
+        if r.kind == "execute":
+            out.append(hrana.ok("execute", result=hrana.stmt_result([], [], 0, None)))
+        elif r.kind == "batch":
+            none: list[Any] = [None] * len(r.steps)
+            out.append(hrana.ok("batch", result={"step_results": none, "step_errors": none}))
+        else:
+            out.append(hrana.ok(r.kind))
+    return out[: len(p.requests)]
 
 
 def _statements(p: Pipeline) -> list[str]:

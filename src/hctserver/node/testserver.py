@@ -131,7 +131,14 @@ class Node:
                 syncbytes=o["syncbytes"],
                 once=o["once"],
             ),
-            http=HttpOptions(o["http"], hs.cert, hs.key, hs.token_file, float(o["health_max_lag"])),
+            http=dataclasses.replace(
+                base.http,
+                address=o["http"],
+                tls_cert=hs.cert,
+                tls_key=hs.key,
+                token_file=hs.token_file,
+                health_max_lag=float(o["health_max_lag"]),
+            ),
             security=SecurityOptions(
                 sec.auth_file, sec.cert, sec.key, sec.client_ca, sec.ca, sec.server_name
             ),

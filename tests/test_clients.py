@@ -1,0 +1,498 @@
+"""The client protocol (Hrana over HTTP) on real nodes: pipelines, streams,
+transactions, transaction ids, read consistency, forwarding from a
+follower, ``hctserver.connect()`` on a follower's file, and what a bad or
+hostile request gets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import apsw
+import pytest
+
+import hctserver
+from hctserver.client.remote import Stream
+from hctserver.errors import NotLeaderError
+from hctserver.journal.database import Database
+from hctserver.node.config import HttpOptions, NodeConfig
+from hctserver.node.sqlservice import SqlService
+from hctserver.node.testserver import Node
+from hctserver.protocol import hrana
+
+from helpers import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _config(**http: Any) -> NodeConfig:
+    return dataclasses.replace(NodeConfig(), http=HttpOptions("127.0.0.1:0", **http))
+
+
+def post(url: str, body: Any, token: str | None = None) -> tuple[int, dict[str, Any]]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + "/v2/pipeline", data, {"Content-Type": "application/json"})
+    if token is not None:
+        req.add_header("Authorization", "Bearer " + token)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, {"message": raw.decode()}
+
+
+def ex(sql: str, *args: Any) -> dict[str, Any]:
+    return {"type": "execute", "stmt": hrana.encode_stmt(sql, list(args))}
+
+
+CLOSE = {"type": "close"}
+
+
+def rows_of(result: dict[str, Any]) -> list[tuple[Any, ...]]:
+    assert result["type"] == "ok", result
+    return hrana.decode_result(result["response"]["result"])[1]
+
+
+@pytest.fixture
+def leader(tmp_path: Path) -> Iterator[Node]:
+    node = Node(str(tmp_path / "l.db"), port=0, config=_config())
+    node.start()
+    try:
+        s, r = post(
+            str(node.http_url),
+            {"requests": [ex("CREATE TABLE t(a INTEGER PRIMARY KEY, b)"), CLOSE]},
+        )
+        assert s == 200 and r["results"][0]["type"] == "ok", r
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture
+def follower(tmp_path: Path, leader: Node) -> Iterator[Node]:
+    node = Node(
+        str(tmp_path / "f.db"), follower=True, port=leader.port, config=_config(), once=False
+    )
+    node.start()
+    try:
+        wait_until(
+            lambda: node.db.snapshot() >= leader.db.snapshot() and bool(_gate_client(node)),
+            30,
+            "the follower caught up and knows the leader's client URL",
+        )
+        yield node
+    finally:
+        node.stop()
+
+
+def _gate_client(node: Node) -> str:
+    st = node.db.gate.state()
+    return "" if st is None else st.client
+
+
+# --- the messages, in memory ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value", [None, 0, -(1 << 63), (1 << 63) - 1, 1.5, -0.0, "", "héllo\0x", b"", b"\x00\xff" * 9]
+)
+def test_values_cross_the_json_unchanged(value: Any) -> None:
+    back = hrana.decode_value(json.loads(json.dumps(hrana.encode_value(value))))
+    assert back == value and type(back) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"{nope", "not JSON"),
+        (b"[]", "must be a JSON object"),
+        (b'{"requests": 5}', "requests must be an array"),
+        (b'{"requests": [{"type": "drop_everything"}]}', "unknown request type"),
+        (b'{"requests": [{"type": "execute", "stmt": {}}]}', "stmt.sql must be a string"),
+        (b'{"requests": [{"type": "execute", "stmt": {"sql_id": 3}}]}', "stored SQL"),
+        (
+            b'{"requests": [{"type": "execute", "stmt": {"sql": "x", "args": [{"type": "integer", "value": "9223372036854775808"}]}}]}',  # noqa: E501
+            "bad integer value",
+        ),
+        (
+            b'{"requests": [{"type": "execute", "stmt": {"sql": "x", "args": [{"type": "date"}]}}]}',  # noqa: E501
+            "unknown value type",
+        ),
+        (b'{"requests": [], "txid": ""}', "txid must be a string"),
+        (b'{"requests": [], "consistency": "eventual"}', "consistency must be one of"),
+        (b'{"requests": [], "consistency": "at_least"}', "needs min_cid"),
+        (b'{"requests": [], "timeout_ms": 3600000}', "timeout_ms"),
+        (
+            b'{"requests": [{"type": "batch", "batch": {"steps": [{"stmt": {"sql": "x"}, "condition": {"type": "ok", "step": 0}}]}}]}',  # noqa: E501
+            "earlier step",
+        ),
+    ],
+)
+def test_a_malformed_pipeline_is_refused_with_the_reason(body: bytes, says: str) -> None:
+    with pytest.raises(hrana.RequestError, match=says):
+        hrana.parse_pipeline(body)
+
+
+def test_limits_on_what_one_request_may_carry() -> None:
+    many = json.dumps({"requests": [CLOSE] * (hrana.MAX_REQUESTS + 1)}).encode()
+    with pytest.raises(hrana.RequestError, match="at most"):
+        hrana.parse_pipeline(many)
+    with pytest.raises(hrana.RequestError, match="at most"):
+        hrana.parse_pipeline(b" " * (hrana.MAX_BODY + 1))
+    deep: dict[str, Any] = {"type": "is_autocommit"}
+    for _ in range(hrana.MAX_CONDITION_DEPTH + 2):
+        deep = {"type": "not", "cond": deep}
+    step = {"stmt": {"sql": "x"}, "condition": deep}
+    with pytest.raises(hrana.RequestError, match="nest too deep"):
+        hrana.parse_pipeline(
+            json.dumps({"requests": [{"type": "batch", "batch": {"steps": [step]}}]}).encode()
+        )
+
+
+def test_batch_conditions() -> None:
+    ok0, err1 = {"type": "ok", "step": 0}, {"type": "error", "step": 1}
+    outcomes = [True, False, None]
+    assert hrana.condition_holds(ok0, outcomes, False)
+    assert hrana.condition_holds(err1, outcomes, False)
+    assert not hrana.condition_holds({"type": "ok", "step": 2}, outcomes, False)  # skipped
+    assert hrana.condition_holds({"type": "and", "conds": [ok0, err1]}, outcomes, False)
+    assert not hrana.condition_holds(
+        {"type": "not", "cond": {"type": "or", "conds": [ok0]}}, outcomes, False
+    )
+    assert hrana.condition_holds({"type": "is_autocommit"}, outcomes, True)
+
+
+# --- a leader ------------------------------------------------------------------------------
+
+
+def test_execute_batch_and_sequence_on_the_leader(leader: Node) -> None:
+    url = str(leader.http_url)
+    s, r = post(url, {"requests": [
+        ex("INSERT INTO t(b) VALUES(?)", "x"),
+        {"type": "sequence", "sql": "INSERT INTO t(b) VALUES('y'); INSERT INTO t(b) VALUES('z')"},
+        {"type": "batch", "batch": {"steps": [
+            {"stmt": {"sql": "BEGIN"}},
+            {"stmt": {"sql": "INSERT INTO t(a, b) VALUES(1, 'dup')"}, "condition": {"type": "ok", "step": 0}},  # noqa: E501
+            {"stmt": {"sql": "COMMIT"}, "condition": {"type": "ok", "step": 1}},
+            {"stmt": {"sql": "ROLLBACK"}, "condition": {"type": "not", "cond": {"type": "ok", "step": 2}}},  # noqa: E501
+        ]}},
+        ex("SELECT a, b FROM t ORDER BY a"),
+        {"type": "get_autocommit"},
+        CLOSE,
+    ]})  # fmt: skip
+    assert s == 200 and r["baton"] is None
+    res = r["results"]
+    first = res[0]["response"]["result"]
+    assert first["affected_row_count"] == 1 and first["last_insert_rowid"] == "1"
+    steps = res[2]["response"]["result"]
+    assert steps["step_results"][1] is None and "UNIQUE" in steps["step_errors"][1]["message"]
+    assert steps["step_errors"][1]["code"].startswith("SQLITE_CONSTRAINT")
+    assert steps["step_results"][2] is None and steps["step_results"][3] is not None  # rolled back
+    cols = res[3]["response"]["result"]["cols"]
+    assert cols == [{"name": "a", "decltype": "INTEGER"}, {"name": "b", "decltype": None}]
+    assert rows_of(res[3]) == [(1, "x"), (2, "y"), (3, "z")]
+    assert res[4]["response"]["is_autocommit"] is True
+    assert r["cid"] == leader.db.snapshot() and r["in_transaction"] is False
+
+
+def test_an_interactive_transaction_on_one_stream(leader: Node) -> None:
+    url = str(leader.http_url)
+    s, r = post(
+        url,
+        {
+            "requests": [
+                ex("BEGIN"),
+                ex("INSERT INTO t(b) VALUES('mine')"),
+                ex("SELECT count(*) FROM t"),
+            ]
+        },
+    )
+    assert s == 200 and r["in_transaction"] and rows_of(r["results"][2]) == [(1,)]
+    baton = r["baton"]
+    _, other = post(url, {"requests": [ex("SELECT count(*) FROM t"), CLOSE]})
+    assert rows_of(other["results"][0]) == [(0,)]  # not committed: another stream does not see it
+    s, r = post(url, {"baton": baton, "requests": [ex("COMMIT"), ex("SELECT count(*) FROM t")]})
+    assert s == 200 and not r["in_transaction"] and rows_of(r["results"][1]) == [(1,)]
+    assert r["cid"] == leader.db.snapshot()
+    # a baton is good once: the old one is refused, the stream goes on with the new one
+    s, old = post(url, {"baton": baton, "requests": [ex("SELECT 1")]})
+    assert s == 400 and old["code"] == "STREAM_EXPIRED" and "expired" in old["message"]
+    s, r = post(
+        url,
+        {
+            "baton": r["baton"],
+            "requests": [ex("BEGIN"), ex("INSERT INTO t(b) VALUES('dropped')"), CLOSE],
+        },
+    )
+    assert s == 200 and r["baton"] is None
+    _, r = post(url, {"requests": [ex("SELECT b FROM t ORDER BY a"), CLOSE]})
+    assert rows_of(r["results"][0]) == [("mine",)]  # closing a stream rolled its transaction back
+
+
+def test_a_retried_transaction_id_is_answered_not_applied_again(leader: Node) -> None:
+    url = str(leader.http_url)
+    body = {
+        "txid": "order-17",
+        "requests": [ex("INSERT INTO t(b) VALUES(?)", "once"), ex("SELECT count(*) FROM t"), CLOSE],
+    }
+    s1, r1 = post(url, body)
+    s2, r2 = post(url, body)
+    assert s1 == s2 == 200 and "duplicate" not in r1 and r2["duplicate"] is True
+    assert r1["cid"] == r2["cid"] > 0 and r2["results"][:2] == r1["results"][:2]
+    _, r = post(url, {"requests": [ex("SELECT count(*), max(b) FROM t"), CLOSE]})
+    assert rows_of(r["results"][0]) == [(1, "once")]
+    # the record is a replicated row that user SQL may read but not change
+    _, r = post(
+        url, {"requests": [ex("SELECT id, cid FROM hct_txid"), ex("DELETE FROM hct_txid"), CLOSE]}
+    )
+    assert rows_of(r["results"][0]) == [("order-17", r1["cid"])]
+    assert (
+        r["results"][1]["type"] == "error"
+        and "not authorized" in r["results"][1]["error"]["message"]
+    )
+    # a transaction that failed is not recorded: a retry runs it
+    bad = {"txid": "t2", "requests": [ex("INSERT INTO t(a, b) VALUES(1, 'clash')"), CLOSE]}
+    s, r = post(url, bad)
+    assert s == 200 and r["results"][0]["type"] == "error" and "duplicate" not in r
+    s, r = post(
+        url, {"txid": "t2", "requests": [ex("INSERT INTO t(a, b) VALUES(2, 'fixed')"), CLOSE]}
+    )
+    assert s == 200 and r["results"][0]["type"] == "ok" and "duplicate" not in r
+
+
+def test_a_transaction_id_in_an_interactive_transaction_is_recorded_at_its_commit(
+    leader: Node,
+) -> None:
+    url = str(leader.http_url)
+    _, r = post(url, {"requests": [ex("BEGIN IMMEDIATE"), ex("INSERT INTO t(b) VALUES('i')")]})
+    s, r = post(url, {"baton": r["baton"], "txid": "inter-1", "requests": [ex("COMMIT"), CLOSE]})
+    assert s == 200 and r["results"][0]["type"] == "ok"
+    s, again = post(
+        url,
+        {
+            "txid": "inter-1",
+            "requests": [
+                ex("BEGIN IMMEDIATE"),
+                ex("INSERT INTO t(b) VALUES('i')"),
+                ex("COMMIT"),
+                CLOSE,
+            ],
+        },
+    )
+    assert again["duplicate"] is True and again["cid"] == r["cid"]
+    _, r = post(url, {"requests": [ex("SELECT count(*) FROM t"), CLOSE]})
+    assert rows_of(r["results"][0]) == [(1,)]
+
+
+def test_transact_with_a_transaction_id_through_connect(leader: Node) -> None:
+    conn = hctserver.connect(leader.db.path)
+    try:
+        first = conn.transact([("INSERT INTO t(b) VALUES(?)", ("tx",))], txid="local-1")
+        again = conn.transact([("INSERT INTO t(b) VALUES(?)", ("tx",))], txid="local-1")
+        assert first.cid == again.cid > 0 and again.rows == []
+        assert conn.execute("SELECT count(*) FROM t").fetchall() == [(1,)]
+    finally:
+        conn.close()
+
+
+def test_http_level_refusals(tmp_path: Path, leader: Node) -> None:
+    url = str(leader.http_url)
+    s, r = post(url, b"{nope")
+    assert s == 400 and "not JSON" in r["message"]
+    with urllib.request.urlopen(url + "/v2", timeout=10) as resp:  # what Hrana clients probe
+        assert resp.status == 200
+    tok = tmp_path / "token"
+    tok.write_text("s3cret-token-of-16+bytes\n")
+    tok.chmod(0o600)
+    off = Node(str(tmp_path / "off.db"), port=0, config=_config(sql="off"))
+    guarded = Node(str(tmp_path / "tok.db"), port=0, config=_config(token_file=str(tok)))
+    off.start()
+    guarded.start()
+    try:
+        s, r = post(str(off.http_url), {"requests": []})
+        assert s == 404 and "/v2/pipeline" in r["message"]
+        s, _ = post(str(guarded.http_url), {"requests": []})
+        assert s == 401
+        s, _ = post(
+            str(guarded.http_url),
+            {"requests": [ex("SELECT 1"), CLOSE]},
+            token="s3cret-token-of-16+bytes",
+        )
+        assert s == 200
+        with pytest.raises(Exception, match="give the node's token"):
+            Stream(str(guarded.http_url)).execute("SELECT 1", None)
+    finally:
+        off.stop()
+        guarded.stop()
+
+
+def test_streams_are_bounded_and_idle_ones_go_first(tmp_path: Path) -> None:
+    db = Database(str(tmp_path / "b.db"))
+    db.set_mode("leader")
+    svc = SqlService(db, max_streams=2, idle=60)
+    try:
+
+        def run(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            s, out = svc.handle(json.dumps(body).encode())
+            return s, json.loads(out)
+
+        s, a = run({"requests": [ex("CREATE TABLE x(v)")]})  # open, idle outside a transaction
+        s, _ = run({"requests": [ex("BEGIN"), ex("INSERT INTO x VALUES(1)")]})
+        s, c = run({"requests": [ex("BEGIN"), ex("INSERT INTO x VALUES(2)")]})  # pushes out a
+        assert s == 200 and c["in_transaction"]
+        s, r = run({"baton": a["baton"], "requests": []})
+        assert s == 400 and r["code"] == "STREAM_EXPIRED"
+        s, r = run({"requests": [ex("SELECT 1")]})  # both others hold transactions
+        assert s == 503 and r["code"] == "HCT_BUSY" and "2 streams" in r["message"]
+    finally:
+        svc.close()
+        db.close()
+
+
+# --- a follower -------------------------------------------------------------------------------
+
+
+def test_a_follower_reads_itself_and_forwards_writes(leader: Node, follower: Node) -> None:
+    url = str(follower.http_url)
+    for i in range(5):
+        s, r = post(url, {"requests": [ex("INSERT INTO t(b) VALUES(?)", i), CLOSE]})
+        assert s == 200 and r["results"][0]["type"] == "ok", r
+        assert (
+            r["cid"] == leader.db.snapshot() and follower.db.snapshot() >= r["cid"]
+        )  # read your writes
+        _, seen = post(url, {"requests": [ex("SELECT count(*) FROM t"), CLOSE]})
+        assert rows_of(seen["results"][0]) == [(i + 1,)]
+    # an interactive transaction through the follower runs on the leader until it ends
+    _, r = post(
+        url,
+        {
+            "requests": [
+                ex("BEGIN"),
+                ex("INSERT INTO t(b) VALUES('tx')"),
+                ex("SELECT count(*) FROM t"),
+            ]
+        },
+    )
+    assert r["in_transaction"] and rows_of(r["results"][2]) == [(6,)]
+    _, r = post(url, {"baton": r["baton"], "requests": [ex("COMMIT"), CLOSE]})
+    assert r["cid"] == leader.db.snapshot() and follower.db.snapshot() >= r["cid"]
+    # a transaction id through the follower: once
+    body = {"txid": "via-f", "requests": [ex("INSERT INTO t(b) VALUES('id')"), CLOSE]}
+    assert post(url, body)[1]["cid"] == post(url, body)[1]["cid"]
+    _, r = post(url, {"requests": [ex("SELECT count(*) FROM t WHERE b='id'"), CLOSE]})
+    assert rows_of(r["results"][0]) == [(1,)]
+
+
+def test_read_consistency_levels(leader: Node, follower: Node) -> None:
+    url = str(follower.http_url)
+    top = leader.db.snapshot()
+    s, r = post(url, {"consistency": "leader", "requests": [ex("SELECT count(*) FROM t"), CLOSE]})
+    assert s == 200 and r["snapshot"] >= top
+    s, r = post(
+        url, {"consistency": "at_least", "min_cid": top, "requests": [ex("SELECT 1"), CLOSE]}
+    )
+    assert s == 200
+    s, r = post(
+        url,
+        {
+            "consistency": "at_least",
+            "min_cid": top + 1000,
+            "timeout_ms": 300,
+            "requests": [ex("SELECT 1")],
+        },
+    )
+    assert s == 504 and r["code"] == "HCT_LagError" and f"not {top + 1000}" in r["message"]
+    s, r = post(
+        str(leader.http_url), {"consistency": "leader", "requests": [ex("SELECT 1"), CLOSE]}
+    )
+    assert s == 200
+
+
+def test_connect_on_a_followers_file_in_another_process(
+    leader: Node, follower: Node, tmp_path: Path
+) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(
+        textwrap.dedent("""
+        import json, sys
+        import hctserver
+        conn = hctserver.connect(sys.argv[1])
+        out = []
+        for i in range(3):
+            conn.execute("INSERT INTO t(b) VALUES(?)", (f"app{i}",))
+            out.append(conn.execute("SELECT count(*) FROM t WHERE b LIKE 'app%'").fetchall()[0][0])
+        with conn:
+            conn.execute("INSERT INTO t(b) VALUES('block')")
+            out.append(conn.execute("SELECT count(*) FROM t").fetchall()[0][0])
+        done = conn.transact([("INSERT INTO t(b) VALUES(?)", ("batch",)), "SELECT count(*) FROM t"])
+        out.append(done.rows[1][0][0])
+        out.append(conn.transact(["INSERT INTO t(b) VALUES('k')"], txid="app-k").cid)
+        out.append(conn.transact(["INSERT INTO t(b) VALUES('k')"], txid="app-k").cid)
+        out.append(conn.execute("SELECT count(*) FROM t").fetchall()[0][0])
+        print(json.dumps(out))
+        conn.close()
+    """)
+    )
+    p = subprocess.run(
+        [sys.executable, str(script), follower.db.path], capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out[:3] == [1, 2, 3]  # each write visible on the follower's file when it returned
+    assert out[3] == 4 and out[4] == 5 and out[5] == out[6] > 0 and out[7] == 6
+
+
+def test_a_follower_whose_leader_serves_no_clients_says_so(tmp_path: Path) -> None:
+    lp, fp = str(tmp_path / "l.db"), str(tmp_path / "f.db")
+    lead = Node(lp, port=0)  # no --http: no client URL to forward to
+    lead.start()
+    f = Node(fp, follower=True, port=lead.port, config=_config(), once=False)
+    try:
+        c = hctserver.connect(lp)
+        c.execute("CREATE TABLE t(a)")
+        c.close()
+        f.start()
+        wait_until(lambda: f.db.snapshot() >= lead.db.snapshot(), 30, "caught up")
+        s, r = post(str(f.http_url), {"requests": [ex("INSERT INTO t VALUES(1)"), CLOSE]})
+        assert s == 503 and "has not said where it serves SQL clients" in r["message"]
+        s, r = post(str(f.http_url), {"requests": [ex("SELECT count(*) FROM t"), CLOSE]})
+        assert s == 200 and rows_of(r["results"][0]) == [(0,)]  # reads still work
+        conn = hctserver.connect(fp)
+        try:
+            with pytest.raises(NotLeaderError, match="start the leader with --http"):
+                conn.execute("INSERT INTO t VALUES(1)")
+            assert conn.execute("SELECT count(*) FROM t").fetchall() == [(0,)]
+        finally:
+            conn.close()
+    finally:
+        f.stop()
+        lead.stop()
+
+
+def test_the_curl_examples_in_the_docs_work(leader: Node, follower: Node) -> None:
+    doc = (ROOT / "docs" / "CLIENTS.md").read_text()
+    cmds = re.findall(r"```sh\n(curl .*?)\n```", doc, re.S)
+    assert len(cmds) >= 2, "docs/CLIENTS.md shows curl commands"
+    for node in (leader, follower):
+        for cmd in cmds:
+            line = cmd.replace("\\\n", " ").replace("http://127.0.0.1:8080", str(node.http_url))
+            p = subprocess.run(shlex.split(line), capture_output=True, text=True, timeout=60)
+            assert p.returncode == 0, (line, p.stderr)
+            out = json.loads(p.stdout)
+            assert all(r["type"] == "ok" for r in out["results"]), out
+    with apsw.Connection(leader.db.path) as c:
+        assert c.execute("SELECT count(*) FROM fruit").fetchall()[0][0] == 2  # one per node
