@@ -1,5 +1,7 @@
-"""An application process writing through hctserver.connect() on one node's
-file, on one connection for its whole life, retrying what is refused.
+"""An application process writing on one node's file, on one connection for
+its whole life, retrying what is refused. It writes only there (the journal
+layer's connect, which does not forward a follower's writes to its leader):
+so each acknowledgement is the local node's, which the split-brain checks count.
 
 Usage: app_writer.py DB NAME ACKLOG STOPFILE [SECONDS]. Each acknowledged
 commit is logged as "ack KEY CID TIME NAME"; each CommitUnknownError as
@@ -12,8 +14,8 @@ import time
 
 import apsw
 
-import hctserver
 from hctserver.errors import BusyError, CommitUnknownError, ModeError
+from hctserver.journal.database import connect
 
 db_path, name, acklog, stopfile = sys.argv[1:5]
 seconds = float(sys.argv[5]) if len(sys.argv) > 5 else 600.0
@@ -21,7 +23,7 @@ end = time.monotonic() + seconds
 db = None
 while db is None and not os.path.exists(stopfile):
     try:
-        db = hctserver.connect(db_path)
+        db = connect(db_path)
     except (ModeError, BusyError):
         time.sleep(0.05)
 i = 0
