@@ -6,9 +6,13 @@ while the next groups commit."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
+from hctserver import Database
+from hctserver.errors import CommitUnknownError
+from hctserver.journal.gate import GatePublisher
 from hctserver.net.transport import TCP, Conn, Waker
 from hctserver.node.follower import Follower
 from hctserver.node.leader import Leader
@@ -161,3 +165,49 @@ def test_a_follower_applies_at_once_only_for_a_leader_that_waits(tmp_path, sync:
     finally:
         f.close()
         leader.close()
+
+
+# --- the gate: one acknowledgement releases every cid up to it ------------------------
+
+
+def test_an_acknowledgement_releases_exactly_the_commits_it_covers(tmp_path) -> None:
+    """Writers of this process wait each for its own cid; a published
+    acknowledgement releases those at or below it and no other; a moved
+    deadline releases nobody; the node stopping releases the rest with
+    CommitUnknownError."""
+    path = str(tmp_path / "g.db")
+    init_db(path)
+    db = Database(path)
+    db.set_role("leader")
+    pub = GatePublisher(path)
+    pub.lead(sync_k=1, sync_timeout=None, valid_until=time.monotonic() + 60)
+    gate = db.gate
+    ticket = gate.admit()
+    done: dict[int, object] = {}
+
+    def wait(cid: int) -> None:
+        try:
+            gate.acknowledge(ticket, cid)
+            done[cid] = "acked"
+        except CommitUnknownError as e:
+            done[cid] = e
+
+    threads = [threading.Thread(target=wait, args=(c,)) for c in range(1, 9)]
+    try:
+        for t in threads:
+            t.start()
+        pub.extend(time.monotonic() + 90)  # a moved deadline: nobody returns
+        pub.acked(3)
+        wait_until(lambda: sorted(done) == [1, 2, 3], what="cids 1 to 3 released")
+        pub.acked(6)
+        wait_until(lambda: sorted(done) == [1, 2, 3, 4, 5, 6], what="cids 4 to 6 released")
+        assert all(done[c] == "acked" for c in range(1, 7))
+        pub.stop()
+        wait_until(lambda: len(done) == 8, what="the rest released")
+        assert all(isinstance(done[c], CommitUnknownError) for c in (7, 8))
+    finally:
+        pub.stop()
+        for t in threads:
+            t.join(10)
+        pub.close()
+        db.close()

@@ -36,6 +36,7 @@ on both sides of its copy.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import mmap
 import os
 import struct
@@ -114,6 +115,32 @@ def _read(m: mmap.mmap) -> GateState:
         time.sleep(0)
 
 
+class _Reader:
+    """Reads one mapping, decoding the record only when its sequence moved:
+    a commit reads the gate two or three times, and the node publishes every
+    50 ms (and at each acknowledgement), so most reads are one unpack."""
+
+    __slots__ = ("_last", "map")
+
+    def __init__(self, m: mmap.mmap) -> None:
+        self.map = m
+        self._last: tuple[int, GateState] = (-1, _EMPTY)
+
+    def read(self) -> GateState:
+        magic, seq = _HEAD.unpack_from(self.map, 0)
+        last = self._last  # one tuple: threads may share the reader
+        if seq == last[0] and magic == MAGIC:
+            return last[1]
+        while True:
+            st = _read(self.map)
+            magic, again = _HEAD.unpack_from(self.map, 0)
+            if again == seq or st is _EMPTY:
+                if not seq & 1 and st is not _EMPTY:
+                    self._last = (seq, st)
+                return st
+            seq = again  # it moved while we read: read the newer one
+
+
 def _open_map(path: str, create: bool) -> mmap.mmap | None:
     """Map the gate file; with ``create``, make it first (atomically: a
     reader never maps a half-written file, and an existing one is kept, so
@@ -142,20 +169,62 @@ def _open_map(path: str, create: bool) -> mmap.mmap | None:
         os.close(fd)
 
 
+class _Waiters:
+    """This process's writers waiting for an acknowledgement of one file,
+    each on a lock of its own: an acknowledgement wakes only those whose cid
+    it covers, any other change of leadership or settings wakes them all, a
+    moved deadline none (each waits until the deadline it read)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._heap: list[tuple[int, int, threading.Lock]] = []  # (cid, serial, its lock)
+        self._serial = 0
+
+    def add(self, cid: int) -> threading.Lock:
+        w = threading.Lock()
+        w.acquire()
+        with self.lock:
+            self._serial += 1
+            heapq.heappush(self._heap, (cid, self._serial, w))
+        return w
+
+    def discard(self, w: threading.Lock) -> None:
+        with self.lock:
+            for i, item in enumerate(self._heap):
+                if item[2] is w:
+                    self._heap[i] = self._heap[-1]
+                    self._heap.pop()
+                    heapq.heapify(self._heap)
+                    return
+
+    def release(self, upto: int | None) -> None:
+        """Wake the waiters for cids up to ``upto`` (None: every waiter)."""
+        woken = []
+        with self.lock:
+            heap = self._heap
+            if upto is None:
+                woken, self._heap = heap, []
+            else:
+                while heap and heap[0][0] <= upto:
+                    woken.append(heapq.heappop(heap))
+        for _, _, w in woken:
+            w.release()
+
+
 class _Local:
     """Publishers and gates of one process, by file: a publish wakes this
     process's waiters at once (others poll)."""
 
     lock = threading.Lock()
-    conds: dict[str, threading.Condition] = {}
+    waiters: dict[str, _Waiters] = {}
 
     @classmethod
-    def cond(cls, path: str) -> threading.Condition:
+    def of(cls, path: str) -> _Waiters:
         with cls.lock:
-            c = cls.conds.get(path)
-            if c is None:
-                c = cls.conds[path] = threading.Condition()
-            return c
+            w = cls.waiters.get(path)
+            if w is None:
+                w = cls.waiters[path] = _Waiters()
+            return w
 
 
 class GatePublisher:
@@ -168,7 +237,7 @@ class GatePublisher:
             raise OSError(f"{self.path}: cannot create the commit gate file")
         self._map = m
         self._lock = threading.Lock()
-        self._cond = _Local.cond(self.path)
+        self._waiters = _Local.of(self.path)
         self._state = replace(_read(m), pid=os.getpid())
 
     @property
@@ -186,9 +255,12 @@ class GatePublisher:
         raw = st.client.encode()[: _CLIENT_MAX - 1]
         m[_CLIENT_AT : _CLIENT_AT + _CLIENT_MAX] = raw.ljust(_CLIENT_MAX, b"\0")
         _HEAD.pack_into(m, 0, MAGIC, seq + 2)
-        self._state = st
-        with self._cond:
-            self._cond.notify_all()
+        old, self._state = self._state, st
+        # after the record: a waiter registers, then reads it (Gate.acknowledge)
+        if replace(old, acked_cid=st.acked_cid, valid_until_ns=st.valid_until_ns) != st:
+            self._waiters.release(None)  # leadership or settings changed: all look again
+        elif st.acked_cid != old.acked_cid:
+            self._waiters.release(st.acked_cid)
 
     def lead(self, *, sync_k: int, sync_timeout: float | None, valid_until: float) -> None:
         """A leader starts: a new generation (commits of an earlier one that
@@ -287,23 +359,25 @@ class Gate:
         self.path = gate_path(db_path)
         self.standalone = standalone
         self._map: mmap.mmap | None = None
+        self._reader: _Reader | None = None
         self._want_map: mmap.mmap | None = None
         self._lock = threading.Lock()
-        self._cond = _Local.cond(self.path)
+        self._waiters = _Local.of(self.path)
 
-    def _attach(self) -> mmap.mmap | None:
-        m = self._map
-        if m is None:
+    def _attach(self) -> _Reader | None:
+        r = self._reader
+        if r is None:
             with self._lock:
-                if self._map is None:
-                    self._map = _open_map(self.path, create=False)
-                m = self._map
-        return m
+                if self._reader is None:
+                    m = self._map = _open_map(self.path, create=False)
+                    self._reader = None if m is None else _Reader(m)
+                r = self._reader
+        return r
 
     def state(self) -> GateState | None:
         """What the node serving the file published; None if no gate file."""
-        m = self._attach()
-        return None if m is None else _read(m)
+        r = self._attach()
+        return None if r is None else r.read()
 
     def admit(self) -> Ticket:
         """Before COMMIT: may this commit be made? Raises NotLeaderError or
@@ -338,40 +412,54 @@ class Gate:
         CommitUnknownError."""
         if ticket.open:
             return
-        m = self._attach()
-        assert m is not None  # admit() mapped it
+        r = self._attach()
+        assert r is not None  # admit() mapped it
         t0 = time.monotonic_ns()
         poll = _POLL_MIN
-        here = os.getpid()
-        while True:
-            st = _read(m)
-            now = time.monotonic_ns()
-            if st.generation != ticket.generation or st.state != LEADER:
-                raise self._unknown(cid, "the node stopped leading before it was acknowledged")
-            if now >= st.valid_until_ns:
-                raise self._unknown(
-                    cid, "the leader's lease (or heartbeat) ran out before it was acknowledged"
-                )
-            if ticket.degraded or st.sync_k <= 0 or st.acked_cid >= cid:
-                return
-            if st.degraded:
-                raise self._unknown(
-                    cid, "synchronous commit gave up waiting for followers (--sync-timeout)"
-                )
-            if st.sync_timeout_ms >= 0 and now - t0 >= st.sync_timeout_ms * 1_000_000:
-                raise self._unknown(
-                    cid,
-                    f"{st.sync_k} followers did not acknowledge it within"
-                    f" {st.sync_timeout_ms / 1000:g} s (--sync-timeout)",
-                )
-            left = (st.valid_until_ns - now) / 1e9
-            if st.pid == here:  # published by this process: it wakes us
-                with self._cond:
-                    if _read(m) == st:
-                        self._cond.wait(min(0.05, left))
-            else:
-                time.sleep(min(poll, left))
-                poll = min(_POLL_MAX, poll * 2)
+        waiter: threading.Lock | None = None
+        here = 0  # this process's id, once it has to wait (a forked child has its own)
+        try:
+            while True:
+                st = r.read()
+                now = time.monotonic_ns()
+                if st.generation != ticket.generation or st.state != LEADER:
+                    raise self._unknown(cid, "the node stopped leading before it was acknowledged")
+                if now >= st.valid_until_ns:
+                    raise self._unknown(
+                        cid, "the leader's lease (or heartbeat) ran out before it was acknowledged"
+                    )
+                if ticket.degraded or st.sync_k <= 0 or st.acked_cid >= cid:
+                    return
+                if st.degraded:
+                    raise self._unknown(
+                        cid, "synchronous commit gave up waiting for followers (--sync-timeout)"
+                    )
+                left_ns = st.valid_until_ns - now
+                if st.sync_timeout_ms >= 0:
+                    waited = now - t0
+                    limit = st.sync_timeout_ms * 1_000_000
+                    if waited >= limit:
+                        raise self._unknown(
+                            cid,
+                            f"{st.sync_k} followers did not acknowledge it within"
+                            f" {st.sync_timeout_ms / 1000:g} s (--sync-timeout)",
+                        )
+                    left_ns = min(left_ns, limit - waited)
+                left = left_ns / 1e9
+                here = here or os.getpid()
+                if st.pid != here:  # published by another process: poll it
+                    time.sleep(min(poll, left))
+                    poll = min(_POLL_MAX, poll * 2)
+                elif waiter is None:
+                    # registered before the next read: an acknowledgement published
+                    # after that read releases this lock (see GatePublisher._publish)
+                    waiter = self._waiters.add(cid)
+                else:
+                    if waiter.acquire(timeout=left):
+                        waiter = None  # released: look again (and register again if need be)
+        finally:
+            if waiter is not None:
+                self._waiters.discard(waiter)
 
     def want(self, cid: int) -> None:
         """Ask the node to apply up to ``cid`` without waiting to batch (a
@@ -400,6 +488,7 @@ class Gate:
         with self._lock:
             maps = (self._map, self._want_map)
             self._map = self._want_map = None
+            self._reader = None
         for m in maps:
             if m is not None:
                 with contextlib.suppress(ValueError, BufferError):
