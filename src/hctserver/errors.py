@@ -79,6 +79,11 @@ class LagError(TransientError):
         self.cid = cid
 
 
+class StreamLostError(TransientError):
+    """A node no longer knows a client's stream (idle too long, closed, or
+    the node restarted): a transaction open on it was rolled back."""
+
+
 class BusyError(HctError):
     """The write lock could not be taken within the busy timeout, or the
     transaction met a concurrent change and must be retried."""

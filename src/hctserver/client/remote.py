@@ -12,23 +12,32 @@ hctserver's as :mod:`hctserver.errors` classes (``HCT_NotLeaderError``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apsw
 
 from .. import errors
-from ..errors import ConfigError, ConnectError, HctError, ProtocolError
+from ..errors import ConfigError, ConnectError, ConnectionLostError, HctError, ProtocolError
 from ..journal.connection import Rows
 from ..journal.groupcommit import Committed, Statements
 from ..net.httpclient import HttpClient
 from ..protocol import hrana
 from .backend import Params, Result
-from .exceptions import from_apsw, from_hct
+from .exceptions import Error, OperationalError, ProgrammingError, from_apsw, from_code, from_hct
+from .local import sets_rowid
 
 HCT_PREFIX = "HCT_"
+
+
+class StreamExpiredError(ConnectionLostError):
+    """The node no longer knows the stream's baton (idle too long, or the
+    node restarted): it ran nothing of the pipeline, and rolled back the
+    stream's open transaction, if any."""
 
 
 def remote_error(message: str, code: str | None) -> Exception:
@@ -40,7 +49,9 @@ def remote_error(message: str, code: str | None) -> Exception:
             return cls(message)
         return HctError(message)
     primary = code.split("_", 2)[:2]
-    num = apsw.mapping_result_codes.get("_".join(primary)) if len(primary) == 2 else None
+    num = apsw.mapping_extended_result_codes.get(code)  # kept as apsw keeps it (extendedresult)
+    if not isinstance(num, int):
+        num = apsw.mapping_result_codes.get("_".join(primary)) if len(primary) == 2 else None
     if isinstance(num, int):
         exc: Exception = apsw.exception_for(num)
         exc.args = (message,)
@@ -88,9 +99,11 @@ class Stream:
         self.min_cid = 0
         self._baton: str | None = None
         self.cid = 0  # the newest cid committed through this stream
+        self.answered_cid = 0  # the node's "cid" in its last answer
         self.snapshot = 0  # the node's snapshot after the last pipeline
         self.in_transaction = False
         self.duplicate = False  # the last pipeline's txid had been committed before
+        self.used = time.monotonic()  # when the last pipeline was sent
 
     # --- pipelines ---------------------------------------------------------------
 
@@ -108,6 +121,7 @@ class Stream:
             body["timeout_ms"] = int(self.timeout * 1000)
             if self.consistency == "at_least":
                 body["min_cid"] = self.min_cid
+        self.used = time.monotonic()
         status, data = self._http.post(hrana.PIPELINE_PATH, json.dumps(body).encode())
         if status != 200:
             self._baton = None
@@ -121,7 +135,8 @@ class Stream:
         except (ValueError, KeyError, TypeError) as e:
             raise ProtocolError(f"{self.url} answered a pipeline with garbage: {e}") from None
         self._baton = d.get("baton")
-        self.cid = max(self.cid, int(d.get("cid") or 0))
+        self.answered_cid = int(d.get("cid") or 0)
+        self.cid = max(self.cid, self.answered_cid)
         self.snapshot = int(d.get("snapshot") or 0)
         self.in_transaction = bool(d.get("in_transaction")) and self._baton is not None
         self.duplicate = bool(d.get("duplicate"))
@@ -138,8 +153,12 @@ class Stream:
                 f"{self.url} serves no SQL clients ({message}): start the node with --http"
                 " (and --http-sql on for an address other than loopback)"
             )
+        if code == "STREAM_EXPIRED":
+            return StreamExpiredError(f"{self.url}: {message}")
         if status == 401:
             return errors.AuthError(f"{self.url}: {message} (give the node's token)")
+        if status == 400 and code == "STREAM_EXPIRED":
+            return errors.StreamLostError(f"{self.url}: {message}")
         if status in (429, 503):
             return errors.BusyError(f"{self.url} is busy ({message}): retry later")
         return remote_error(f"{self.url}: {message}", code)
@@ -171,6 +190,8 @@ class Stream:
         before = self.cid
         (r,) = self.pipeline([{"type": "batch", "batch": {"steps": steps}}], txid=txid)
         res = self.check(r)["result"]
+        if self.duplicate:  # committed before (its rows are not kept)
+            return Committed(self.cid, [])
         for err in res.get("step_errors") or []:
             if err is not None:
                 raise remote_error(str(err.get("message")), err.get("code"))
@@ -203,7 +224,18 @@ def _ok(step: int) -> dict[str, Any]:
 
 
 class RemoteBackend:
-    """The DB-API backend (:class:`hctserver.client.backend.Backend`) over a :class:`Stream`."""
+    """The DB-API backend (:class:`hctserver.client.backend.Backend`) over a :class:`Stream`.
+
+    It keeps what :mod:`sqlite3` keeps per connection and a node may not
+    say: ``lastrowid`` (the connection's last inserted rowid, 0 before any:
+    a follower runs reads on its own connection and sends writes to its
+    leader, so the rowid it would report after a read or an UPDATE is not
+    this connection's). ``executemany`` sends its statements in batches of
+    up to :data:`MANY_STEPS`, each step run only if the one before
+    succeeded (one round trip per batch, not per row). A stream the node
+    dropped (idle too long) is replaced by a new one when no transaction
+    was open on it; with one open, the transaction is lost
+    (OperationalError, nothing committed)."""
 
     def __init__(
         self,
@@ -222,32 +254,78 @@ class RemoteBackend:
             timeout=timeout,
             consistency=consistency or "local",
         )
+        self._lastrowid = 0
 
     def execute(self, sql: str, params: Params) -> Result:
-        try:
-            rows = self.stream.execute(sql, params)
-        except apsw.Error as e:
-            raise from_apsw(e) from e
-        except HctError as e:
-            raise from_hct(e) from e
+        req = {"type": "execute", "stmt": hrana.encode_stmt(sql, params)}
+        before = self.stream.cid
+        (r,) = self._pipeline([req])
+        if r.get("type") == "error":
+            e = r.get("error") or {}
+            raise _error(str(e.get("message")), e.get("code"))
+        cols, rows, affected, last = hrana.decode_result(r.get("response", {}).get("result"))
+        changes = _changes(sql)
+        if changes and affected > 0 and last is not None and _inserts(sql):
+            self._lastrowid = last
         return Result(
-            list(rows.description),
-            list(rows),
-            rows.changes if rows.description == () and _changes(sql) else -1,
-            rows.lastrowid,
-            self.stream.cid,
+            cols, rows, affected if changes else -1, self._lastrowid, self._committed(before)
         )
 
     def executemany(self, sql: str, seq: Iterable[Params]) -> Result:
+        """Outside a transaction, the statements run in one of their own
+        (all or nothing), as on a file (:class:`~hctserver.client.local.LocalBackend`)."""
+        changes = _changes(sql)
+        inserts = changes and _inserts(sql)
+        before = self.stream.cid
+        own = not self.stream.in_transaction
+        opened = False
         total = 0
-        last: Result | None = None
-        for p in seq:
-            last = self.execute(sql, p)
-            total += max(0, last.rowcount)
-        if last is None:
-            return Result()
-        last.rowcount = total if _changes(sql) else -1
-        return last
+        it = iter(seq)
+        batch = _steps(sql, it)
+        try:
+            while batch:
+                after = _steps(sql, it)  # the next batch: is this one the last?
+                steps: list[dict[str, Any]] = []
+                if own and not opened:
+                    steps.append({"stmt": {"sql": "BEGIN IMMEDIATE"}})
+                first = len(steps)
+                for i, step in enumerate(batch):
+                    if first + i:
+                        step["condition"] = _ok(first + i - 1)
+                    steps.append(step)
+                last = len(steps) - 1
+                if own:
+                    if not after:
+                        steps.append({"stmt": {"sql": "COMMIT"}, "condition": _ok(last)})
+                    undo = {"type": "not", "cond": _ok(len(steps) - 1)}
+                    steps.append({"stmt": {"sql": "ROLLBACK"}, "condition": undo})
+                opened = True
+                (r,) = self._pipeline([{"type": "batch", "batch": {"steps": steps}}])
+                if r.get("type") == "error":
+                    e = r.get("error") or {}
+                    raise _error(str(e.get("message")), e.get("code"))
+                res = r.get("response", {}).get("result") or {}
+                outs = res.get("step_results") or []
+                for i in range(first, min(last + 1, len(outs))):
+                    if outs[i] is not None:
+                        _, _, affected, rowid = hrana.decode_result(outs[i])
+                        total += affected
+                        if inserts and affected > 0 and rowid is not None:
+                            self._lastrowid = rowid
+                for err in res.get("step_errors") or []:
+                    if err is not None:
+                        raise _error(str(err.get("message")), err.get("code"))
+                batch = after
+        except BaseException:
+            if own and opened and self.stream.in_transaction:
+                with contextlib.suppress(Error):  # a batch sent, its answer lost
+                    self._pipeline([{"type": "execute", "stmt": {"sql": "ROLLBACK"}}])
+            raise
+        return Result(
+            rowcount=total if changes else -1,
+            lastrowid=self._lastrowid,
+            cid=self._committed(before),
+        )
 
     def transact(self, statements: Statements, txid: str | None = None) -> Committed:
         try:
@@ -268,6 +346,69 @@ class RemoteBackend:
     def close(self) -> None:
         self.stream.close()
 
+    def _committed(self, before: int) -> int:
+        """The cid the last pipeline committed, 0 if none."""
+        return self.stream.cid if self.stream.cid != before else 0
+
+    def _pipeline(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The requests on this backend's stream; on a new one if the node had
+        dropped it while no transaction was open (the node refused the baton
+        before running anything: sending again is safe)."""
+        was_open = self.stream.in_transaction
+        try:
+            try:
+                return self.stream.pipeline(requests)
+            except StreamExpiredError:
+                if was_open:
+                    raise
+                return self.stream.pipeline(requests)
+        except apsw.Error as e:
+            raise from_apsw(e) from e
+        except StreamExpiredError as e:
+            raise OperationalError(
+                f"{e}: the open transaction was rolled back by the node (nothing of it"
+                " was committed): run it again"
+            ) from e
+        except HctError as e:
+            raise from_hct(e) from e
+
+
+MANY_STEPS = 500  # statements of one executemany batch
+MANY_BYTES = 4 << 20  # about the most bytes of one executemany batch (hrana.MAX_BODY: 8 MiB)
+
+
+def _steps(sql: str, params: Iterator[Params]) -> list[dict[str, Any]]:
+    """The next batch of ``executemany``'s statements (without conditions)."""
+    steps: list[dict[str, Any]] = []
+    size = 0
+    for p in params:
+        stmt = hrana.encode_stmt(sql, p)
+        stmt["want_rows"] = False
+        steps.append({"stmt": stmt})
+        size += len(json.dumps(stmt))
+        if len(steps) >= MANY_STEPS or size >= MANY_BYTES:
+            break
+    return steps
+
+
+def _error(message: str, code: str | None) -> Error:
+    """The DB-API error for a statement's error result."""
+    if code is None or code == "ARGS_INVALID":
+        # the node names no code for what the driver's caller got wrong (the
+        # number or names of parameters): sqlite3's ProgrammingError
+        return ProgrammingError(message)
+    if code.startswith("SQLITE_"):
+        return from_code(code, message)
+    e = remote_error(message, code)
+    if isinstance(e, apsw.Error):
+        out = from_apsw(e)
+    elif isinstance(e, HctError):
+        out = from_hct(e)
+    else:
+        out = OperationalError(message)
+    out.__cause__ = e
+    return out
+
 
 def _changes(sql: str) -> bool:
     from ..journal.sqltext import Kind, parse
@@ -276,4 +417,18 @@ def _changes(sql: str) -> bool:
     return bool(stmts) and stmts[-1].kind is Kind.WRITE
 
 
-__all__ = ["RemoteBackend", "Stream", "http_url", "read_token", "remote_error"]
+def _inserts(sql: str) -> bool:
+    from ..journal.sqltext import parse
+
+    stmts = parse(sql)
+    return bool(stmts) and sets_rowid(stmts[-1])
+
+
+__all__ = [
+    "RemoteBackend",
+    "Stream",
+    "StreamExpiredError",
+    "http_url",
+    "read_token",
+    "remote_error",
+]

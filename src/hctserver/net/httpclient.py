@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import http.client
 import ssl
+import time
 import urllib.parse
 
 from ..errors import ConfigError, ConnectError, TimedOutError
+
+IDLE_REUSE = 2.0  # seconds a kept-alive connection may idle and be used again (servers wait 5)
 
 
 class HttpClient:
@@ -28,6 +31,7 @@ class HttpClient:
             raise ConfigError(f"not an http(s)://HOST:PORT URL: {base_url!r}")
         self.url = base_url.rstrip("/")
         self.timeout = timeout
+        self._used = 0.0
         self._headers = {"Content-Type": "application/json", "Connection": "keep-alive"}
         if token is not None:
             self._headers["Authorization"] = "Bearer " + token.decode().strip()
@@ -57,6 +61,10 @@ class HttpClient:
 
     def _post(self, path: str, body: bytes, timeout: float | None) -> tuple[int, bytes]:
         c = self._conn
+        now = time.monotonic()
+        if c.sock is not None and now - self._used > IDLE_REUSE:
+            c.close()  # the server may be closing it: never send a request on such a one
+        self._used = now
         if c.sock is None:
             c.timeout = timeout or self.timeout
         elif timeout is not None:
@@ -66,6 +74,7 @@ class HttpClient:
         data = r.read()
         if r.will_close:
             c.close()
+        self._used = time.monotonic()
         return r.status, data
 
     def close(self) -> None:

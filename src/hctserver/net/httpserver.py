@@ -233,6 +233,8 @@ class _Handler(BaseHTTPRequestHandler):
         self, request: Any, client_address: Any, server: _Server, head: bytes = b""
     ) -> None:
         self.head = head
+        self.keep = False  # a SQL client asked to keep the connection: it goes back to the loop
+        self.rest = b""  # bytes after this request's body (the next request's start)
         super().__init__(request, client_address, server)
 
     def setup(self) -> None:
@@ -251,6 +253,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body()
         if body is None:
             return
+        self.keep = (self.headers.get("Connection") or "").lower() == "keep-alive"
         try:
             code, out = routes.sql(body)
         except Exception as e:
@@ -269,6 +272,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(413, "text/plain", f"at most {SQL_BODY_LIMIT} bytes\n".encode())
             return None
         got = bytearray(self.rfile.read(n))  # what came with the head
+        self.rest = self.rfile.read()
         while len(got) < n:
             chunk = self.connection.recv(min(1 << 20, n - len(got)))
             if not chunk:
@@ -336,6 +340,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        if self.keep:
+            self.send_header("Connection", "keep-alive")
         self.end_headers()
         self.wfile.write(body)
 
@@ -402,6 +408,8 @@ class _Server(socketserver.TCPServer):
         self._stop = threading.Event()
         self._accept_logged = -math.inf
         self._wake_r, self._wake_w = socket.socketpair()  # stop_loop wakes the loop
+        self._returned: list[tuple[socket.socket, Any, bytes]] = []  # kept-alive, back from threads
+        self._returned_lock = threading.Lock()
         self._wake_w.setblocking(False)
         super().__init__(addr, _Handler)  # on failure it calls server_close
         self.socket.setblocking(False)
@@ -427,6 +435,7 @@ class _Server(socketserver.TCPServer):
                     elif key.fileobj is self._wake_r:
                         with contextlib.suppress(OSError):
                             self._wake_r.recv(64)
+                        self._resume(sel)
                     elif key.data.sock in self._pending:  # not dropped meanwhile
                         self._read(sel, key.data)
                 now = time.monotonic()
@@ -436,6 +445,10 @@ class _Server(socketserver.TCPServer):
         finally:
             for p in list(self._pending.values()):
                 self._drop(sel, p)
+            with self._returned_lock:
+                back, self._returned = self._returned, []
+            for sock, _, _ in back:
+                self.shutdown_request(sock)
             sel.close()
             self.limiter.flush()
 
@@ -539,20 +552,59 @@ class _Server(socketserver.TCPServer):
     def _serve_one(
         self, sock: socket.socket, addr: Any, head: bytes, slot: threading.BoundedSemaphore
     ) -> None:
+        again: bytes | None = None
         try:
-            _Handler(sock, addr, self, head)
+            h = _Handler(sock, addr, self, head)
+            if h.keep and not self._stop.is_set():
+                again = h.rest
         except OSError as e:  # the client vanished, or was cut off
             log.info("HTTP client %s: %s", addr[0], e)
         except Exception:
             log.exception("HTTP request from %s failed", addr[0])
         finally:
-            self._done(sock, slot)
+            self._done(sock, slot, again, addr)
 
-    def _done(self, sock: socket.socket, slot: threading.BoundedSemaphore) -> None:
+    def _done(
+        self,
+        sock: socket.socket,
+        slot: threading.BoundedSemaphore,
+        again: bytes | None = None,
+        addr: Any = None,
+    ) -> None:
+        """The request is over: close its connection, or (``again``: the bytes
+        of the next request read so far) give it back to the loop, which
+        waits for the next request on it without a thread."""
         with self.active_lock:
             self.active.pop(sock, None)
-        self.shutdown_request(sock)
+        if again is None:
+            self.shutdown_request(sock)
+        else:
+            with self._returned_lock:
+                self._returned.append((sock, addr, again))
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"r")
         slot.release()
+
+    def _resume(self, sel: selectors.BaseSelector) -> None:
+        """Kept-alive connections back from their threads: wait for their next request."""
+        with self._returned_lock:
+            back, self._returned = self._returned, []
+        now = time.monotonic()
+        for sock, addr, rest in back:
+            try:
+                sock.setblocking(False)
+            except OSError:
+                self.shutdown_request(sock)
+                continue
+            if len(self._pending) >= self.max_pending:
+                self._drop(sel, next(iter(self._pending.values())))
+            p = _Pending(sock, addr, now, self.deadline)
+            p.handshake = False
+            p.buf += rest
+            self._pending[sock] = p
+            sel.register(sock, selectors.EVENT_READ, p)
+            if _head_end(p.buf, 0):
+                self._dispatch(sel, p)
 
     def _expire(self, sel: selectors.BaseSelector, now: float) -> None:
         """Cut off heads past their deadline or silent too long, and

@@ -28,7 +28,7 @@ import apsw
 from ..client.exceptions import Error as DbError
 from ..client.local import LocalBackend
 from ..client.remote import Stream
-from ..errors import HctError, LagError
+from ..errors import HctError, LagError, StreamLostError
 from ..journal.database import Database
 from ..journal.gate import FOLLOWER
 from ..journal.sqltext import Kind, parse
@@ -39,6 +39,7 @@ log = logging.getLogger("hctserver")
 
 MAX_STREAMS = 64
 IDLE = 30.0  # seconds a stream may wait for its next pipeline
+POOL = 16  # idle streams to the leader kept for forwarding
 _CONTROL = frozenset({Kind.BEGIN, Kind.COMMIT, Kind.ROLLBACK, Kind.SAVEPOINT, Kind.RELEASE})
 _READS = frozenset({Kind.READ, Kind.OTHER})
 
@@ -108,6 +109,7 @@ class SqlService:
         self.timeout = timeout
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
+        self._pool: list[Stream] = []  # streams to the leader, idle
         self._closed = False
 
     # --- HTTP --------------------------------------------------------------------
@@ -137,8 +139,11 @@ class SqlService:
         with self._lock:
             self._closed = True
             streams, self._streams = list(self._streams.values()), {}
+            pool, self._pool = self._pool, []
         for s in streams:
             self._drop(s)
+        for remote in pool:
+            remote.close()
 
     # --- streams -----------------------------------------------------------------
 
@@ -270,7 +275,7 @@ class SqlService:
         st = self.db.gate.state()
         return st is not None and st.state == FOLLOWER
 
-    def _leader_stream(self, timeout: float) -> Stream:
+    def _leader_stream(self, timeout: float, fresh: bool = False) -> Stream:
         st = self.db.gate.state()
         url = st.client if st is not None else ""
         if not url:
@@ -281,16 +286,35 @@ class SqlService:
                 " serves SQL clients (start the leader with --http): writes cannot be forwarded",
                 "HCT_NotLeaderError",
             )
+        with self._lock:
+            while self._pool and not fresh:
+                kept = self._pool.pop()
+                if kept.url == url and time.monotonic() - kept.used < self.idle / 2:
+                    return kept
+                kept.close()  # the leader changed, or may forget it soon
         return Stream(url, token=self.token, ca=self.ca, timeout=timeout)
 
+    def _give_back(self, remote: Stream) -> None:
+        """A stream to the leader, outside a transaction: kept for the next
+        forward (its connection stays open), up to :data:`POOL`."""
+        with self._lock:
+            if not self._closed and len(self._pool) < POOL:
+                self._pool.append(remote)
+                return
+        remote.close()
+
     def _forward(self, s: _Stream, p: Pipeline) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        remote = s.remote or self._leader_stream(self.timeout)
-        remote.consistency = p.consistency.level
-        remote.min_cid = p.consistency.min_cid
         reqs = [_raw(r) for r in p.requests if r.kind != "close"]
-        before = remote.cid
+        remote = s.remote or self._leader_stream(self.timeout)
         try:
-            results = remote.pipeline(reqs, txid=p.txid)
+            try:
+                results = self._send(remote, reqs, p)
+            except StreamLostError:
+                if s.remote is not None:  # its transaction is gone: the client must know
+                    raise
+                remote.close()  # refused before it ran anything: safe to send again
+                remote = self._leader_stream(self.timeout, fresh=True)
+                results = self._send(remote, reqs, p)
         except (HctError, apsw.Error) as e:
             s.remote = None
             remote.close()
@@ -299,11 +323,17 @@ class SqlService:
             results.append(hrana.ok("close"))
         s.remote = remote if remote.in_transaction else None
         if s.remote is None:
-            remote.close()
-        cid = remote.cid if remote.cid != before or remote.duplicate else 0
+            self._give_back(remote)
+        cid = remote.answered_cid
         if cid:
             self._applied(cid)
         return results, {"cid": cid, "duplicate": remote.duplicate}
+
+    @staticmethod
+    def _send(remote: Stream, reqs: list[dict[str, Any]], p: Pipeline) -> list[dict[str, Any]]:
+        remote.consistency = p.consistency.level
+        remote.min_cid = p.consistency.min_cid
+        return remote.pipeline(reqs, txid=p.txid)
 
     def _applied(self, cid: int) -> None:
         db = self.db

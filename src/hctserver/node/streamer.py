@@ -2,8 +2,9 @@
 
 A commit hook encodes an entry once and appends it to the queue of every
 subscriber of that stream without blocking (:meth:`Streamer.push`). The
-streamer thread writes the queues out with non-blocking sends, gathering
-commits for a few milliseconds between rounds. A subscriber is dropped (its
+streamer thread writes the queues out with non-blocking sends; when commits
+come faster than it sends, it gathers them for a few milliseconds between
+rounds (a lone commit goes at once). A subscriber is dropped (its
 follower can resync) when its queue exceeds ``limit`` bytes, when it has
 had data waiting for ``stall_timeout`` seconds without taking any, when it
 sends more than a few bytes (followers send nothing after SUB), or when its
@@ -131,11 +132,14 @@ class Streamer:
             with self.lock:
                 self._woken = True  # pushes during the pause need no wake-up
                 dirty, self._dirty = self._dirty, set()
+                # commits came faster than rounds: gather them. One at a time
+                # goes at once (a forwarded write waits for it on a follower)
+                busy = any(len(sub.pending) > 1 for sub in dirty)
             for sub in dirty:
                 self._flush(sub)
             if stuck:
                 self._drop_stalled()
-            if dirty and self.coalesce:
+            if busy and self.coalesce:
                 stop.wait(self.coalesce)  # let commits gather: fewer, larger sends
 
     def _closed_by_peer(self, sub: Subscriber) -> bool:

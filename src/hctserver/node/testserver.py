@@ -37,7 +37,7 @@ from ..journal.database import Database
 from ..net.httpserver import HttpEndpoint, parse_address
 from ..net.security import HttpSecurity, Security
 from .assemble import follower_role, leader_role, seed_from_archive, serve_runner_http
-from .config import HttpOptions, NodeConfig, SecurityOptions
+from .config import NodeConfig, SecurityOptions
 from .follower import Follower
 from .jobs import Job, JobFunction
 from .leader import Leader
