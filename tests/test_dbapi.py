@@ -15,16 +15,17 @@ import apsw
 import pytest
 
 import hctserver.client.dbapi as db
+import sqlnodes
 from hctserver import errors
-from hctserver.client import exceptions
+from hctserver.client import exceptions, remote
 from hctserver.client.backend import Result
 from hctserver.client.local import LocalBackend
+from hctserver.client.remote import RemoteBackend
 
 # Where the driver tests run. "local": a new file in tmp_path (hctserver.connect
-# makes it a replication-enabled database).
-# NETWORK: add "network" here, and a branch in `target` below that yields the
-# http://127.0.0.1:PORT URL of a leader node serving a fresh database.
-TARGETS = ["local"]
+# makes it a replication-enabled database). "network": a leader node in this
+# process serving a new database over HTTP (http://127.0.0.1:PORT).
+TARGETS = ["local", "network"]
 
 
 @pytest.fixture(params=TARGETS)
@@ -32,7 +33,9 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "local":
         yield str(tmp_path / "db.sqlite")
         return
-    raise AssertionError(f"unknown target {request.param}")  # NETWORK: yield the URL here
+    assert request.param == "network", request.param
+    with sqlnodes.leader(tmp_path / "leader.db") as node:
+        yield sqlnodes.url_of(node)
 
 
 @pytest.fixture
@@ -856,8 +859,12 @@ def test_a_backend_object(local: str) -> None:
         con.close()
 
 
-def test_local_backend_reports_each_commit_s_cid(local: str) -> None:
-    backend = LocalBackend(local)
+def backend_of(target: str) -> LocalBackend | RemoteBackend:
+    return RemoteBackend(target) if "://" in target else LocalBackend(target)
+
+
+def test_a_backend_reports_each_commit_s_cid(target: str) -> None:
+    backend = backend_of(target)
     try:
         created = backend.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, x TEXT)", None)
         assert created.cid > 0 and created.rowcount == -1
@@ -865,11 +872,187 @@ def test_local_backend_reports_each_commit_s_cid(local: str) -> None:
         assert (res.rowcount, res.lastrowid, res.cid) == (1, 1, created.cid + 1)
         assert res.columns == [] and res.rows == []
         assert backend.execute("SELECT * FROM t", None).cid == 0
+        assert backend.execute("UPDATE t SET x = 'b' WHERE id < 0", None).cid == 0
         assert backend.last_cid == created.cid + 1
         many = backend.executemany("INSERT INTO t(x) VALUES (?)", [["b"], ["c"]])
-        assert (many.rowcount, many.cid) == (2, created.cid + 2)
+        assert (many.rowcount, many.cid) == (2, created.cid + 2), "one transaction"
+        assert backend.executemany("INSERT INTO t(x) VALUES (?)", []).cid == 0
         assert backend.execute("SELECT x FROM t WHERE id = :id", {"id": 3}).columns == [
             ("x", "TEXT")
         ]
+        assert backend.execute("BEGIN", None).cid == 0
+        assert backend.execute("DELETE FROM t WHERE id = 1", None).cid == 0
+        assert backend.execute("COMMIT", None).cid == created.cid + 3
     finally:
         backend.close()
+
+
+def test_lastrowid_as_in_sqlite3(target: str, tmp_path: Path) -> None:
+    """The connection's last inserted rowid after every execute(), reads
+    included (0 before any insert); an UPDATE or an insert that inserted
+    nothing leaves it; executemany() leaves the cursor's alone."""
+
+    def trace(con: Any) -> list[int | None]:
+        cur = con.cursor()
+        out = [cur.lastrowid]
+        for sql in (
+            "SELECT 1",
+            "CREATE TABLE t(id INTEGER PRIMARY KEY, x UNIQUE)",
+            "INSERT INTO t(x) VALUES (1)",
+            "INSERT INTO t(id, x) VALUES (7, 2)",
+            "SELECT * FROM t",
+            "UPDATE t SET x = x + 10",
+            "INSERT OR IGNORE INTO t(x) VALUES (11)",
+            "INSERT INTO t(x) VALUES (3) RETURNING id",
+            "DELETE FROM t WHERE id = 1",
+            "COMMIT",
+            "WITH v(a) AS (VALUES (4)) INSERT INTO t(x) SELECT a FROM v",
+        ):
+            cur.execute(sql)
+            cur.fetchall()
+            out.append(cur.lastrowid)
+        cur.executemany("INSERT INTO t(x) VALUES (?)", [(5,), (6,)])
+        out.append(cur.lastrowid)
+        out.append(con.cursor().execute("SELECT 2").lastrowid)
+        con.commit()
+        return out
+
+    ref = sqlite3.connect(tmp_path / "sqlite3.db")
+    try:
+        expected = trace(ref)
+    finally:
+        ref.close()
+    assert expected == [None, 0, 0, 1, 7, 7, 7, 7, 8, 8, 8, 9, 9, 11]
+    con = db.connect(target)
+    try:
+        assert trace(con) == expected
+    finally:
+        con.close()
+
+
+def test_executemany_of_nothing(cur: db.Cursor) -> None:
+    cur.executemany("INSERT INTO test(name) VALUES (?)", [])
+    assert cur.rowcount == 0  # as sqlite3
+    assert cur.execute("SELECT count(*) FROM test").fetchone() == (1,)
+
+
+def test_a_long_executemany(target: str) -> None:
+    """Over the network in batches (remote.MANY_STEPS): outside a transaction
+    all or nothing, as on a file; inside one, what ran before an error stays."""
+    assert remote.MANY_STEPS < 600
+    con = db.connect(target, autocommit=True)
+    try:
+        con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, x UNIQUE)")
+        n = 1234
+        cur = con.executemany("INSERT INTO t(x) VALUES (?)", ((i,) for i in range(n)))
+        assert cur.rowcount == n
+        assert con.execute("SELECT count(*), max(id) FROM t").fetchone() == (n, n)
+        assert con.execute("SELECT 1").lastrowid == n
+        rows = [(i,) for i in range(n, n + 1100)] + [(5,)]  # UNIQUE fails in the third batch
+        with pytest.raises(db.IntegrityError, match="UNIQUE"):
+            con.executemany("INSERT INTO t(x) VALUES (?)", rows)
+        assert not con.in_transaction
+        assert con.execute("SELECT count(*) FROM t").fetchone() == (n,), "all or nothing"
+        con.autocommit = db.LEGACY_TRANSACTION_CONTROL  # BEGIN first, as sqlite3
+        with pytest.raises(db.IntegrityError):
+            con.executemany("INSERT INTO t(x) VALUES (?)", rows)
+        assert con.in_transaction
+        assert con.execute("SELECT count(*) FROM t").fetchone() == (n + 1100,)
+        con.rollback()
+        assert con.execute("SELECT count(*) FROM t").fetchone() == (n,)
+    finally:
+        con.close()
+
+
+def test_a_stream_the_node_dropped(target: str) -> None:
+    """A node forgets an idle stream (its baton): with no transaction open
+    the driver goes on on a new one; an open transaction is lost, as a
+    broken connection (SQLAlchemy then discards the connection)."""
+    if "://" not in target:
+        pytest.skip("a node's streams only")
+    backend = RemoteBackend(target)
+    con = db.connect(backend)
+    try:
+        con.execute("CREATE TABLE t(x)")
+        backend.stream._baton = "expired"  # what an idle stream's baton becomes
+        assert con.execute("SELECT count(*) FROM t").fetchone() == (0,)
+        con.execute("INSERT INTO t VALUES (1)")
+        assert con.in_transaction
+        backend.stream._baton = "expired"
+        with pytest.raises(db.OperationalError, match="rolled back") as info:
+            con.execute("INSERT INTO t VALUES (2)")
+        assert isinstance(info.value.__cause__, errors.StreamLostError)
+        assert not con.in_transaction
+        con.rollback()
+        assert con.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    finally:
+        con.close()
+
+
+# --- through a follower ------------------------------------------------------------
+
+
+def test_through_a_follower_s_url(tmp_path: Path) -> None:
+    """A follower runs reads itself and sends writes and transactions to its
+    leader, answering once it applied them: each write is visible on the
+    follower (read there with consistency local) when the call returns."""
+    with sqlnodes.cluster(tmp_path, followers=1) as (lead, (follower,)):
+        url = sqlnodes.url_of(follower)
+        con = db.connect(url, isolation_level=None)  # each statement commits on its own
+        reader = db.connect(url, consistency="local")
+        try:
+            con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, x UNIQUE)")
+            assert follower.db.snapshot() >= con.last_cid > 0
+            for i in range(1, 11):
+                cur = con.execute("INSERT INTO t(x) VALUES (?)", (f"v{i}",))
+                assert (cur.rowcount, cur.lastrowid) == (1, i)
+                assert follower.db.snapshot() >= con.last_cid
+                seen = reader.execute("SELECT count(*), max(id) FROM t").fetchone()
+                assert seen == (i, i)
+            assert con.execute("SELECT 1").lastrowid == 10, "a read here keeps it"
+            cur = con.execute("UPDATE t SET x = x || '!' WHERE id <= 3")
+            assert (cur.rowcount, cur.lastrowid) == (3, 10)
+            assert reader.execute("SELECT count(*) FROM t WHERE x LIKE '%!'").fetchone() == (3,)
+            many = con.executemany("INSERT INTO t(x) VALUES (?)", [("m1",), ("m2",)])
+            assert many.rowcount == 2
+            assert reader.execute("SELECT count(*) FROM t").fetchone() == (12,)
+            with pytest.raises(db.IntegrityError) as info:
+                con.execute("INSERT INTO t(x) VALUES ('v5')")
+            assert info.value.sqlite_errorname == "SQLITE_CONSTRAINT_UNIQUE"
+
+            # an interactive transaction: it stays on the leader until it ends
+            before = con.last_cid
+            con.execute("BEGIN")
+            assert con.in_transaction
+            cur = con.execute("INSERT INTO t(x) VALUES ('tx')")
+            assert cur.lastrowid == 13
+            assert con.execute("SELECT count(*) FROM t").fetchone() == (13,), "sees its insert"
+            assert reader.execute("SELECT count(*) FROM t").fetchone() == (12,), "others don't"
+            assert con.last_cid == before
+            con.execute("COMMIT")
+            assert not con.in_transaction and con.last_cid == before + 1
+            assert reader.execute("SELECT x FROM t WHERE id = 13").fetchone() == ("tx",)
+            con.execute("BEGIN")
+            con.execute("DELETE FROM t")
+            con.execute("ROLLBACK")
+            assert reader.execute("SELECT count(*) FROM t").fetchone() == (13,)
+
+            # the legacy mode's implicit BEGIN, and the leader's snapshot on demand
+            legacy = db.connect(url)
+            try:
+                legacy.execute("INSERT INTO t(x) VALUES ('legacy')")
+                assert legacy.in_transaction
+                legacy.commit()
+                assert reader.execute("SELECT count(*) FROM t").fetchone() == (14,)
+            finally:
+                legacy.close()
+            fresh = db.connect(url, consistency="leader")
+            try:
+                assert fresh.execute("SELECT count(*) FROM t").fetchone() == (14,)
+            finally:
+                fresh.close()
+        finally:
+            con.close()
+            reader.close()
+        with apsw.Connection(str(lead.db.path), flags=apsw.SQLITE_OPEN_READONLY) as c:
+            assert c.execute("SELECT count(*) FROM t").fetchone() == (14,)

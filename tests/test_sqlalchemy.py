@@ -6,9 +6,14 @@ from __future__ import annotations
 import datetime
 import sqlite3
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+import apsw
 import pytest
+
+import sqlnodes
 
 sqlalchemy = pytest.importorskip("sqlalchemy")
 
@@ -35,11 +40,12 @@ from sqlalchemy.orm import (  # noqa: E402
 from hctserver.client import dbapi  # noqa: E402
 from hctserver.client.sqlalchemy import HctDialect  # noqa: E402
 
+from helpers import wait_until  # noqa: E402
+
 # Where the tests run. "local": a new file in tmp_path, as
-# sqlite+hctserver:///path. NETWORK: add "network" here, and a branch in `url`
-# below that yields sqlite+hctserver://127.0.0.1:PORT for a leader node
-# serving a fresh database.
-TARGETS = ["local"]
+# sqlite+hctserver:///path. "network": a leader node in this process serving a
+# new database over HTTP, as sqlite+hctserver://127.0.0.1:PORT.
+TARGETS = ["local", "network"]
 
 
 @pytest.fixture(params=TARGETS)
@@ -47,7 +53,9 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "local":
         yield f"sqlite+hctserver:///{tmp_path / 'db.sqlite'}"
         return
-    raise AssertionError(f"unknown target {request.param}")  # NETWORK: yield the URL here
+    assert request.param == "network", request.param
+    with sqlnodes.leader(tmp_path / "leader.db") as node:
+        yield "sqlite+hctserver://" + sqlnodes.url_of(node).removeprefix("http://")
 
 
 @pytest.fixture
@@ -266,6 +274,36 @@ def test_orm_datetimes_and_delete(orm: Engine) -> None:
         assert s.scalars(select(Book)).all() == []
 
 
+# --- a node's streams ---------------------------------------------------------------
+
+
+def forget_stream(c: Any) -> None:
+    """Make the node forget the stream of a pooled connection (as it does
+    after 30 s idle): its baton becomes one the node never gave."""
+    c.connection.dbapi_connection._backend.stream._baton = "forgotten"
+
+
+def test_a_stream_the_node_forgot(url: str, engine: Engine) -> None:
+    """Idle in the pool: the next use goes on on a new stream. In a
+    transaction: the transaction is lost, and the pool discards the connection."""
+    if "///" in url:
+        pytest.skip("a node's streams only")
+    with engine.connect() as c:
+        c.execute(text("CREATE TABLE t(x)"))
+        c.commit()
+        forget_stream(c)  # given back to the pool with no transaction open
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO t VALUES (1)"))
+    with engine.connect() as c:
+        c.execute(text("INSERT INTO t VALUES (2)"))
+        forget_stream(c)
+        with pytest.raises(exc.OperationalError, match="rolled back") as info:
+            c.execute(text("INSERT INTO t VALUES (3)"))
+        assert info.value.connection_invalidated
+    with engine.connect() as c:
+        assert c.execute(text("SELECT x FROM t")).scalars().all() == [1]
+
+
 # --- reflection ----------------------------------------------------------------
 
 
@@ -277,3 +315,59 @@ def test_reflection_hides_hctservers_tables(orm: Engine) -> None:
     assert insp.has_table("books") and not insp.has_table("nope")
     fks = insp.get_foreign_keys("books")
     assert fks[0]["referred_table"] == "authors"
+
+
+# --- a cluster: through a follower -----------------------------------------------
+
+
+def address(node: Any) -> str:
+    return sqlnodes.url_of(node).removeprefix("http://")
+
+
+def test_orm_through_a_follower_reaches_every_node(tmp_path: Path) -> None:
+    """Issue #24: the ORM against a follower's address (it sends writes and
+    transactions to its leader), then the rows on every node."""
+    with sqlnodes.cluster(tmp_path, followers=2) as (lead, followers):
+        engine = create_engine(f"sqlite+hctserver://{address(followers[0])}")
+        try:
+            Base.metadata.create_all(engine)
+            with Session(engine) as s:
+                ann = Author(name="Ann", born=datetime.date(1970, 1, 2))
+                s.add_all([ann, Author(name="Bob")])
+                s.add_all([Book(title=f"B{i}", author=ann) for i in range(5)])
+                s.commit()
+                assert ann.id is not None and sorted(b.id for b in ann.books) == [1, 2, 3, 4, 5]
+            with Session(engine) as s:
+                ann = s.scalars(select(Author).where(Author.name == "Ann")).one()
+                assert ann.born == datetime.date(1970, 1, 2)
+                assert sorted(b.title for b in ann.books) == ["B0", "B1", "B2", "B3", "B4"]
+                ann.name = "Anne"
+                ann.books[0].title = "First"
+                s.commit()
+            assert names(engine) == ["Anne", "Bob"], "read on the follower, at once"
+            with Session(engine) as s, pytest.raises(exc.IntegrityError):
+                s.add(Author(name="Bob"))
+                s.commit()
+        finally:
+            engine.dispose()
+
+        expected_authors = [(1, "Anne", "1970-01-02"), (2, "Bob", None)]
+        expected_titles = ["B1", "B2", "B3", "B4", "First"]
+        for node in (lead, *followers):  # through each node's address, as fresh as the leader
+            e = create_engine(f"sqlite+hctserver://{address(node)}?consistency=leader")
+            try:
+                with e.connect() as conn:
+                    found = conn.execute(text("SELECT id, name, born FROM authors ORDER BY id"))
+                    assert [tuple(r) for r in found] == expected_authors
+                    titles = conn.execute(text("SELECT title FROM books ORDER BY title"))
+                    assert titles.scalars().all() == expected_titles
+            finally:
+                e.dispose()
+        for node in followers:
+            wait_until(partial(sqlnodes.caught_up, node, lead), 10, "the follower to catch up")
+        for node in (lead, *followers):  # and in each node's file
+            with apsw.Connection(str(node.db.path), flags=apsw.SQLITE_OPEN_READONLY) as c:
+                authors = c.execute("SELECT id, name, born FROM authors ORDER BY id").fetchall()
+                assert authors == expected_authors
+                books = c.execute("SELECT title, author_id FROM books ORDER BY title").fetchall()
+                assert books == [(t, 1) for t in expected_titles]

@@ -61,6 +61,24 @@ def may_return_rows(st: Statement | None) -> bool:
     return st.kind is Kind.OTHER and words[:1] == ["PRAGMA"]
 
 
+def raw_connection(jc: JournaledConnection) -> apsw.Connection:
+    """The SQLite connection under a journaled one (asked before any
+    transaction: in one forwarded to a leader, a read would go there too)."""
+    cur = jc.execute("SELECT 1")
+    conn = cur.connection
+    assert isinstance(conn, apsw.Connection)
+    return conn
+
+
+def sets_rowid(st: Statement) -> bool:
+    """Whether a writing statement is an INSERT or REPLACE (what sets
+    SQLite's last insert rowid when it changed rows)."""
+    words = sqltext.tokens(st.text, limit=1 << 30)
+    if words[:1] == ["WITH"]:
+        return bool({"INSERT", "REPLACE"} & set(words))
+    return words[:1] in (["INSERT"], ["REPLACE"])
+
+
 class LocalBackend:
     """A database file opened with ``hctserver.connect(path, **options)``:
     a new file becomes a replication-enabled database."""
@@ -68,7 +86,8 @@ class LocalBackend:
     def __init__(self, path: str | os.PathLike[str], **options: Any) -> None:
         with mapped():
             self._jc = database.connect(path, **options)
-        self._sqlite: apsw.Connection | None = None
+            self._sqlite = raw_connection(self._jc)
+        self._lastrowid = 0
 
     @classmethod
     def over(cls, db: database.Database) -> LocalBackend:
@@ -76,7 +95,8 @@ class LocalBackend:
         open already (a node's: its SQL endpoint's streams)."""
         self = cls.__new__(cls)
         self._jc = db.connect()
-        self._sqlite = None
+        self._sqlite = raw_connection(self._jc)
+        self._lastrowid = 0
         return self
 
     @property
@@ -88,12 +108,15 @@ class LocalBackend:
         st = one_statement(sql)
         jc = self._jc
         before = jc.last_cid
-        with mapped():
-            if st is not None and st.kind is Kind.WRITE:
-                res = self._write(st, sql, [params])
-            else:
-                columns, rows = self._fetch(jc.execute(sql, params), st, sql, params)
-                res = Result(columns, rows, lastrowid=jc.last_insert_rowid())
+        try:
+            with mapped():
+                if st is not None and st.kind is Kind.WRITE:
+                    res = self._write(st, sql, [params])
+                else:
+                    columns, rows = self._fetch(jc.execute(sql, params), st, sql, params)
+                    res = Result(columns, rows, lastrowid=self._lastrowid)
+        finally:
+            self._keep_rowid()
         res.cid = jc.last_cid if jc.last_cid != before else 0
         return res
 
@@ -102,8 +125,11 @@ class LocalBackend:
         if st is None or st.kind is not Kind.WRITE:
             raise ProgrammingError("executemany() can only execute DML statements.")
         before = self._jc.last_cid
-        with mapped():
-            res = self._write(st, sql, seq, many=True)
+        try:
+            with mapped():
+                res = self._write(st, sql, seq, many=True)
+        finally:
+            self._keep_rowid()
         res.cid = self._jc.last_cid if self._jc.last_cid != before else 0
         return res
 
@@ -128,14 +154,18 @@ class LocalBackend:
         own = not jc.in_transaction
         if own:
             jc.execute("BEGIN IMMEDIATE")
+        inserts = sets_rowid(st)
         try:
             res = Result(rowcount=0)
             for params in seq:
                 columns, rows = self._fetch(jc.execute(sql, params), st, sql, params)
                 if not many:
                     res.columns, res.rows = columns, rows
-                res.rowcount += jc.changes()
-            res.lastrowid = jc.last_insert_rowid()
+                n = jc.changes()
+                res.rowcount += n
+                if inserts and n > 0:
+                    self._lastrowid = jc.last_insert_rowid()
+            res.lastrowid = self._lastrowid
             if own:
                 jc.execute("COMMIT")
         except BaseException:
@@ -144,6 +174,13 @@ class LocalBackend:
                     jc.execute("ROLLBACK")
             raise
         return res
+
+    def _keep_rowid(self) -> None:
+        """The connection's last insert rowid is the last one a statement of
+        this backend inserted, as in SQLite: not the journal's own rows, which
+        a COMMIT inserts on the same connection."""
+        with contextlib.suppress(apsw.Error, HctError):
+            self._sqlite.set_last_insert_rowid(self._lastrowid)
 
     def _fetch(
         self, out: Any, st: Statement | None, sql: str, params: Params
@@ -165,8 +202,6 @@ class LocalBackend:
         """The result columns of a statement that gave no rows (SQLite names
         them only while a statement is under way): prepared again on the same
         connection, stopped before it runs."""
-        if self._sqlite is None:
-            self._sqlite = self._jc.execute("SELECT 1").connection
         found: list[tuple[str, str | None]] = []
 
         def stop(cur: apsw.Cursor, _sql: str, _bindings: Any) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 import apsw
 
 from .. import errors
-from ..errors import ConfigError, ConnectError, ConnectionLostError, HctError, ProtocolError
+from ..errors import ConfigError, ConnectError, HctError, ProtocolError
 from ..journal.connection import Rows
 from ..journal.groupcommit import Committed, Statements
 from ..net.httpclient import HttpClient
@@ -32,12 +32,6 @@ from .exceptions import Error, OperationalError, ProgrammingError, from_apsw, fr
 from .local import sets_rowid
 
 HCT_PREFIX = "HCT_"
-
-
-class StreamExpiredError(ConnectionLostError):
-    """The node no longer knows the stream's baton (idle too long, or the
-    node restarted): it ran nothing of the pipeline, and rolled back the
-    stream's open transaction, if any."""
 
 
 def remote_error(message: str, code: str | None) -> Exception:
@@ -153,8 +147,6 @@ class Stream:
                 f"{self.url} serves no SQL clients ({message}): start the node with --http"
                 " (and --http-sql on for an address other than loopback)"
             )
-        if code == "STREAM_EXPIRED":
-            return StreamExpiredError(f"{self.url}: {message}")
         if status == 401:
             return errors.AuthError(f"{self.url}: {message} (give the node's token)")
         if status == 400 and code == "STREAM_EXPIRED":
@@ -358,17 +350,16 @@ class RemoteBackend:
         try:
             try:
                 return self.stream.pipeline(requests)
-            except StreamExpiredError:
+            except errors.StreamLostError:
                 if was_open:
                     raise
                 return self.stream.pipeline(requests)
         except apsw.Error as e:
             raise from_apsw(e) from e
-        except StreamExpiredError as e:
-            raise OperationalError(
-                f"{e}: the open transaction was rolled back by the node (nothing of it"
-                " was committed): run it again"
-            ) from e
+        except errors.StreamLostError as e:
+            if not was_open:
+                raise from_hct(e) from e
+            raise OperationalError(f"{e} (nothing of it was committed: run it again)") from e
         except HctError as e:
             raise from_hct(e) from e
 
@@ -427,7 +418,6 @@ def _inserts(sql: str) -> bool:
 __all__ = [
     "RemoteBackend",
     "Stream",
-    "StreamExpiredError",
     "http_url",
     "read_token",
     "remote_error",

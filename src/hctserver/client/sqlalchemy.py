@@ -31,7 +31,7 @@ from sqlalchemy.dialects.sqlite.base import SQLiteDialect
 from sqlalchemy.engine import URL
 from sqlalchemy.engine.interfaces import IsolationLevel
 
-from ..errors import ConnectError, ConnectionLostError
+from ..errors import ConnectError, ConnectionLostError, StreamLostError
 from ..journal.systables import SYSTEM_TABLES
 
 _HIDDEN = SYSTEM_TABLES | {"hct_txid"}  # and the client transaction ids' table
@@ -117,8 +117,9 @@ class HctDialect(SQLiteDialect):
     # --- errors and reflection -----------------------------------------------
 
     def is_disconnect(self, e: Any, connection: Any, cursor: Any) -> bool:
-        """A closed connection, or a node that could not be reached or went away."""
-        if isinstance(e.__cause__, (ConnectError, ConnectionLostError)):
+        """A closed connection, a node that could not be reached or went away,
+        or a stream (with its transaction) the node forgot."""
+        if isinstance(e.__cause__, (ConnectError, ConnectionLostError, StreamLostError)):
             return True
         return "Cannot operate on a closed database." in str(e)
 
