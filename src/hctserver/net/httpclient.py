@@ -6,6 +6,7 @@ follower forwarding writes to its leader use it."""
 from __future__ import annotations
 
 import http.client
+import socket
 import ssl
 import time
 import urllib.parse
@@ -67,6 +68,10 @@ class HttpClient:
         self._used = now
         if c.sock is None:
             c.timeout = timeout or self.timeout
+            c.connect()
+            sock = c.sock
+            assert sock is not None
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         elif timeout is not None:
             c.sock.settimeout(timeout)
         c.request("POST", path, body, self._headers)

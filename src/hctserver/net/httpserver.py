@@ -228,6 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     timeout = READ_TIMEOUT  # per write; the server cuts off a request past its deadline
     protocol_version = "HTTP/1.0"
+    wbufsize = 1 << 16  # head and body leave in one send (Nagle would hold the second)
 
     def __init__(
         self, request: Any, client_address: Any, server: _Server, head: bytes = b""

@@ -90,6 +90,9 @@ class CidSet:
         self.add = self._cids.add
         self.discard = self._cids.discard
 
+    def __contains__(self, cid: int) -> bool:
+        return cid in self._cids
+
     def others(self, lo: int, hi: int) -> list[int]:
         """The cids in [lo, hi] that were not the jobs' (and forget the jobs').
         Every cid up to ``hi`` is committed, so no job adds one meanwhile."""
@@ -133,6 +136,13 @@ class OtherWriters:
     def wake(self) -> None:
         """A subscriber arrived, or the node stops: look now."""
         self._wake.set()
+
+    def committed(self, cid: int, *_: Any) -> None:
+        """A commit hook: a commit in this process that no job made (the SQL
+        endpoint's, an application's connect() here) is streamed at once,
+        not at the next poll (a forwarded write waits for it on a follower)."""
+        if cid not in self.jobs:
+            self._wake.set()
 
     def run(self, stop: threading.Event, poll: float) -> None:
         self._reader = JournalReader(self.db)
@@ -471,6 +481,7 @@ class Leader:
         self._named["others"] = g.spawn(
             "hct-others", others.run, stop, self.poll_interval, on_stop=others.wake
         )
+        db.add_commit_hook(others.committed)  # this process's other writers: at once
         if self.retainer.policy.active:
             self._named["retention"] = g.spawn("hct-retention", self.retainer.run, stop)
         if self.archive is not None:
@@ -598,6 +609,8 @@ class Leader:
         if self._listener is not None:
             self._listener.close()  # from now on followers are refused at once
         others = self._others
+        if others is not None:
+            self.db.remove_commit_hook(others.committed)
         if others is not None and self._named["others"].done.is_set():
             try:
                 others.catch_up()  # the last commits of other writers
