@@ -217,6 +217,14 @@ class Capture:
     def take(self) -> bytes:
         """The changes recorded since begin() or the last take(), as a patchset;
         recording goes on (in log mode) afterwards."""
+        log = self.log
+        if log is not None and self._hooked and not self.carried and not self._generated:
+            # the usual case: a small transaction recorded by the hook alone
+            data = self._encode(log) if log else b""
+            self.log = []
+            self.reread = False
+            self.large = False
+            return data
         parts = [self.carried]
         if self.log:
             parts.append(self._encode(self.log))

@@ -58,8 +58,9 @@ class _Work:
         self.statements = statements
         self.hooks = hooks
         self.tracker = tracker
-        self.wake = threading.Lock()
-        self.wake.acquire()  # released when it is done, or must lead
+        # released when it is done, or must lead; made only for a transaction
+        # that queues behind a group (a lone writer leads at once and needs none)
+        self.wake: threading.Lock | None = None
         self.done = False
         self.entry: Appended | None = None
         self.rows: list[list[tuple[Any, ...]]] = []
@@ -116,9 +117,12 @@ class GroupCommitter:
         with self._mu:
             self._queue.append(w)
             lead = not self._busy
+            if not lead:
+                w.wake = wake = threading.Lock()
+                wake.acquire()
             self._busy = True
         if not lead:
-            w.wake.acquire()
+            wake.acquire()
         if not w.done:
             self._lead()
         if w.error is not None:
@@ -154,8 +158,10 @@ class GroupCommitter:
                 self._busy = nxt is not None
             for w in batch:
                 w.done = True
-                w.wake.release()  # the leader's own too (never waited on)
+                if w.wake is not None:  # queued behind a group: its thread waits
+                    w.wake.release()
             if nxt is not None:
+                assert nxt.wake is not None  # queued while this group committed
                 nxt.wake.release()  # not done: it leads the next group
 
     # --- one group --------------------------------------------------------
@@ -187,10 +193,12 @@ class GroupCommitter:
                 self._one(txs, w, alone)
                 if conn.get_autocommit():  # an error ended the whole transaction
                     raise w.error or BusyError("the group's transaction ended early; retry")
-            if any(w.entry is not None for w in batch):
-                ticket = self.db.gate.admit()  # under the writer lock
-                for w in batch:
-                    w.ticket = ticket
+            for w in batch:
+                if w.entry is not None:
+                    ticket = self.db.gate.admit()  # under the writer lock
+                    for w2 in batch:
+                        w2.ticket = ticket
+                    break
             conn.execute("COMMIT")
         except BaseException as exc:
             share.tail = None
