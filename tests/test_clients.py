@@ -496,3 +496,21 @@ def test_the_curl_examples_in_the_docs_work(leader: Node, follower: Node) -> Non
             assert all(r["type"] == "ok" for r in out["results"]), out
     with apsw.Connection(leader.db.path) as c:
         assert c.execute("SELECT count(*) FROM fruit").fetchall()[0][0] == 2  # one per node
+
+
+def test_connect_reads_at_the_leaders_position_when_asked(leader: Node, follower: Node) -> None:
+    lead = Stream(str(leader.http_url))
+    fc = hctserver.connect(follower.db.path)
+    lc = hctserver.connect(leader.db.path)
+    try:
+        for i in range(3):
+            lead.execute("INSERT INTO t(b) VALUES(?)", (i,))
+            cid = fc.catch_up_with_leader()  # the "leader" consistency, per call
+            assert cid >= lead.cid
+            assert fc.execute("SELECT count(*) FROM t").fetchall() == [(i + 1,)]
+        assert fc.wait_for(lead.cid, 10)  # "at_least(cid)"
+        assert lc.catch_up_with_leader() == leader.db.snapshot()  # the leader's own file
+    finally:
+        lead.close()
+        fc.close()
+        lc.close()

@@ -88,6 +88,10 @@ class RemoteStream(Protocol):
 
     def transact(self, statements: Statements, txid: str | None = None) -> Committed: ...
 
+    def leader_snapshot(self) -> int:
+        """The leader's newest cid, asked while its lease holds."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -261,8 +265,27 @@ class JournaledConnection:
         return self.db.snapshot()
 
     def wait_for(self, cid: int, timeout: float | None = None) -> bool:
-        """Wait until the database's snapshot reaches ``cid`` (see Store.wait_for)."""
+        """Wait until the database's snapshot reaches ``cid`` (see Store.wait_for):
+        the ``at_least(cid)`` read consistency."""
         return self.db.wait_for(cid, timeout)
+
+    def catch_up_with_leader(self, timeout: float = APPLY_TIMEOUT) -> int:
+        """The ``leader`` read consistency: return once this file holds
+        everything the leader had committed when this was called (on a
+        follower's file: its newest cid, asked of it, applied here; on the
+        leader's: it still leads). Reads made after it are linearizable.
+        Returns that cid; raises LagError (not applied in time) or
+        NotLeaderError/NoNodeError (no leader to ask)."""
+        if not self._follows() or self._forward is None:
+            self.db.gate.admit()  # leads now (its lease valid): nothing newer elsewhere
+            return self.db.snapshot()
+        remote = self._forward()
+        try:
+            cid = remote.leader_snapshot()
+        finally:
+            remote.close()
+        self._applied(cid, timeout, wrote=False)
+        return cid
 
     def changes(self) -> int:
         if self._remote_rows is not None:
@@ -373,18 +396,19 @@ class JournaledConnection:
             self._applied(done.cid)
         return done
 
-    def _applied(self, cid: int) -> None:
+    def _applied(self, cid: int, timeout: float = APPLY_TIMEOUT, wrote: bool = True) -> None:
         """Return once this file has applied ``cid`` (read your writes)."""
-        self._txs.last_cid = cid
+        if wrote:
+            self._txs.last_cid = cid
         db = self.db
         if db.snapshot() >= cid:
             return
         db.gate.want(cid)
-        if not db.wait_for(cid, APPLY_TIMEOUT, poll=APPLY_POLL):
+        if not db.wait_for(cid, timeout, poll=APPLY_POLL):
+            what = "the write was committed" if wrote else "the leader had committed up to"
             raise LagError(
-                f"the write was committed on the leader as cid {cid}, but {db.path} has not"
-                f" applied it within {APPLY_TIMEOUT:g} s: it will; read it on the leader or"
-                " wait for it (wait_for)",
+                f"{what} on the leader as cid {cid}, but {db.path} has not applied it"
+                f" within {timeout:g} s: it will; read on the leader or wait for it (wait_for)",
                 cid=cid,
             )
 

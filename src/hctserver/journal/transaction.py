@@ -157,6 +157,7 @@ class Transactions:
         entry: Appended | None = None
         ticket: Ticket | None = None
         share = self.db.share
+        rowid = self.conn.last_insert_rowid()  # the journal's rows are not the application's
         try:
             if tx.writing:
                 data = patchset.merge([tx.acc, self.cap.take()])
@@ -171,6 +172,7 @@ class Transactions:
                         guard.protect(self.conn)
             if entry is not None:
                 ticket = self.db.gate.admit()  # the writer lock is held: nothing can change
+            self.conn.set_last_insert_rowid(rowid)
             self.conn.execute(release or "COMMIT")
         except BaseException as exc:
             share.tail = None  # unknown now; and shapes may be stale too

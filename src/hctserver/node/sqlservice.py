@@ -26,6 +26,7 @@ from typing import Any
 import apsw
 
 from ..client.exceptions import Error as DbError
+from ..client.exceptions import ProgrammingError
 from ..client.local import LocalBackend
 from ..client.remote import Stream
 from ..errors import HctError, LagError, StreamLostError
@@ -54,6 +55,8 @@ def error_code(e: BaseException) -> str | None:
     if isinstance(e, DbError):
         if e.sqlite_errorname and not isinstance(e.__cause__, HctError):
             return e.sqlite_errorname
+        if isinstance(e, ProgrammingError) and not isinstance(e.__cause__, HctError):
+            return "ARGS_INVALID"  # libSQL's code for bad parameters
         e = e.__cause__ or e
     if isinstance(e, HctError):
         return "HCT_" + type(e).__name__
@@ -255,7 +258,14 @@ class SqlService:
                 except HctError as e:
                     raise Answer(503, str(e), error_code(e)) from None
                 return
-            want = self._leader_stream(c.timeout).leader_snapshot()
+            remote = self._leader_stream(c.timeout)
+            try:
+                want = remote.leader_snapshot()
+            except (HctError, apsw.Error) as e:
+                remote.close()
+                raise Answer(502, f"asking the leader for its newest cid failed: {e}",
+                             error_code(e)) from None  # fmt: skip
+            self._give_back(remote)
         else:
             want = c.min_cid
         if db.snapshot() >= want:
