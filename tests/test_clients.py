@@ -514,3 +514,16 @@ def test_connect_reads_at_the_leaders_position_when_asked(leader: Node, follower
         lead.close()
         fc.close()
         lc.close()
+
+
+def test_a_node_that_is_not_there_is_named_with_what_to_check() -> None:
+    from hctserver.errors import ConnectError
+
+    from procs import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectError, match=r"cannot reach .*is a node running there, with --http"):
+        Stream(url, timeout=5).execute("SELECT 1", None)
+    con = hctserver.dbapi.connect(url, timeout=5)
+    with pytest.raises(hctserver.dbapi.OperationalError, match="cannot reach"):
+        con.execute("SELECT 1")

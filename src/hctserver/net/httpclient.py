@@ -58,7 +58,10 @@ class HttpClient:
             raise ConnectError(f"TLS with {self.url} failed: {e}") from None
         except (OSError, http.client.HTTPException) as e:
             self._conn.close()
-            raise ConnectError(f"cannot reach {self.url}: {e or type(e).__name__}") from None
+            raise ConnectError(
+                f"cannot reach {self.url}: {e or type(e).__name__} (is a node running there,"
+                " with --http?)"
+            ) from None
 
     def _post(self, path: str, body: bytes, timeout: float | None) -> tuple[int, bytes]:
         c = self._conn
