@@ -351,8 +351,8 @@ def test_streams_are_bounded_and_idle_ones_go_first(tmp_path: Path) -> None:
             return s, json.loads(out)
 
         s, a = run({"requests": [ex("CREATE TABLE x(v)")]})  # open, idle outside a transaction
-        s, _ = run({"requests": [ex("BEGIN"), ex("INSERT INTO x VALUES(1)")]})
-        s, c = run({"requests": [ex("BEGIN"), ex("INSERT INTO x VALUES(2)")]})  # pushes out a
+        s, _ = run({"requests": [ex("BEGIN"), ex("SELECT count(*) FROM x")]})
+        s, c = run({"requests": [ex("BEGIN"), ex("SELECT count(*) FROM x")]})  # pushes out a
         assert s == 200 and c["in_transaction"]
         s, r = run({"baton": a["baton"], "requests": []})
         assert s == 400 and r["code"] == "STREAM_EXPIRED"
@@ -527,3 +527,36 @@ def test_a_node_that_is_not_there_is_named_with_what_to_check() -> None:
     con = hctserver.dbapi.connect(url, timeout=5)
     with pytest.raises(hctserver.dbapi.OperationalError, match="cannot reach"):
         con.execute("SELECT 1")
+
+
+def test_a_transaction_left_idle_is_rolled_back_and_frees_the_write_lock(tmp_path: Path) -> None:
+    db = Database(str(tmp_path / "i.db"), busy_timeout=0.2)
+    db.set_mode("leader")
+    svc = SqlService(db, tx_idle=0.3)
+    try:
+
+        def run(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            s, out = svc.handle(json.dumps(body).encode())
+            return s, json.loads(out)
+
+        run({"requests": [ex("CREATE TABLE x(v)"), CLOSE]})
+        s, held = run({"requests": [ex("BEGIN IMMEDIATE"), ex("INSERT INTO x VALUES(1)")]})
+        assert s == 200 and held["in_transaction"]
+        # another writer gets the lock once the idle transaction is rolled back
+        wait_until(
+            lambda: (
+                run({"requests": [ex("INSERT INTO x VALUES(2)"), CLOSE]})[1]
+                .get("results", [{}])[0]
+                .get("type")
+                == "ok"
+            ),
+            30,
+            "the write lock freed",
+        )
+        s, r = run({"baton": held["baton"], "requests": [ex("COMMIT")]})
+        assert s == 400 and r["code"] == "STREAM_EXPIRED" and "in a transaction" in r["message"]
+        s, r = run({"requests": [ex("SELECT v FROM x"), CLOSE]})
+        assert rows_of(r["results"][0]) == [(2,)]
+    finally:
+        svc.close()
+        db.close()

@@ -9,8 +9,9 @@ this node has applied what it committed (read your writes). A transaction
 begun through a follower stays on the leader until it ends.
 
 Bounded: ``max_streams`` streams (idle ones outside a transaction are
-dropped first when full, any after ``idle`` seconds), one pipeline at a
-time per stream, request bodies of :data:`hrana.MAX_BODY` bytes.
+dropped first when full, any after ``idle`` seconds, one inside a
+transaction, which may hold the write lock, after ``tx_idle``), one
+pipeline at a time per stream, request bodies of :data:`hrana.MAX_BODY` bytes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ log = logging.getLogger("hctserver")
 MAX_STREAMS = 64
 IDLE = 30.0  # seconds a stream may wait for its next pipeline
 POOL = 16  # idle streams to the leader kept for forwarding
+TX_IDLE = 10.0  # seconds a stream may idle inside a transaction (it may hold the write lock)
 _CONTROL = frozenset({Kind.BEGIN, Kind.COMMIT, Kind.ROLLBACK, Kind.SAVEPOINT, Kind.RELEASE})
 _READS = frozenset({Kind.READ, Kind.OTHER})
 
@@ -103,12 +105,14 @@ class SqlService:
         max_streams: int = MAX_STREAMS,
         idle: float = IDLE,
         timeout: float = 10.0,
+        tx_idle: float = TX_IDLE,
     ) -> None:
         self.db = db
         self.token = token
         self.ca = ca
         self.max_streams = max_streams
         self.idle = idle
+        self.tx_idle = tx_idle
         self.timeout = timeout
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
@@ -155,7 +159,11 @@ class SqlService:
         with self._lock:
             if self._closed:
                 raise Answer(503, "the node is stopping", "HCT_STOPPING")
-            stale = [x for x in self._streams.values() if now - x.used > self.idle]
+            stale = [
+                x
+                for x in self._streams.values()
+                if now - x.used > (self.tx_idle if x.in_transaction else self.idle)
+            ]
             for x in stale:
                 del self._streams[x.baton]
             s: _Stream | None = None
@@ -165,7 +173,8 @@ class SqlService:
                     raise Answer(
                         400,
                         "unknown or expired baton: the stream ended (idle for more than"
-                        f" {self.idle:g} s, or closed); an open transaction was rolled back",
+                        f" {self.idle:g} s, {self.tx_idle:g} s in a transaction, or closed);"
+                        " an open transaction was rolled back: run it again",
                         "STREAM_EXPIRED",
                     )
             if s is None and len(self._streams) >= self.max_streams:
