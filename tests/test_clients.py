@@ -560,3 +560,17 @@ def test_a_transaction_left_idle_is_rolled_back_and_frees_the_write_lock(tmp_pat
     finally:
         svc.close()
         db.close()
+
+
+def test_a_large_answer_is_not_kept_with_its_transaction_id(leader: Node) -> None:
+    url = str(leader.http_url)
+    big = "x" * 70_000
+    body = {"txid": "big", "requests": [ex("INSERT INTO t(b) VALUES(?) RETURNING b", big), CLOSE]}
+    s, first = post(url, body)
+    assert s == 200 and rows_of(first["results"][0]) == [(big,)]
+    s, again = post(url, body)
+    assert again["duplicate"] and again["cid"] == first["cid"]
+    assert rows_of(again["results"][0]) == []  # too big to keep: an empty result
+    with apsw.Connection(leader.db.path) as c:
+        (n,) = c.execute("SELECT length(outcome) FROM hct_txid WHERE id='big'").fetchone()
+    assert n <= 65536

@@ -42,9 +42,17 @@ log = logging.getLogger("hctserver")
 MAX_STREAMS = 64
 IDLE = 30.0  # seconds a stream may wait for its next pipeline
 POOL = 16  # idle streams to the leader kept for forwarding
+KEPT_MAX = 65536  # bytes of an answer kept with its transaction id
 TX_IDLE = 10.0  # seconds a stream may idle inside a transaction (it may hold the write lock)
 _CONTROL = frozenset({Kind.BEGIN, Kind.COMMIT, Kind.ROLLBACK, Kind.SAVEPOINT, Kind.RELEASE})
 _READS = frozenset({Kind.READ, Kind.OTHER})
+
+
+def kept(results: list[dict[str, Any]]) -> str:
+    """What a transaction id's record keeps of the answer: all of it up to
+    :data:`KEPT_MAX` bytes, else nothing (a retry then gets empty results)."""
+    text = json.dumps(results, separators=(",", ":"))
+    return text if len(text) <= KEPT_MAX else "[]"
 
 
 def error_body(message: str, code: str | None = None) -> bytes:
@@ -251,7 +259,7 @@ class SqlService:
             if run.failed:
                 local.execute("ROLLBACK", None)
             else:
-                local.connection.remember(p.txid, json.dumps(run.results))
+                local.connection.remember(p.txid, kept(run.results))
                 local.execute("COMMIT", None)
         return run.results, {}
 
@@ -410,7 +418,7 @@ class _Run:
         if self.txid is not None and self.local.in_transaction:
             stmts = parse(stmt.sql)
             if stmts and stmts[0].kind is Kind.COMMIT:
-                self.local.connection.remember(self.txid, json.dumps(self.results))
+                self.local.connection.remember(self.txid, kept(self.results))
                 self.txid = None
         r = self.local.execute(stmt.sql, stmt.params)
         rows = r.rows if stmt.want_rows else []
