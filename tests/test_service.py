@@ -400,7 +400,7 @@ def test_nodes_over_the_in_memory_transport(tmp_path) -> None:
     assert_identical(lp, fp)
 
 
-def test_connect_is_the_public_entry_point_and_refuses_a_followers_database(tmp_path) -> None:
+def test_connect_is_the_public_entry_point_and_a_followers_database_reads_only(tmp_path) -> None:
     lp, fp = str(tmp_path / "l.db"), str(tmp_path / "f.db")
     db = hctserver.connect(lp)
     db.execute("CREATE TABLE t1(a INTEGER PRIMARY KEY, b, c)")
@@ -419,8 +419,15 @@ def test_connect_is_the_public_entry_point_and_refuses_a_followers_database(tmp_
         leader.close()
         f.wait(30)
         f.close()
-    with pytest.raises(ModeError, match="a follower's database"):
-        hctserver.connect(fp)
+    # a follower's file opens for reading; with no node to forward to, a write is refused
+    conn = hctserver.connect(fp)
+    try:
+        assert conn.execute("SELECT count(*) FROM t1").fetchall() == [(3,)]
+        with pytest.raises(ModeError, match="FOLLOWER mode"):
+            conn.execute("INSERT INTO t1 VALUES(9, 'n', 'o')")
+        assert conn.execute("SELECT count(*) FROM t1").fetchall() == [(3,)]
+    finally:
+        conn.close()
 
 
 def test_a_leader_node_streams_commits_made_outside_its_jobs(tmp_path) -> None:
