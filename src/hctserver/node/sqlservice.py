@@ -219,7 +219,8 @@ class SqlService:
 
     def _run(self, s: _Stream, p: Pipeline) -> bytes:
         closing = any(r.kind == "close" for r in p.requests)
-        if self._follows() and (s.remote is not None or p.txid or not _reads_only(p)):
+        # a transaction begun on the leader ends there, even if this node leads now
+        if s.remote is not None or (self._follows() and (p.txid or not _reads_only(p))):
             results, extra = self._forward(s, p)
         else:
             self._fresh_enough(p.consistency)
