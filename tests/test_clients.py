@@ -574,3 +574,31 @@ def test_a_large_answer_is_not_kept_with_its_transaction_id(leader: Node) -> Non
     with apsw.Connection(leader.db.path) as c:
         (n,) = c.execute("SELECT length(outcome) FROM hct_txid WHERE id='big'").fetchone()
     assert n <= 65536
+
+
+def test_an_endpoint_without_the_client_protocol_is_named_as_such(tmp_path: Path) -> None:
+    """An HTTP server that knows no POST (an hctserver from before the client
+    protocol answers 501) or no /v2/pipeline (404)."""
+    import http.server
+    import threading
+
+    from hctserver.errors import ConnectError
+
+    class Old(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # /status and /health only, as before
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Old)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        with pytest.raises(ConnectError, match=r"serves no SQL clients .*HTTP 501"):
+            Stream(url).execute("SELECT 1", None)
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -142,10 +142,11 @@ class Stream:
             message, code = str(d["message"]), d.get("code")
         except (ValueError, KeyError, TypeError):
             message, code = data.decode("utf-8", "replace").strip()[:300], None
-        if status == 404:
+        if status in (404, 405, 501):  # 501: an hctserver from before the client protocol
             return ConnectError(
-                f"{self.url} serves no SQL clients ({message}): start the node with --http"
-                " (and --http-sql on for an address other than loopback)"
+                f"{self.url} serves no SQL clients (HTTP {status}: {message}): start the node"
+                " with --http (and --http-sql on for an address other than loopback), and a"
+                " version of hctserver that serves them"
             )
         if status == 401:
             return errors.AuthError(f"{self.url}: {message} (give the node's token)")
