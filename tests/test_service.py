@@ -561,7 +561,11 @@ def test_a_new_replica_is_refused_to_applications_before_it_synced(tmp_path) -> 
     f = follower_node(fp, free_port(), once=False)  # no leader yet
     try:
         wait_until(lambda: f.runner.session.reconnects >= 1, what="a first attempt")
-        with pytest.raises(ModeError, match="a follower's database"):
-            hctserver.connect(fp)
+        conn = hctserver.connect(fp)  # opens for reading; a write has no leader to go to
+        try:
+            with pytest.raises(ModeError, match="a follower's database .*has not said where"):
+                conn.execute("CREATE TABLE mine(a)")
+        finally:
+            conn.close()
     finally:
         f.close()
