@@ -32,6 +32,7 @@ import ipaddress
 import json
 import logging
 import math
+import select
 import selectors
 import socket
 import socketserver
@@ -60,6 +61,7 @@ _TICK = 0.2  # seconds between checks of deadlines
 SQL_PATH = "/v2/pipeline"
 SQL_BODY_LIMIT = 8 << 20  # bytes of a SQL pipeline request
 SQL_DEADLINE = 70.0  # seconds for a SQL request: its reads may wait up to 60 s
+LINGER = 0.05  # seconds a request's thread waits for the next on a kept-alive connection
 
 _BUSY = b"503 Service Unavailable\r\nRetry-After: 1"
 _TOO_LARGE = b"431 Request Header Fields Too Large"
@@ -555,15 +557,42 @@ class _Server(socketserver.TCPServer):
     ) -> None:
         again: bytes | None = None
         try:
-            h = _Handler(sock, addr, self, head)
-            if h.keep and not self._stop.is_set():
+            while True:
+                h = _Handler(sock, addr, self, head)
+                if not h.keep or self._stop.is_set():
+                    break
                 again = h.rest
+                nxt = self._next_head(sock, again)  # a client's next request, often at once
+                if nxt is None:
+                    break
+                head, again = nxt, None
+                with self.active_lock:
+                    self.active[sock] = time.monotonic() + SQL_DEADLINE
         except OSError as e:  # the client vanished, or was cut off
             log.info("HTTP client %s: %s", addr[0], e)
         except Exception:
             log.exception("HTTP request from %s failed", addr[0])
         finally:
             self._done(sock, slot, again, addr)
+
+    def _next_head(self, sock: socket.socket, buf: bytes) -> bytes | None:
+        """The next request's head on a kept-alive connection, if it starts
+        within :data:`LINGER` seconds (this thread then serves it: no new
+        thread, no trip through the loop); else None (the loop waits for it)."""
+        data = bytearray(buf)
+        if not _head_end(data, 0):
+            ready, _, _ = select.select([sock], [], [], LINGER)
+            if not ready:
+                return None
+            sock.settimeout(READ_TIMEOUT)
+            while not _head_end(data, max(0, len(data) - 3 - 65536)):
+                chunk = sock.recv(HEAD_LIMIT + 1 - len(data))
+                if not chunk:
+                    raise ConnectionResetError("the client closed its kept-alive connection")
+                data += chunk
+                if len(data) > HEAD_LIMIT:
+                    raise ConnectionResetError("a request head over the limit")
+        return bytes(data)
 
     def _done(
         self,

@@ -30,7 +30,7 @@ from ..client.exceptions import Error as DbError
 from ..client.exceptions import ProgrammingError
 from ..client.local import LocalBackend
 from ..client.remote import Stream
-from ..errors import HctError, LagError, StreamLostError
+from ..errors import HctError, StreamLostError
 from ..journal.database import Database
 from ..journal.gate import FOLLOWER
 from ..journal.sqltext import Kind, parse
@@ -286,16 +286,9 @@ class SqlService:
             self._give_back(remote)
         else:
             want = c.min_cid
-        if db.snapshot() >= want:
-            return
-        db.gate.want(want)
-        if not db.wait_for(want, c.timeout):
-            raise Answer(
-                504,
-                f"this node has applied cid {db.snapshot()}, not {want}, after waiting"
-                f" {c.timeout:g} s: read on the leader, or allow a longer timeout_ms",
-                "HCT_LagError",
-            )
+        self._applied(
+            want, c.timeout, "read on the leader, or allow a longer timeout_ms", "reads need"
+        )
 
     # --- forwarding --------------------------------------------------------------
 
@@ -363,21 +356,25 @@ class SqlService:
         remote.min_cid = p.consistency.min_cid
         return remote.pipeline(reqs, txid=p.txid)
 
-    def _applied(self, cid: int) -> None:
+    def _applied(
+        self,
+        cid: int,
+        timeout: float | None = None,
+        advice: str = "it will be: read on the leader, or wait for it",
+        what: str = "the leader committed",
+    ) -> None:
+        """Return once this node has applied ``cid`` (a forwarded write, a
+        fresh enough read), else 504."""
         db = self.db
         if db.snapshot() >= cid:
             return
+        timeout = self.timeout if timeout is None else timeout
         db.gate.want(cid)
-        if not db.wait_for(cid, self.timeout):
+        if not db.wait_for(cid, timeout):
             raise Answer(
                 504,
-                str(
-                    LagError(
-                        f"committed on the leader as cid {cid}, but not applied here within"
-                        f" {self.timeout:g} s",
-                        cid,
-                    )
-                ),
+                f"{what} cid {cid}; this node has applied cid {db.snapshot()} after"
+                f" waiting {timeout:g} s: {advice}",
                 "HCT_LagError",
             )
 
