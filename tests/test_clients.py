@@ -415,7 +415,11 @@ def test_read_consistency_levels(leader: Node, follower: Node) -> None:
             "requests": [ex("SELECT 1")],
         },
     )
-    assert s == 504 and r["code"] == "HCT_LagError" and f"reads need cid {top + 1000}; this node has applied" in r["message"]
+    assert (
+        s == 504
+        and r["code"] == "HCT_LagError"
+        and f"reads need cid {top + 1000}; this node has applied" in r["message"]
+    )
     s, r = post(
         str(leader.http_url), {"consistency": "leader", "requests": [ex("SELECT 1"), CLOSE]}
     )
@@ -602,3 +606,46 @@ def test_an_endpoint_without_the_client_protocol_is_named_as_such(tmp_path: Path
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_sql_over_https_with_a_token_through_a_follower(tmp_path: Path) -> None:
+    pytest.importorskip("trustme")
+    from pki import Pki
+
+    pki = Pki(tmp_path / "certs")
+    token = Path(pki.secret).read_bytes().strip()
+    tls = {"tls_cert": pki.leader, "tls_key": pki.leader, "token_file": pki.secret}
+    lead = Node(str(tmp_path / "l.db"), port=0, config=_config(**tls))
+    lead.start()
+    f = Node(
+        str(tmp_path / "f.db"),
+        follower=True,
+        port=lead.port,
+        config=_config(**tls, tls_ca=pki.ca),
+        once=False,
+    )
+    blind = Node(  # verifies the leader's certificate against no CA of ours
+        str(tmp_path / "b.db"), follower=True, port=lead.port, config=_config(**tls), once=False
+    )
+    try:
+        assert str(lead.http_url).startswith("https://")
+        Stream(str(lead.http_url), token=token, ca=pki.ca).execute("CREATE TABLE t(a)", None)
+        f.start()
+        blind.start()
+        for n in (f, blind):
+            wait_until(lambda n=n: bool(_gate_client(n)), 30, "the client URL learned")
+        via = Stream(str(f.http_url), token=token, ca=pki.ca)
+        via.execute("INSERT INTO t VALUES(1)", None)
+        assert f.db.snapshot() >= via.cid > 0
+        with pytest.raises(hctserver.errors.AuthError, match="give the node's token"):
+            Stream(str(f.http_url), token=b"not the token at all", ca=pki.ca).execute(
+                "SELECT 1", None
+            )
+        with pytest.raises(hctserver.errors.ConnectError, match="certificate verify failed"):
+            Stream(str(blind.http_url), token=token, ca=pki.ca).execute(
+                "INSERT INTO t VALUES(2)", None
+            )
+    finally:
+        blind.stop()
+        f.stop()
+        lead.stop()

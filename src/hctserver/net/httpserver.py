@@ -581,8 +581,8 @@ class _Server(socketserver.TCPServer):
         thread, no trip through the loop); else None (the loop waits for it)."""
         data = bytearray(buf)
         if not _head_end(data, 0):
-            ready, _, _ = select.select([sock], [], [], LINGER)
-            if not ready:
+            buffered = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0  # select cannot see
+            if not buffered and not select.select([sock], [], [], LINGER)[0]:
                 return None
             sock.settimeout(READ_TIMEOUT)
             while not _head_end(data, max(0, len(data) - 3 - 65536)):
