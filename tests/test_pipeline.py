@@ -11,8 +11,9 @@ import time
 import pytest
 
 from hctserver import Database
-from hctserver.errors import CommitUnknownError
+from hctserver.errors import CommitUnknownError, NoNodeError, UnsupportedStatementError
 from hctserver.journal.gate import GatePublisher
+from hctserver.journal.groupcommit import prepare
 from hctserver.net.transport import TCP, Conn, Waker
 from hctserver.node.follower import Follower
 from hctserver.node.leader import Leader
@@ -209,5 +210,63 @@ def test_an_acknowledgement_releases_exactly_the_commits_it_covers(tmp_path) -> 
         pub.stop()
         for t in threads:
             t.join(10)
+        pub.close()
+        db.close()
+
+
+# --- a transaction's own durability ----------------------------------------------------
+
+
+def test_a_transaction_may_ask_for_local_or_replicated_durability(tmp_path) -> None:
+    """``local`` does not wait for the node's followers; ``replicated`` waits
+    for one follower on a node without synchronous commit (and, with
+    --sync-timeout, gives up with CommitUnknownError as the node's commits
+    do); the gate's leadership checks hold for both."""
+    path = str(tmp_path / "d.db")
+    init_db(path)
+    db = Database(path)
+    db.set_role("leader")
+    db.set_mode("leader")
+    pub = GatePublisher(path)
+    cm = db.committer()
+    write = prepare([("REPLACE INTO t1 VALUES(1, 'd', random())", None)])
+    try:
+        # a synchronous node whose follower never acknowledges
+        pub.lead(sync_k=1, sync_timeout=0.2, valid_until=time.monotonic() + 60)
+        entry, _ = cm.transact(write, durability="local")
+        assert entry is not None  # returned without an acknowledgement
+        with pytest.raises(CommitUnknownError, match="did not acknowledge"):
+            cm.transact(write)  # the node's setting: it waits, then gives up
+        with pytest.raises(ValueError, match="durability must be one of"):
+            cm.transact(write, durability="fsync")
+        # an asynchronous node: replicated waits for one follower
+        pub.lead(sync_k=0, sync_timeout=0.2, valid_until=time.monotonic() + 60)
+        entry, _ = cm.transact(write)
+        assert entry is not None
+        with pytest.raises(CommitUnknownError, match="1 followers did not acknowledge"):
+            cm.transact(write, durability="replicated")
+        pub.acked_one(db.max_cid() + 1)  # the next commit's cid: one follower has it
+        entry, _ = cm.transact(write, durability="replicated")
+        assert entry is not None and entry.cid == db.max_cid()
+        # in an explicit transaction, for that transaction only
+        pub.lead(sync_k=1, sync_timeout=0.2, valid_until=time.monotonic() + 60)
+        c = db.connect()
+        txs = c._txs  # the connection's transactions (their public face is the lead's)
+        with pytest.raises(UnsupportedStatementError, match="BEGIN first"):
+            txs.set_durability("local")
+        c.execute("BEGIN")
+        txs.set_durability("local")
+        c.execute("REPLACE INTO t1 VALUES(2, 'd', 2)")
+        c.execute("COMMIT")  # returned: nobody acknowledged it
+        c.execute("BEGIN")
+        c.execute("REPLACE INTO t1 VALUES(3, 'd', 3)")
+        with pytest.raises(CommitUnknownError):
+            c.execute("COMMIT")  # the next one has the node's setting again
+        pub.stop()
+        with pytest.raises(NoNodeError):
+            cm.transact(write, durability="local")  # no node serves it: refused
+        c.close()
+    finally:
+        pub.stop()
         pub.close()
         db.close()

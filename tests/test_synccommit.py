@@ -33,11 +33,16 @@ class _Sink:
 
     def __init__(self) -> None:
         self.acked_cid = 0
+        self.acked_one_cid = 0
         self.degraded = False
 
     def acked(self, cid: int) -> None:
         assert cid > self.acked_cid, "published acknowledgements only move forward"
         self.acked_cid = cid
+
+    def acked_one(self, cid: int) -> None:
+        assert cid > self.acked_one_cid, "published acknowledgements only move forward"
+        self.acked_one_cid = cid
 
     def set_degraded(self, degraded: bool) -> None:
         self.degraded = degraded
@@ -94,6 +99,8 @@ def test_no_sync_publishes_nothing_and_a_detached_sync_publishes_nowhere() -> No
     sync, sink = _sync(t, 0)
     _report(t, a, 5, 5)
     assert sink.acked_cid == 0 and sync.status()["state"] == "off"
+    # what one follower has is published for transactions that ask for replication
+    assert sink.acked_one_cid == 5
     sync2, sink2 = _sync(t, 1)
     sync2.attach(None)
     _report(t, a, 6, 6)

@@ -62,6 +62,21 @@ HEARTBEAT = 3.0  # seconds a plain leader's published deadline lies ahead
 _POLL_MIN, _POLL_MAX = 0.0002, 0.002  # a waiter in another process polls between these
 
 
+LOCAL, REPLICATED = "local", "replicated"
+DURABILITIES = (LOCAL, REPLICATED)  # a transaction's own choice; None: the node's
+
+
+def check_durability(durability: str | None) -> str | None:
+    """A transaction's durability as given: None (the node's setting),
+    ``"local"`` or ``"replicated"``."""
+    if durability is not None and durability not in DURABILITIES:
+        raise ValueError(
+            f"durability must be one of {', '.join(DURABILITIES)} (or None for the node's"
+            f" setting), not {durability!r}"
+        )
+    return durability
+
+
 def gate_path(db_path: str) -> str:
     return db_path + "-hctgate"
 
@@ -76,8 +91,10 @@ class GateState:
     sync_timeout_ms: int  # -1: wait as long as it takes
     acked_cid: int  # newest cid sync_k followers acknowledged (this generation)
     degraded: int  # 1 while synchronous commit has given up (asynchronous)
-    spare1: int  # room for later fields, the layout unchanged
-    spare2: int
+    # with sync_k 0: the newest cid one follower acknowledged (at the node's level),
+    # what a transaction that asks for replicated durability waits for
+    acked_one: int
+    spare2: int  # room for a later field, the layout unchanged
     leader: str  # the leader's address, as known to this node ("" if none)
     client: str = ""  # the leader's client URL, where writes here are forwarded
 
@@ -257,10 +274,13 @@ class GatePublisher:
         _HEAD.pack_into(m, 0, MAGIC, seq + 2)
         old, self._state = self._state, st
         # after the record: a waiter registers, then reads it (Gate.acknowledge)
-        if replace(old, acked_cid=st.acked_cid, valid_until_ns=st.valid_until_ns) != st:
+        moved = replace(
+            old, acked_cid=st.acked_cid, acked_one=st.acked_one, valid_until_ns=st.valid_until_ns
+        )
+        if moved != st:
             self._waiters.release(None)  # leadership or settings changed: all look again
-        elif st.acked_cid != old.acked_cid:
-            self._waiters.release(st.acked_cid)
+        elif st.acked_cid != old.acked_cid or st.acked_one != old.acked_one:
+            self._waiters.release(max(st.acked_cid, st.acked_one))
 
     def lead(self, *, sync_k: int, sync_timeout: float | None, valid_until: float) -> None:
         """A leader starts: a new generation (commits of an earlier one that
@@ -277,6 +297,7 @@ class GatePublisher:
                     sync_k=sync_k,
                     sync_timeout_ms=-1 if sync_timeout is None else int(sync_timeout * 1000),
                     acked_cid=0,
+                    acked_one=0,
                     degraded=0,
                     leader="",
                     client="",
@@ -296,6 +317,14 @@ class GatePublisher:
             st = self._state
             if st.state == LEADER and cid > st.acked_cid:
                 self._publish(replace(st, acked_cid=cid))
+
+    def acked_one(self, cid: int) -> None:
+        """One follower has acknowledged every cid up to ``cid`` (published
+        while ``sync_k`` is 0, for transactions that ask for replication)."""
+        with self._lock:
+            st = self._state
+            if st.state == LEADER and cid > st.acked_one:
+                self._publish(replace(st, acked_one=cid))
 
     def set_degraded(self, degraded: bool) -> None:
         with self._lock:
@@ -406,10 +435,17 @@ class Gate:
             " its node (`hctserver leader`/`node`), or write through the node that leads"
         )
 
-    def acknowledge(self, ticket: Ticket, cid: int) -> None:
+    def acknowledge(self, ticket: Ticket, cid: int, durability: str | None = None) -> None:
         """After COMMIT of ``cid`` (and of every smaller cid of this writer):
         return once the commit may be reported to the writer; else raise
-        CommitUnknownError."""
+        CommitUnknownError.
+
+        ``durability``: this transaction's own choice (as PostgreSQL's ``SET
+        LOCAL synchronous_commit``): ``"local"`` waits for no follower (the
+        leadership is still checked); ``"replicated"`` waits for K followers
+        as the node does, and on a node without synchronous commit (K = 0)
+        for one follower, at the node's level (``--sync-level``), within
+        ``--sync-timeout`` if set; None: the node's setting."""
         if ticket.open:
             return
         r = self._attach()
@@ -428,9 +464,14 @@ class Gate:
                     raise self._unknown(
                         cid, "the leader's lease (or heartbeat) ran out before it was acknowledged"
                     )
-                if ticket.degraded or st.sync_k <= 0 or st.acked_cid >= cid:
+                if durability == LOCAL:
                     return
-                if st.degraded:
+                if st.sync_k <= 0:
+                    if durability != REPLICATED or st.acked_one >= cid:
+                        return
+                elif ticket.degraded or st.acked_cid >= cid:
+                    return
+                if st.degraded and st.sync_k > 0:
                     raise self._unknown(
                         cid, "synchronous commit gave up waiting for followers (--sync-timeout)"
                     )
@@ -441,7 +482,7 @@ class Gate:
                     if waited >= limit:
                         raise self._unknown(
                             cid,
-                            f"{st.sync_k} followers did not acknowledge it within"
+                            f"{max(1, st.sync_k)} followers did not acknowledge it within"
                             f" {st.sync_timeout_ms / 1000:g} s (--sync-timeout)",
                         )
                     left_ns = min(left_ns, limit - waited)

@@ -28,7 +28,7 @@ from . import hctcapture
 from .append import Appended
 from .authorizer import Authorizer
 from .capture import Capture, uncaptured
-from .gate import Ticket
+from .gate import Ticket, check_durability
 from .sqltext import Kind, parse
 from .store import CommitHook, Store
 from .transaction import CidTracker, Transactions, disk_full, run_hooks
@@ -46,7 +46,8 @@ Statements = Sequence[Any]  # each: "sql" or ("sql", bindings)
 
 class _Work:
     __slots__ = (
-        "done", "entry", "error", "hooks", "rows", "statements", "ticket", "tracker", "wake"
+        "done", "durability", "entry", "error", "hooks", "rows", "statements", "ticket",
+        "tracker", "wake",
     )  # fmt: skip
 
     def __init__(
@@ -54,7 +55,9 @@ class _Work:
         statements: Prepared,
         hooks: tuple[CommitHook, ...],
         tracker: CidTracker | None,
+        durability: str | None = None,
     ) -> None:
+        self.durability = durability
         self.statements = statements
         self.hooks = hooks
         self.tracker = tracker
@@ -111,9 +114,12 @@ class GroupCommitter:
         statements: Prepared,
         hooks: tuple[CommitHook, ...] = (),
         tracker: CidTracker | None = None,
+        durability: str | None = None,
     ) -> tuple[Appended | None, list[list[tuple[Any, ...]]]]:
-        """Run prepared statements as one journaled transaction, in a group."""
-        w = _Work(statements, hooks, tracker)
+        """Run prepared statements as one journaled transaction, in a group;
+        ``durability``: its own (``"local"``, ``"replicated"``), None for the
+        node's (see :meth:`hctserver.journal.gate.Gate.acknowledge`)."""
+        w = _Work(statements, hooks, tracker, check_durability(durability))
         with self._mu:
             self._queue.append(w)
             lead = not self._busy
@@ -130,7 +136,7 @@ class GroupCommitter:
         if w.entry is not None and w.ticket is not None:
             # in the caller's own thread, after the lead has passed on: the next
             # groups commit while this one waits for its acknowledgement
-            self.db.gate.acknowledge(w.ticket, w.entry.cid)
+            self.db.gate.acknowledge(w.ticket, w.entry.cid, w.durability)
         return w.entry, w.rows
 
     def busy(self) -> bool:

@@ -20,7 +20,7 @@ from . import guard, hctcapture, patchset
 from .append import Appended, append_entry
 from .authorizer import Authorizer
 from .capture import Capture
-from .gate import Ticket
+from .gate import Ticket, check_durability
 from .sqltext import Statement
 from .store import CommitHook, Mode, Store
 from .systables import read_tail
@@ -39,7 +39,9 @@ class CidTracker(Protocol):
 class Transaction:
     """The state of one open transaction."""
 
-    __slots__ = ("acc", "ddl", "implicit", "locked", "reshapes", "savepoints", "writing")
+    __slots__ = (
+        "acc", "ddl", "durability", "implicit", "locked", "reshapes", "savepoints", "writing"
+    )  # fmt: skip
 
     def __init__(self, implicit: bool = False) -> None:
         self.writing = False  # the writer lock is held and capture runs
@@ -51,6 +53,7 @@ class Transaction:
         self.implicit = implicit  # started by SAVEPOINT: its outermost RELEASE commits
         self.savepoints: list[tuple[str, int, int]] = []  # (name, len(ddl), reshapes)
         self.reshapes = 0
+        self.durability: str | None = None  # its own choice (set_durability); None: the node's
 
     def find(self, name: str) -> int:
         """Index of the innermost savepoint called ``name``, or -1."""
@@ -149,6 +152,20 @@ class Transactions:
         if self.tx is not None and self.conn.get_autocommit():
             self.end()
 
+    def set_durability(self, durability: str | None) -> None:
+        """This transaction's durability (as PostgreSQL's ``SET LOCAL
+        synchronous_commit``, for the open transaction only): ``"local"``, its
+        COMMIT waits for no follower; ``"replicated"``, for the node's K
+        followers, or one on a node without synchronous commit; None, the
+        node's setting (see :meth:`hctserver.journal.gate.Gate.acknowledge`)."""
+        check_durability(durability)
+        if self.tx is None:
+            raise UnsupportedStatementError(
+                "a transaction's durability is set inside it: BEGIN first (it lasts until"
+                " its COMMIT or ROLLBACK)"
+            )
+        self.tx.durability = durability
+
     # --- commit -----------------------------------------------------------------------
 
     def commit(self, release: str | None = None) -> None:
@@ -193,7 +210,7 @@ class Transactions:
             self.db.notify_snapshot(entry.cid)
             run_hooks((*self.hooks, *self.db.commit_hooks), entry)
             assert ticket is not None
-            self.db.gate.acknowledge(ticket, entry.cid)
+            self.db.gate.acknowledge(ticket, entry.cid, tx.durability)
 
     def journal(self, schema: str, data: bytes) -> Appended:
         """Append the journal row. The tail of the last commit in this process

@@ -325,6 +325,9 @@ class Leader:
             # (what is committed while it sends goes in its next send)
             self._hub.waits = True
             self._streamer.coalesce = 0.0
+            # other writers' commits (hctserver.connect() in other processes) are
+            # found by polling: look every millisecond, not every 5
+            self.poll_interval = min(poll_interval, 0.001)
         self.sync = SyncCommit(
             self.followers, sync_followers, level=sync_level, timeout=sync_timeout
         )

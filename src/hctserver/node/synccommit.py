@@ -38,6 +38,8 @@ class AckSink(Protocol):
 
     def acked(self, cid: int) -> None: ...
 
+    def acked_one(self, cid: int) -> None: ...
+
     def set_degraded(self, degraded: bool) -> None: ...
 
 
@@ -63,6 +65,7 @@ class SyncCommit:
         self._degraded_at = 0
         self.degradations = 0
         self.acked_cid = 0  # the newest cid K followers acknowledged (as far as seen)
+        self.acked_one = 0  # with K = 0: the newest cid one follower acknowledged
         self.sink: AckSink | None = None
         self._lock = threading.Lock()
 
@@ -73,12 +76,22 @@ class SyncCommit:
             self.sink = sink
             if sink is not None:  # detaching keeps it: the archive ships up to it at the end
                 self.acked_cid = base
+                self.acked_one = base
             self.degraded = False
         self.refresh()
 
     def refresh(self) -> None:
-        """A report arrived or a follower left: publish what K followers have."""
+        """A report arrived or a follower left: publish what K followers have
+        (with K = 0: what one follower has, for transactions that ask for
+        replicated durability on their own)."""
         if self.k <= 0:
+            one = self.followers.kth_acked(1, self.durable)
+            with self._lock:
+                sink = self.sink
+                if sink is None or one <= self.acked_one:
+                    return
+                self.acked_one = one
+                sink.acked_one(one)
             return
         acked = self.followers.kth_acked(self.k, self.durable)
         with self._lock:
