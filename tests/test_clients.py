@@ -230,7 +230,7 @@ def test_an_interactive_transaction_on_one_stream(leader: Node) -> None:
     assert r["cid"] == leader.db.snapshot()
     # a baton is good once: the old one is refused, the stream goes on with the new one
     s, old = post(url, {"baton": baton, "requests": [ex("SELECT 1")]})
-    assert s == 400 and old["code"] == "STREAM_EXPIRED" and "expired" in old["message"]
+    assert s == 400 and old["code"] == "BATON_USED" and "used already" in old["message"]
     s, r = post(
         url,
         {
@@ -534,9 +534,15 @@ def test_a_node_that_is_not_there_is_named_with_what_to_check() -> None:
 
 
 def test_a_transaction_left_idle_is_rolled_back_and_frees_the_write_lock(tmp_path: Path) -> None:
+    import threading
+
     db = Database(str(tmp_path / "i.db"), busy_timeout=0.2)
     db.set_mode("leader")
     svc = SqlService(db, tx_idle=0.3)
+    stop = threading.Event()
+    reaper = threading.Thread(target=svc.run, args=(stop,))
+    reaper.start()
+    other = db.connect()
     try:
 
         def run(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -546,22 +552,22 @@ def test_a_transaction_left_idle_is_rolled_back_and_frees_the_write_lock(tmp_pat
         run({"requests": [ex("CREATE TABLE x(v)"), CLOSE]})
         s, held = run({"requests": [ex("BEGIN IMMEDIATE"), ex("INSERT INTO x VALUES(1)")]})
         assert s == 200 and held["in_transaction"]
-        # another writer gets the lock once the idle transaction is rolled back
-        wait_until(
-            lambda: (
-                run({"requests": [ex("INSERT INTO x VALUES(2)"), CLOSE]})[1]
-                .get("results", [{}])[0]
-                .get("type")
-                == "ok"
-            ),
-            30,
-            "the write lock freed",
-        )
+
+        def writes() -> bool:  # another writer, not a SQL client: no request wakes anything
+            try:
+                other.execute("INSERT INTO x VALUES(2)")
+                return True
+            except hctserver.errors.BusyError:
+                return False
+
+        wait_until(writes, 30, "the write lock freed by the reaper")
         s, r = run({"baton": held["baton"], "requests": [ex("COMMIT")]})
         assert s == 400 and r["code"] == "STREAM_EXPIRED" and "in a transaction" in r["message"]
-        s, r = run({"requests": [ex("SELECT v FROM x"), CLOSE]})
-        assert rows_of(r["results"][0]) == [(2,)]
+        assert other.execute("SELECT v FROM x").fetchall() == [(2,)]
     finally:
+        stop.set()
+        reaper.join()
+        other.close()
         svc.close()
         db.close()
 
@@ -649,3 +655,205 @@ def test_sql_over_https_with_a_token_through_a_follower(tmp_path: Path) -> None:
         blind.stop()
         f.stop()
         lead.stop()
+
+
+# --- what a review found (each: the way it broke) -----------------------------------------
+
+
+def _service(tmp_path: Path, **options: Any) -> tuple[Database, SqlService]:
+    db = Database(str(tmp_path / "svc.db"), busy_timeout=0.5)
+    db.set_mode("leader")
+    svc = SqlService(db, **options)
+    svc.handle(json.dumps({"requests": [ex("CREATE TABLE x(v UNIQUE)"), CLOSE]}).encode())
+    return db, svc
+
+
+def _call(svc: SqlService, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    s, out = svc.handle(json.dumps(body).encode())
+    return s, json.loads(out)
+
+
+def test_a_refused_pipeline_ends_its_stream_and_frees_the_write_lock(tmp_path: Path) -> None:
+    db, svc = _service(tmp_path)
+    other = db.connect()
+    try:
+        _, held = _call(svc, {"requests": [ex("BEGIN IMMEDIATE"), ex("INSERT INTO x VALUES(1)")]})
+        s, r = _call(  # refused as a whole: a freshness wait that timed out
+            svc,
+            {"baton": held["baton"], "consistency": "at_least", "min_cid": 10**9,
+             "timeout_ms": 50, "requests": [ex("SELECT 1")]},
+        )  # fmt: skip
+        assert s == 504
+        other.execute("INSERT INTO x VALUES(2)")  # the lock is free: no BusyError
+        assert other.execute("SELECT v FROM x").fetchall() == [(2,)]
+        s, r = _call(svc, {"baton": held["baton"], "requests": [ex("COMMIT")]})
+        assert s == 400 and r["code"] == "BATON_USED"
+    finally:
+        other.close()
+        svc.close()
+        db.close()
+
+
+def test_two_retries_of_one_transaction_id_at_once_apply_it_once(tmp_path: Path) -> None:
+    import threading
+
+    db, svc = _service(tmp_path)
+    db.busy_timeout = 10.0
+    try:
+        _, held = _call(svc, {"requests": [ex("BEGIN IMMEDIATE"), ex("INSERT INTO x VALUES(0)")]})
+        body = {"txid": "twice", "requests": [ex("INSERT INTO x VALUES(7)"), CLOSE]}
+        out: list[tuple[int, dict[str, Any]]] = []
+        ts = [threading.Thread(target=lambda: out.append(_call(svc, body))) for _ in range(2)]
+        for t in ts:
+            t.start()
+        wait_until(lambda: svc.streams.running == 2, 30, "both retries waiting for the lock")
+        _call(svc, {"baton": held["baton"], "requests": [ex("COMMIT"), CLOSE]})
+        for t in ts:
+            t.join(60)
+        assert sorted(s for s, _ in out) == [200, 200], out
+        assert sorted(bool(r.get("duplicate")) for _, r in out) == [False, True]
+        assert len({r["cid"] for _, r in out}) == 1
+        _, r = _call(svc, {"requests": [ex("SELECT count(*) FROM x WHERE v=7"), CLOSE]})
+        assert rows_of(r["results"][0]) == [(1,)]
+    finally:
+        svc.close()
+        db.close()
+
+
+def test_a_transaction_id_with_savepoints_is_refused(tmp_path: Path) -> None:
+    db, svc = _service(tmp_path)
+    try:
+        body = {"txid": "sp", "requests": [ex("SAVEPOINT a"), ex("INSERT INTO x VALUES(1)"),
+                                           ex("RELEASE a"), CLOSE]}  # fmt: skip
+        s, r = _call(svc, body)
+        assert s == 400 and "not with SAVEPOINT/RELEASE" in r["message"]
+        _, r = _call(svc, {"requests": [ex("SELECT count(*) FROM x"), CLOSE]})
+        assert rows_of(r["results"][0]) == [(0,)]
+    finally:
+        svc.close()
+        db.close()
+
+
+def test_a_failed_statement_in_a_transaction_id_pipeline_is_a_result(tmp_path: Path) -> None:
+    db, svc = _service(tmp_path)
+    try:
+        _call(svc, {"requests": [ex("INSERT INTO x VALUES(1)"), CLOSE]})
+        first = ex("INSERT OR ROLLBACK INTO x VALUES(1)")
+        body = {"txid": "or-rollback", "requests": [first, ex("INSERT INTO x VALUES(2)"), CLOSE]}
+        s, r = _call(svc, body)  # SQLite ended the transaction itself
+        assert s == 200 and "UNIQUE" in r["results"][0]["error"]["message"]
+        assert r["results"][1]["type"] == "error" and r["cid"] == 0
+        _, r = _call(svc, {"requests": [ex("SELECT v FROM x"), CLOSE]})
+        assert rows_of(r["results"][0]) == [(1,)]  # all or nothing
+        s, r = _call(svc, {"txid": "batch", "requests": [{"type": "batch", "batch": {"steps": [
+            {"stmt": {"sql": "INSERT INTO x VALUES(3)"}},
+            {"stmt": {"sql": "INSERT INTO x VALUES(1)"}}]}}, CLOSE]})  # fmt: skip
+        _, r = _call(svc, {"requests": [ex("SELECT count(*) FROM x"), CLOSE]})
+        assert rows_of(r["results"][0]) == [(1,)]  # a failed step fails the whole transaction
+    finally:
+        svc.close()
+        db.close()
+
+
+def test_long_pipelines_are_interrupted_and_large_answers_refused(tmp_path: Path) -> None:
+    import threading
+
+    db, svc = _service(tmp_path, max_run=0.3, max_answer=100_000)
+    stop = threading.Event()
+    reaper = threading.Thread(target=svc.run, args=(stop,))
+    reaper.start()
+    try:
+        forever = (
+            "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c) SELECT max(n) FROM c"
+        )
+        s, r = _call(svc, {"requests": [ex(forever), CLOSE]})
+        assert s == 200 and "interrupt" in r["results"][0]["error"]["message"]
+        s, r = _call(
+            svc,
+            {"requests": [ex("SELECT zeroblob(60000) UNION ALL SELECT zeroblob(60001)"), CLOSE]},
+        )
+        assert "exceed 100000 bytes" in r["results"][0]["error"]["message"]
+        s, r = _call(svc, {"requests": [ex("SELECT zeroblob(1000)"), CLOSE]})
+        assert r["results"][0]["type"] == "ok"
+    finally:
+        stop.set()
+        reaper.join()
+        svc.close()
+        db.close()
+
+
+def test_a_clients_session_state_never_reaches_another_through_a_follower(
+    leader: Node, follower: Node
+) -> None:
+    url = str(follower.http_url)
+    s, r = post(
+        url,
+        {"requests": [ex("PRAGMA recursive_triggers=1"), ex("INSERT INTO t(b) VALUES(1)"), CLOSE]},
+    )
+    assert s == 200
+    for _ in range(3):  # forwarded, on whichever pooled leader stream comes up
+        s, r = post(
+            url,
+            {
+                "requests": [
+                    ex("INSERT INTO t(b) VALUES(2)"),
+                    ex("PRAGMA recursive_triggers"),
+                    CLOSE,
+                ]
+            },
+        )
+        assert rows_of(r["results"][1]) == [(0,)]
+    # a follower's connections stay read-only: what would change its file unjournaled is refused
+    s, r = post(url, {"requests": [ex("PRAGMA query_only=0"), ex("ANALYZE"), CLOSE]})
+    assert all(x["type"] == "error" for x in r["results"][:2]), r
+    with apsw.Connection(follower.db.path) as c:
+        assert c.execute(
+            "SELECT count(*) FROM sqlite_schema WHERE name LIKE 'sqlite_stat%'"
+        ).fetchall() == [(0,)]
+
+
+def test_a_forwarded_answer_carries_only_its_own_cid(leader: Node, follower: Node) -> None:
+    url = str(follower.http_url)
+    _, a = post(url, {"requests": [ex("INSERT INTO t(a, b) VALUES(1, 'a')"), CLOSE]})
+    _, b = post(url, {"requests": [ex("INSERT INTO t(a, b) VALUES(1, 'clash')"), CLOSE]})
+    assert a["cid"] > 0 and b["results"][0]["type"] == "error" and b["cid"] == 0
+
+
+def test_connect_on_a_follower_behaves_as_on_the_leader(leader: Node, follower: Node) -> None:
+    conn = hctserver.connect(follower.db.path, timeout=120)
+    try:
+        with conn:  # forwarded
+            conn.execute("INSERT INTO t(b) VALUES('outer')")
+            with conn:  # nested: a savepoint on the leader, not a second BEGIN
+                conn.execute("INSERT INTO t(b) VALUES('inner')")
+            with pytest.raises(hctserver.errors.UnsupportedStatementError, match="commit or roll"):
+                conn.transact(["INSERT INTO t(b) VALUES('no')"])
+        conn.execute("SELECT 1; INSERT INTO t(b) VALUES('second')")  # forwarded as a whole
+        assert conn.catch_up_with_leader() == leader.db.snapshot()  # timeout over 60 s: capped
+        got = conn.execute("SELECT b FROM t ORDER BY a").fetchall()
+        assert got == [("outer",), ("inner",), ("second",)]
+        with pytest.raises(hctserver.errors.UnsupportedStatementError, match="query_only"):
+            conn.execute("PRAGMA query_only=0")
+    finally:
+        conn.close()
+
+
+def test_a_kept_alive_connection_the_node_dropped_is_replaced_before_a_request(
+    leader: Node,
+) -> None:
+    import socket
+
+    s = Stream(str(leader.http_url))
+    s.execute("INSERT INTO t(b) VALUES('first')", None)
+    host, port = str(leader.http_url).rsplit("/", 1)[1].split(":")
+    crowd = []  # half-sent heads push the idle kept-alive connection out of the node's 64
+    try:
+        for _ in range(80):
+            c = socket.create_connection((host, int(port)))
+            c.sendall(b"POST /v2/pipeline HTTP/1.1\r\nHost: x\r\n")
+            crowd.append(c)
+        s.execute("INSERT INTO t(b) VALUES('second')", None)  # no "cannot reach"
+    finally:
+        for c in crowd:
+            c.close()
+        s.close()

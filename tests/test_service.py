@@ -563,7 +563,7 @@ def test_a_new_replica_is_refused_to_applications_before_it_synced(tmp_path) -> 
         wait_until(lambda: f.runner.session.reconnects >= 1, what="a first attempt")
         conn = hctserver.connect(fp)  # opens for reading; a write has no leader to go to
         try:
-            with pytest.raises(ModeError, match="a follower's database .*has not said where"):
+            with pytest.raises(ModeError, match=r"a follower's database .*has not said where"):
                 conn.execute("CREATE TABLE mine(a)")
         finally:
             conn.close()

@@ -79,6 +79,16 @@ class LagError(TransientError):
         self.cid = cid
 
 
+class DuplicateTransactionError(HctError):
+    """A transaction id was already recorded: that transaction committed
+    (as ``cid``, answered ``outcome``); this one must not."""
+
+    def __init__(self, message: str, cid: int = 0, outcome: str = "[]") -> None:
+        super().__init__(message)
+        self.cid = cid
+        self.outcome = outcome
+
+
 class StreamLostError(TransientError):
     """A node no longer knows a client's stream (idle too long, closed, or
     the node restarted): a transaction open on it was rolled back."""

@@ -62,7 +62,8 @@ from .exceptions import (
     ProgrammingError,
     Warning,
 )
-from .local import LocalBackend, one_statement
+from .local import LocalBackend
+from .statements import one_statement
 
 __all__ = [
     "BINARY",

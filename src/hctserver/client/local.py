@@ -19,11 +19,13 @@ from typing import Any
 import apsw
 
 from ..errors import HctError
-from ..journal import database, sqltext
+from ..journal import database
 from ..journal.connection import JournaledConnection
 from ..journal.sqltext import Kind, Statement
 from .backend import Params, Result
-from .exceptions import ProgrammingError, from_apsw, from_hct
+from .connect import connect
+from .exceptions import DataError, ProgrammingError, from_apsw, from_hct
+from .statements import may_return_rows, one_statement, sets_rowid
 
 
 @contextlib.contextmanager
@@ -41,26 +43,6 @@ def mapped() -> Iterator[None]:
         ) from e
 
 
-def one_statement(sql: str) -> Statement | None:
-    """The one statement of ``sql`` (None for only comments or blanks)."""
-    stmts = sqltext.parse(sql)
-    if len(stmts) > 1:
-        raise ProgrammingError("You can only execute one statement at a time.")
-    return stmts[0] if stmts else None
-
-
-def may_return_rows(st: Statement | None) -> bool:
-    """Whether a statement can have result columns even when it gave no rows."""
-    if st is None:
-        return False
-    if st.kind is Kind.READ:
-        return True
-    words = sqltext.tokens(st.text, limit=1 << 30)
-    if st.kind is Kind.WRITE:
-        return "RETURNING" in words
-    return st.kind is Kind.OTHER and words[:1] == ["PRAGMA"]
-
-
 def raw_connection(jc: JournaledConnection) -> apsw.Connection:
     """The SQLite connection under a journaled one (asked before any
     transaction: in one forwarded to a leader, a read would go there too)."""
@@ -70,30 +52,24 @@ def raw_connection(jc: JournaledConnection) -> apsw.Connection:
     return conn
 
 
-def sets_rowid(st: Statement) -> bool:
-    """Whether a writing statement is an INSERT or REPLACE (what sets
-    SQLite's last insert rowid when it changed rows)."""
-    words = sqltext.tokens(st.text, limit=1 << 30)
-    if words[:1] == ["WITH"]:
-        return bool({"INSERT", "REPLACE"} & set(words))
-    return words[:1] in (["INSERT"], ["REPLACE"])
-
-
 class LocalBackend:
     """A database file opened with ``hctserver.connect(path, **options)``:
     a new file becomes a replication-enabled database."""
 
     def __init__(self, path: str | os.PathLike[str], **options: Any) -> None:
+        self.max_bytes: int | None = None
         with mapped():
-            self._jc = database.connect(path, **options)
+            self._jc = connect(path, **options)  # on a follower's file: writes forwarded
             self._sqlite = raw_connection(self._jc)
         self._lastrowid = 0
 
     @classmethod
-    def over(cls, db: database.Database) -> LocalBackend:
+    def over(cls, db: database.Database, max_bytes: int | None = None) -> LocalBackend:
         """A backend on a connection to ``db``, a database this process has
-        open already (a node's: its SQL endpoint's streams)."""
+        open already (a node's: its SQL endpoint's streams). ``max_bytes``:
+        a statement whose rows would take more is refused (DataError)."""
         self = cls.__new__(cls)
+        self.max_bytes = max_bytes
         self._jc = db.connect()
         self._sqlite = raw_connection(self._jc)
         self._lastrowid = 0
@@ -193,10 +169,26 @@ class LocalBackend:
         if describe is not None:
             with contextlib.suppress(apsw.ExecutionCompleteError):
                 columns = [(str(name), decltype) for name, decltype in describe()]
-        rows = [tuple(r) for r in out]
+        rows = [tuple(r) for r in out] if self.max_bytes is None else self._bounded(out)
         if not columns:
             columns = self._describe(sql, params) if may_return_rows(st) else []
         return columns, rows
+
+    def _bounded(self, out: Any) -> list[tuple[Any, ...]]:
+        """The rows, refused past :attr:`max_bytes` (roughly counted) before
+        they are all in memory."""
+        limit = self.max_bytes
+        assert limit is not None
+        rows, size = [], 0
+        for r in out:
+            size += sum(len(v) + 16 if isinstance(v, (str, bytes)) else 24 for v in r)
+            if size > limit:
+                raise DataError(
+                    f"the result would exceed {limit} bytes: ask for fewer rows (LIMIT/OFFSET,"
+                    " or a narrower WHERE)"
+                )
+            rows.append(tuple(r))
+        return rows
 
     def _describe(self, sql: str, params: Params) -> list[tuple[str, str | None]]:
         """The result columns of a statement that gave no rows (SQLite names

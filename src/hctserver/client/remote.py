@@ -29,7 +29,7 @@ from ..net.httpclient import HttpClient
 from ..protocol import hrana
 from .backend import Params, Result
 from .exceptions import Error, OperationalError, ProgrammingError, from_apsw, from_code, from_hct
-from .local import sets_rowid
+from .statements import sets_rowid
 
 HCT_PREFIX = "HCT_"
 
@@ -112,7 +112,7 @@ class Stream:
             body["txid"] = txid
         if self.consistency != "local":
             body["consistency"] = self.consistency
-            body["timeout_ms"] = int(self.timeout * 1000)
+            body["timeout_ms"] = min(hrana.MAX_TIMEOUT_MS, int(self.timeout * 1000))
             if self.consistency == "at_least":
                 body["min_cid"] = self.min_cid
         self.used = time.monotonic()
@@ -150,8 +150,12 @@ class Stream:
             )
         if status == 401:
             return errors.AuthError(f"{self.url}: {message} (give the node's token)")
+        if status == 400 and code == "BATON_USED":
+            return errors.CommitUnknownError(f"{self.url}: {message}")
         if status == 400 and code == "STREAM_EXPIRED":
             return errors.StreamLostError(f"{self.url}: {message}")
+        if isinstance(code, str) and code.startswith(HCT_PREFIX) and code != "HCT_BUSY":
+            return remote_error(f"{self.url}: {message}", code)  # the node's own error class
         if status in (429, 503):
             return errors.BusyError(f"{self.url} is busy ({message}): retry later")
         return remote_error(f"{self.url}: {message}", code)
@@ -184,7 +188,7 @@ class Stream:
         (r,) = self.pipeline([{"type": "batch", "batch": {"steps": steps}}], txid=txid)
         res = self.check(r)["result"]
         if self.duplicate:  # committed before (its rows are not kept)
-            return Committed(self.cid, [])
+            return Committed(self.answered_cid, [])
         for err in res.get("step_errors") or []:
             if err is not None:
                 raise remote_error(str(err.get("message")), err.get("code"))
@@ -200,6 +204,13 @@ class Stream:
         finally:
             self.consistency = saved
         return self.snapshot
+
+    def drop(self) -> None:
+        """Forget the stream without a word to the node (which may be gone:
+        it forgets an idle stream by itself)."""
+        self._baton = None
+        self.in_transaction = False
+        self._http.close()
 
     def close(self) -> None:
         if self._baton is not None:

@@ -65,6 +65,9 @@ class Authorizer:
         why = _REFUSED.get(op)
         if why is None and op == apsw.SQLITE_PRAGMA and (p1 or "").lower() == "writable_schema":
             why = "PRAGMA writable_schema: schema edits behind SQLite's back cannot be journaled"
+        pragma = (p1 or "").lower() if op == apsw.SQLITE_PRAGMA else ""
+        if why is None and pragma == "query_only" and p2 is not None:
+            why = "PRAGMA query_only: hctserver keeps a follower's connections read-only"
         if why is not None:
             self.refused = f"refused on a replicated database: {why}"
             return apsw.SQLITE_DENY

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import apsw
 
-from ..errors import LagError, UnsupportedStatementError
+from ..errors import DuplicateTransactionError, LagError, UnsupportedStatementError
 from . import sqltext, txids
 from .authorizer import Authorizer
 from .capture import Capture, uncaptured
@@ -148,7 +148,7 @@ class JournaledConnection:
 
     def _execute(self, sql: str, bindings: Any) -> Any:
         stmts = _parse(sql)
-        if stmts and self._forwarding(stmts[0]):
+        if stmts and any(self._forwarding(st) for st in stmts):
             if len(stmts) > 1 and bindings is not None:
                 raise UnsupportedStatementError(
                     "bindings were given with several statements; execute them one at a time"
@@ -222,6 +222,10 @@ class JournaledConnection:
         if self._epoch != self.db.mode_epoch:
             self._sync_mode()
         prepared = prepare(statements)
+        if self._remote is not None:
+            raise UnsupportedStatementError(
+                "transact() runs a transaction of its own: commit or roll back the open one first"
+            )
         if self._forward is not None and self._txs.tx is None and self._follows():
             return self._forward_transact([(sql, b) for sql, b, _ in prepared], txid)
         if txid is not None:
@@ -317,8 +321,20 @@ class JournaledConnection:
             if not txids.exists(self._conn):
                 for sql in (txids.CREATE, txids.INDEX):
                     self._write(_parse(sql)[0], None)
+            found = txids.recall(self._conn, txid)  # the writer lock is held: final
+            if found is not None:
+                raise DuplicateTransactionError(
+                    f"transaction id {txid!r} was committed already (cid {found[0]})",
+                    cid=found[0],
+                    outcome=found[1],
+                )
             self._recorded += 1
             return txids.record(self._conn, txid, outcome, window, self._recorded)
+
+    def interrupt(self) -> None:
+        """Stop the statement running on this connection (from any thread):
+        it fails with apsw.InterruptError."""
+        self._conn.interrupt()
 
     def _transact_once(self, prepared: Any, txid: str) -> Committed:
         """transact() with a transaction id, here (not group-committed)."""
@@ -336,6 +352,9 @@ class JournaledConnection:
             rows = [list(self._write(_parse(sql)[0], b)) for sql, b, _ in prepared]
             self.remember(txid, "[]")
             txs.commit()
+        except DuplicateTransactionError as e:  # a retry of it committed meanwhile
+            txs.abort()
+            return Committed(e.cid, [])
         except BaseException:
             txs.abort()
             raise
@@ -425,7 +444,7 @@ class JournaledConnection:
             self.db.close()
 
     def __enter__(self) -> JournaledConnection:
-        if self._txs.tx is None:
+        if not self.in_transaction:
             self.execute("BEGIN IMMEDIATE")
             self._ctx.append(None)
         else:
@@ -439,7 +458,7 @@ class JournaledConnection:
         if name is None:
             if self.in_transaction:
                 self.execute("COMMIT" if exc_type is None else "ROLLBACK")
-        elif self._txs.tx is not None:
+        elif self.in_transaction:
             if exc_type is not None:
                 self.execute(f"ROLLBACK TO {name}")
             self.execute(f"RELEASE {name}")
@@ -527,7 +546,8 @@ class JournaledConnection:
     def _sync_mode(self) -> None:
         epoch = self.db.mode_epoch
         follower = self.db.mode is Mode.FOLLOWER
-        self._conn.execute(f"PRAGMA query_only={int(follower)}")
+        with self._auth.bypass():
+            self._conn.execute(f"PRAGMA query_only={int(follower)}")
         self._epoch = epoch
 
     def _check_writable(self) -> None:

@@ -6,6 +6,7 @@ follower forwarding writes to its leader use it."""
 from __future__ import annotations
 
 import http.client
+import select
 import socket
 import ssl
 import time
@@ -14,6 +15,15 @@ import urllib.parse
 from ..errors import ConfigError, ConnectError, TimedOutError
 
 IDLE_REUSE = 2.0  # seconds a kept-alive connection may idle and be used again (servers wait 5)
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether an idle kept-alive connection has news (the server closed it,
+    or dropped it to make room): it must not carry a request."""
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
 
 
 class HttpClient:
@@ -66,8 +76,8 @@ class HttpClient:
     def _post(self, path: str, body: bytes, timeout: float | None) -> tuple[int, bytes]:
         c = self._conn
         now = time.monotonic()
-        if c.sock is not None and now - self._used > IDLE_REUSE:
-            c.close()  # the server may be closing it: never send a request on such a one
+        if c.sock is not None and (now - self._used > IDLE_REUSE or _closed_by_peer(c.sock)):
+            c.close()  # the server closed it, or may be closing it: never send on such a one
         self._used = now
         if c.sock is None:
             c.timeout = timeout or self.timeout

@@ -585,13 +585,15 @@ class _Server(socketserver.TCPServer):
             if not buffered and not select.select([sock], [], [], LINGER)[0]:
                 return None
             sock.settimeout(READ_TIMEOUT)
-            while not _head_end(data, max(0, len(data) - 3 - 65536)):
-                chunk = sock.recv(HEAD_LIMIT + 1 - len(data))
-                if not chunk:
-                    raise ConnectionResetError("the client closed its kept-alive connection")
-                data += chunk
+            start = 0
+            while not _head_end(data, start):
                 if len(data) > HEAD_LIMIT:
                     raise ConnectionResetError("a request head over the limit")
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionResetError("the client closed its kept-alive connection")
+                start = max(0, len(data) - 3)
+                data += chunk
         return bytes(data)
 
     def _done(

@@ -134,6 +134,8 @@ def serve_http(
             sql.close()
 
     group.spawn("hct-http", ep.serve, on_stop=stop)
+    if sql is not None:
+        group.spawn("hct-sql-reaper", sql.run, group.stopping)
     if metrics.sampler is not None:
         group.spawn("hct-lag-sampler", metrics.sampler.run, group.stopping)
     return ep

@@ -38,6 +38,7 @@ MAX_STEPS = 1000  # steps in one batch
 MAX_ARGS = 32766  # SQLite's own limit on bindings
 MAX_TXID = 128  # characters of a transaction id
 MAX_CONDITION_DEPTH = 16
+MAX_TIMEOUT_MS = 60_000
 
 CONSISTENCY = ("local", "leader", "at_least")
 
@@ -177,6 +178,8 @@ def _stmt(d: Any) -> Stmt:
         raise RequestError("stmt.args and stmt.named_args must be arrays")
     if len(args) + len(named) > MAX_ARGS:
         raise RequestError(f"at most {MAX_ARGS} arguments in one statement")
+    if args and named:
+        raise RequestError("a statement takes args or named_args, not both")
     pairs = []
     for a in named:
         a = _obj(a, "a named argument")
@@ -245,6 +248,8 @@ def parse_pipeline(body: bytes) -> Pipeline:
         d = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(f"the body is not JSON: {e}") from None
+    except RecursionError:
+        raise RequestError("the body's JSON nests too deep") from None
     d = _obj(d, "the pipeline request")
     baton = d.get("baton")
     if baton is not None and not isinstance(baton, str):
@@ -268,8 +273,8 @@ def _consistency(d: dict[str, Any]) -> Consistency:
     if level == "at_least" and "min_cid" not in d:
         raise RequestError("consistency at_least needs min_cid")
     ms = d.get("timeout_ms", 5000)
-    if not isinstance(ms, int) or isinstance(ms, bool) or not 0 <= ms <= 60_000:
-        raise RequestError("timeout_ms must be an integer from 0 to 60000")
+    if not isinstance(ms, int) or isinstance(ms, bool) or not 0 <= ms <= MAX_TIMEOUT_MS:
+        raise RequestError(f"timeout_ms must be an integer from 0 to {MAX_TIMEOUT_MS}")
     return Consistency(level, min_cid, ms / 1000)
 
 
