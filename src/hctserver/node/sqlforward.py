@@ -92,6 +92,7 @@ class Forwarding:
         """Run ``reqs`` on the leader (the stream's open transaction there, or
         a pooled stream): (results, the cid they committed, duplicate)."""
         remote = s.remote or self.stream()
+        self.db.gate.want(self.db.snapshot() + 1)  # what arrives next: apply it at once
         try:
             try:
                 results = self._send(remote, reqs, p)

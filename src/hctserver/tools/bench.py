@@ -47,6 +47,7 @@ from ..node.leader import Leader
 from ..position import ZERO_HASH
 from ..protocol import wire
 from ..version import VERSION as __version__
+from .benchclients import SESSIONS, forwarded_writes
 from .locate import etcd_binary, reference_fixture
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -1299,6 +1300,21 @@ def section_lag(run: BenchRun) -> None:
     run.r.update(app_lag(run.path("app.db"), run.tmp, run.lag_seconds))
 
 
+def section_clients(run: BenchRun) -> None:
+    """Writes forwarded through a follower against local connect() writes
+    on the leader's file (issue 24), 1 and 16 sessions."""
+    r = forwarded_writes(run.tmp, run.secs)
+    run.r.update(r)
+    _say(
+        "  writes: local connect() p50 "
+        + ", ".join(f"{r[f'local_write_{n}_p50_ms']:.2f}" for n in SESSIONS)
+        + " ms, forwarded through a follower p50 "
+        + ", ".join(f"{r[f'forwarded_write_{n}_p50_ms']:.2f}" for n in SESSIONS)
+        + f" ms (1, 16 sessions); {r['forwarded_write_1_commits_per_s']:,.0f} and"
+        f" {r['forwarded_write_16_commits_per_s']:,.0f} forwarded commits/s"
+    )
+
+
 # The run's sections, in order: (name, function). A section is a function of
 # the BenchRun that adds its figures to ``run.r``; add one by appending it.
 SECTIONS: list[tuple[str, Section]] = [
@@ -1309,6 +1325,7 @@ SECTIONS: list[tuple[str, Section]] = [
     ("metrics", section_metrics),
     ("catchup", section_catchup),
     ("lag", section_lag),
+    ("clients", section_clients),
 ]
 
 
@@ -1383,6 +1400,7 @@ TARGETS = {
     "tls_catchup_ratio": (">=", 0.8),
     "tls_leader_commit_ratio": (">=", 0.9),
     "archive_commit_ratio": (">=", 0.9),
+    "forwarded_write_extra_p50_ms": ("<=", 2.0),  # issue 24
 }
 
 

@@ -348,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="journal entries for the catch-up and handshake runs (default 500,000;"
         " 30,000 with --quick)",
     )
+    s.add_argument(
+        "--sections",
+        metavar="A,B",
+        help="run only these sections (leader, followers, pipeline, failover, metrics,"
+        " catchup, lag, clients)",
+    )
     return p
 
 
@@ -719,7 +725,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     if a.entries is not None and a.entries < 1000:
         raise ConfigError("--entries must be at least 1000")
-    return run_bench(quick=a.quick, json_path=a.json, entries=a.entries)
+    sections = a.sections.split(",") if a.sections else None
+    try:
+        return run_bench(quick=a.quick, json_path=a.json, entries=a.entries, sections=sections)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 COMMANDS = {
