@@ -11,7 +11,12 @@ import time
 import pytest
 
 from hctserver import Database
-from hctserver.errors import CommitUnknownError, NoNodeError, UnsupportedStatementError
+from hctserver.errors import (
+    CommitUnknownError,
+    ConfigError,
+    NoNodeError,
+    UnsupportedStatementError,
+)
 from hctserver.journal.gate import GatePublisher
 from hctserver.journal.groupcommit import prepare
 from hctserver.net.transport import TCP, Conn, Waker
@@ -237,7 +242,7 @@ def test_a_transaction_may_ask_for_local_or_replicated_durability(tmp_path) -> N
         assert entry is not None  # returned without an acknowledgement
         with pytest.raises(CommitUnknownError, match="did not acknowledge"):
             cm.transact(write)  # the node's setting: it waits, then gives up
-        with pytest.raises(ValueError, match="durability must be one of"):
+        with pytest.raises(ConfigError, match="durability must be one of"):
             cm.transact(write, durability="fsync")
         # an asynchronous node: replicated waits for one follower
         pub.lead(sync_k=0, sync_timeout=0.2, valid_until=time.monotonic() + 60)
@@ -251,17 +256,18 @@ def test_a_transaction_may_ask_for_local_or_replicated_durability(tmp_path) -> N
         # in an explicit transaction, for that transaction only
         pub.lead(sync_k=1, sync_timeout=0.2, valid_until=time.monotonic() + 60)
         c = db.connect()
-        txs = c._txs  # the connection's transactions (their public face is the lead's)
         with pytest.raises(UnsupportedStatementError, match="BEGIN first"):
-            txs.set_durability("local")
+            c.set_durability("local")
         c.execute("BEGIN")
-        txs.set_durability("local")
+        c.set_durability("local")
         c.execute("REPLACE INTO t1 VALUES(2, 'd', 2)")
         c.execute("COMMIT")  # returned: nobody acknowledged it
         c.execute("BEGIN")
         c.execute("REPLACE INTO t1 VALUES(3, 'd', 3)")
         with pytest.raises(CommitUnknownError):
             c.execute("COMMIT")  # the next one has the node's setting again
+        done = c.transact(["REPLACE INTO t1 VALUES(4, 'd', 4)"], durability="local")
+        assert done.cid == db.max_cid()  # the public API: returned without an acknowledgement
         pub.stop()
         with pytest.raises(NoNodeError):
             cm.transact(write, durability="local")  # no node serves it: refused

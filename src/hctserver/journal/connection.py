@@ -23,7 +23,7 @@ from ..errors import DuplicateTransactionError, LagError, UnsupportedStatementEr
 from . import sqltext, txids
 from .authorizer import Authorizer
 from .capture import Capture, uncaptured
-from .gate import FOLLOWER
+from .gate import FOLLOWER, check_durability
 from .groupcommit import Committed, GroupCommitter, Statements, prepare
 from .reshape import Reshaper
 from .sqltext import Kind, Statement, ddl_texts
@@ -207,7 +207,9 @@ class JournaledConnection:
             raise
         return Rows(rows)
 
-    def transact(self, statements: Statements, txid: str | None = None) -> Committed:
+    def transact(
+        self, statements: Statements, txid: str | None = None, durability: str | None = None
+    ) -> Committed:
         """Run ``statements`` (each ``"sql"`` or ``("sql", bindings)``: one
         INSERT/UPDATE/DELETE/REPLACE or SELECT each) as one journaled
         transaction, in one call. Transactions that threads submit at the
@@ -218,7 +220,9 @@ class JournaledConnection:
 
         ``txid``: the transaction's id (see :mod:`hctserver.journal.txids`): if
         a transaction with this id was committed before (an answer lost, a
-        failover), nothing runs and its cid is returned (its rows are not kept)."""
+        failover), nothing runs and its cid is returned (its rows are not kept).
+        ``durability``: this transaction's own (see :meth:`set_durability`)."""
+        check_durability(durability)
         if self._epoch != self.db.mode_epoch:
             self._sync_mode()
         prepared = prepare(statements)
@@ -227,9 +231,13 @@ class JournaledConnection:
                 "transact() runs a transaction of its own: commit or roll back the open one first"
             )
         if self._forward is not None and self._txs.tx is None and self._follows():
+            if durability is not None:
+                raise UnsupportedStatementError(
+                    "a forwarded transaction commits with the leader's durability setting"
+                )
             return self._forward_transact([(sql, b) for sql, b, _ in prepared], txid)
         if txid is not None:
-            return self._transact_once(prepared, txid)
+            return self._transact_once(prepared, txid, durability)
         self._check_writable()
         if self._txs.tx is not None:
             raise UnsupportedStatementError(
@@ -238,11 +246,25 @@ class JournaledConnection:
         if self._committer is None:  # a connection on a bare Store: a committer of its own
             self._committer = self._own_committer = GroupCommitter(self.db)
         txs = self._txs
-        entry, rows = self._committer.transact(prepared, txs.hooks, txs.tracker)
+        entry, rows = self._committer.transact(prepared, txs.hooks, txs.tracker, durability)
         if entry is None:
             return Committed(0, rows)
         txs.last_cid = entry.cid
         return Committed(entry.cid, rows)
+
+    def set_durability(self, durability: str | None) -> None:
+        """The open transaction's own durability, as PostgreSQL's ``SET LOCAL
+        synchronous_commit``: ``"local"``, its COMMIT waits for no follower
+        (the leader's lease is still checked); ``"replicated"``, for the
+        node's K followers, or one where the node has no synchronous commit;
+        None, the node's setting. Lasts until its COMMIT or ROLLBACK. In a
+        transaction forwarded to the leader it is refused: the leader's
+        setting applies there."""
+        if self._remote is not None:
+            raise UnsupportedStatementError(
+                "a forwarded transaction commits with the leader's durability setting"
+            )
+        self._txs.set_durability(durability)
 
     def add_commit_hook(self, hook: CommitHook) -> None:
         """Call ``hook(cid, schema, data, schemacid)`` after each journaled commit
@@ -336,7 +358,7 @@ class JournaledConnection:
         it fails with apsw.InterruptError."""
         self._conn.interrupt()
 
-    def _transact_once(self, prepared: Any, txid: str) -> Committed:
+    def _transact_once(self, prepared: Any, txid: str, durability: str | None) -> Committed:
         """transact() with a transaction id, here (not group-committed)."""
         self._check_writable()
         if self._txs.tx is not None:
@@ -349,6 +371,7 @@ class JournaledConnection:
         txs = self._txs
         txs.begin(eager=True)
         try:
+            txs.set_durability(durability)
             rows = [list(self._write(_parse(sql)[0], b)) for sql, b, _ in prepared]
             self.remember(txid, "[]")
             txs.commit()

@@ -45,7 +45,7 @@ import time
 from dataclasses import astuple, dataclass, replace
 from typing import Any, NamedTuple, cast
 
-from ..errors import CommitUnknownError, NoNodeError, NotLeaderError
+from ..errors import CommitUnknownError, ConfigError, NoNodeError, NotLeaderError
 
 MAGIC = b"hctgate1"
 _HEAD = struct.Struct("<8sQ")  # magic, sequence
@@ -70,7 +70,7 @@ def check_durability(durability: str | None) -> str | None:
     """A transaction's durability as given: None (the node's setting),
     ``"local"`` or ``"replicated"``."""
     if durability is not None and durability not in DURABILITIES:
-        raise ValueError(
+        raise ConfigError(
             f"durability must be one of {', '.join(DURABILITIES)} (or None for the node's"
             f" setting), not {durability!r}"
         )
