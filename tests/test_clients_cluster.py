@@ -59,6 +59,8 @@ def test_an_application_on_a_follower_survives_a_leader_kill_exactly_once(tmp_pa
         cl.stop_all(final)
         acks = acked()
         retries = [x for x in lines() if x[0] == "retry"]
+        unseen = [x for x in lines() if x[0] == "unseen"]
+        assert not unseen, f"acknowledged writes not visible on the follower at once: {unseen[:3]}"
         assert retries, "the kill interrupted some transaction (else this tested no retry)"
         with apsw.Connection(cl.db(final)) as c:
             counts = dict(c.execute("SELECT k, count(*) FROM app GROUP BY k").fetchall())

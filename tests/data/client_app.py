@@ -5,7 +5,8 @@ needs (an interactive transaction through the DB-API driver, a batch, reads
 that see each write as soon as it returns) and logs "ready"; then it writes
 one transaction after another, each with its own transaction id, retrying
 each (same id) until it is acknowledged: "ack KEY CID" per transaction,
-"retry KEY why" per failed attempt. It stops when STOPFILE exists.
+"retry KEY why" per failed attempt, "unseen KEY" if a read on the same node
+right after the acknowledgement did not see it. It stops when STOPFILE exists.
 """
 
 import os
@@ -53,6 +54,9 @@ while not os.path.exists(stopfile):
             time.sleep(0.05)  # the cluster is failing over: try again shortly
             continue
         log.write(f"ack {key} {res.cid}{' dup' if writer.duplicate else ''}\n")
+        seen = local.execute("SELECT count(*) FROM app WHERE k=?", (key,)).fetchall()
+        if seen != [(1,)]:  # read your writes, on this node, as soon as the call returned
+            log.write(f"unseen {key} {seen}\n")
         break
 writer.close()
 local.close()
