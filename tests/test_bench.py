@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 KEYS = [
     "leader_plain_commits_per_s",
     "leader_journaled_commits_per_s",
@@ -36,6 +38,9 @@ KEYS = [
     "async_commit_p99_ms",
 ]
 KEYS += [f"catchup_entries_per_s_syncthreads_{n}" for n in (1, 2, 4, 8)]
+KEYS += [f"{w}_write_{n}_{m}" for w in ("local", "forwarded") for n in (1, 16)
+         for m in ("commits_per_s", "p50_ms", "p99_ms")]  # fmt: skip
+KEYS += ["forwarded_write_extra_p50_ms"]
 KEYS += [f"leader_jobs_{n}_commits_per_s" for n in (1, 2, 4, 8)]
 
 
@@ -81,5 +86,8 @@ def test_bench_quick_writes_sane_json(tmp_path) -> None:
     assert r["lag_p50_ms"] <= r["lag_p99_ms"]
     assert 0 < r["app_lag_p50_ms"] <= r["app_lag_p99_ms"]
     assert 10 < r["catchup_peak_rss_mb"] < 4096
+    assert r["forwarded_write_extra_p50_ms"] == pytest.approx(
+        r["forwarded_write_1_p50_ms"] - r["local_write_1_p50_ms"]
+    )
     for k in ("leader_commit_ratio", "catchup_entries_per_s", "lag_p99_ms", "app_lag_p99_ms"):
         assert k in p.stdout  # the printed table
