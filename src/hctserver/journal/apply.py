@@ -4,8 +4,10 @@ Entries may be added in any order and more than once. :meth:`Applier.apply`
 applies the contiguous run above the snapshot, strictly in cid order, many
 entries per SQLite transaction (group commit): their patchsets are merged
 into one by SQLite's changegroup and applied in one call, so per-entry work
-in Python is a hash and a row for the journal. An entry that changes the
-schema is applied in a transaction of its own.
+in Python is a hash and a row for the journal; a lone entry (a synchronous
+leader's stream) is applied as it is. The data filter's list of tables is
+read again only when ``PRAGMA schema_version`` moved. An entry that changes
+the schema is applied in a transaction of its own.
 
 Entries above a hole wait in memory up to ``window_bytes``; beyond that they
 are stored as journal rows with ``vhash`` NULL (received, not applied) and
@@ -28,7 +30,7 @@ from ..errors import ApplyError, DiskFullError, DivergenceError, ModeError, Prot
 from ..position import Entry, Position, entry_hash, fold
 from . import guard
 from .codec import FORMATS, SESSION, Codec, codec_of, runs, where
-from .policy import DataPolicy, SchemaPolicy
+from .policy import DataPolicies, DataPolicy, SchemaPolicy
 from .sqlutil import fetchone, write_transaction
 from .store import Mode, Store
 from .systables import INSERT_ENTRY, INSERT_UNAPPLIED
@@ -117,6 +119,7 @@ class Applier:
         self._run_next = 0  # the cid the run goes on with
         self._run_chain: object = None
         self._conflict: str | None = None
+        self._policies = DataPolicies()  # the data filter, its tables kept until the schema moves
         self._interrupted = False
         self.applied = 0  # entries applied by this object
         self.duplicates = 0
@@ -344,8 +347,9 @@ class Applier:
         self._conflict = None
         with self.db.share:  # a background checkpointer waits on it to finish the WAL
             self._commit_batch(batch, rows)
-        for e in batch:
-            self._spilled.discard(e.cid)
+        if self._spilled:
+            for e in batch:
+                self._spilled.discard(e.cid)
         self._advance(last, vh, len(batch), bool(batch[0].schema))
 
     def _advance(self, last: int, vh: bytes, n: int, schema: bool) -> None:
@@ -411,7 +415,7 @@ class Applier:
         c.execute("BEGIN IMMEDIATE")
         try:
             if codec is not None:
-                data_policy = DataPolicy(c)
+                data_policy = self._policies.get(c)
                 datas = [r[2] for r in rows]
                 codec.apply(
                     c, datas, where(rows[0][0], rows[-1][0]), data_policy, self._on_conflict
@@ -436,18 +440,27 @@ class Applier:
                 schema_policy = SchemaPolicy()
                 schema_policy.run(c, batch[0].schema)
                 guard.protect(c)
-            for codec, datas in runs([(e.cid, e.data) for e in batch]):
-                if data_policy is None:
-                    data_policy = DataPolicy(c)
-                codec.apply(
-                    c,
-                    [d for _, d in datas],
-                    where(datas[0][0], datas[-1][0]),
-                    data_policy,
-                    self._on_conflict,
-                )
-                if data_policy.refused is not None:
-                    raise ProtocolError(data_policy.refused)
+            if len(batch) == 1:  # a synchronous leader's usual batch: no grouping
+                data = batch[0].data
+                codec = codec_of(first, data)  # None: no data
+                if codec is not None:
+                    data_policy = self._policies.get(c)
+                    codec.apply(c, [data], where(first, first), data_policy, self._on_conflict)
+                    if data_policy.refused is not None:
+                        raise ProtocolError(data_policy.refused)
+            else:
+                for codec, datas in runs([(e.cid, e.data) for e in batch]):
+                    if data_policy is None:
+                        data_policy = self._policies.get(c)
+                    codec.apply(
+                        c,
+                        [d for _, d in datas],
+                        where(datas[0][0], datas[-1][0]),
+                        data_policy,
+                        self._on_conflict,
+                    )
+                    if data_policy.refused is not None:
+                        raise ProtocolError(data_policy.refused)
             if self._spilled:
                 c.executemany("DELETE FROM hct_journal WHERE cid=?", [(r[0],) for r in rows])
             c.executemany(INSERT_ENTRY, rows)

@@ -153,19 +153,27 @@ class SchemaPolicy:
         return apsw.SQLITE_DENY
 
 
+_USER_TABLES = (
+    "SELECT name FROM pragma_table_list WHERE schema='main' AND type IN ('table', 'shadow')"
+)
+
+
+def user_tables(conn: apsw.Connection) -> frozenset[str]:
+    """The tables of ``main`` a leader's data may write."""
+    return frozenset(name for (name,) in conn.execute(_USER_TABLES) if not _reserved(name))
+
+
 class DataPolicy:
     """The changeset filter: only user tables (and virtual tables' shadow
-    tables, which capture records like any other) that exist in ``main``."""
+    tables, which capture records like any other) that exist in ``main``.
 
-    def __init__(self, conn: apsw.Connection) -> None:
-        self.tables = {
-            name
-            for (name,) in conn.execute(
-                "SELECT name FROM pragma_table_list WHERE schema='main'"
-                " AND type IN ('table', 'shadow')"
-            )
-            if not _reserved(name)
-        }
+    ``tables`` (from :func:`user_tables`) skips reading them again; use
+    :class:`DataPolicies` to keep them across transactions."""
+
+    __slots__ = ("refused", "tables")
+
+    def __init__(self, conn: apsw.Connection, tables: frozenset[str] | None = None) -> None:
+        self.tables = user_tables(conn) if tables is None else tables
         self.refused: str | None = None
 
     def __call__(self, table: str) -> bool:
@@ -174,3 +182,37 @@ class DataPolicy:
         if self.refused is None:
             self.refused = f"changes to {table!r}, which is not a table of the follower's schema"
         return False
+
+
+class DataPolicies:
+    """A :class:`DataPolicy` for each transaction of one connection, its
+    tables read again only when the schema changed: :meth:`get` compares
+    ``PRAGMA schema_version`` (read inside the caller's write transaction,
+    so it is the schema the data meets), which every change of the schema
+    moves, whoever makes it."""
+
+    __slots__ = ("_cookie", "_tables")
+
+    def __init__(self) -> None:
+        self._cookie: int | None = None
+        self._tables: frozenset[str] = frozenset()
+
+    def get(self, conn: apsw.Connection, cookie: int | None = None) -> DataPolicy:
+        """A fresh policy (nothing refused yet) for ``conn``'s current schema;
+        ``cookie``: its schema_version, if the caller read it already."""
+        if cookie is None:
+            cookie = schema_cookie(conn)
+        if cookie != self._cookie:
+            self._tables = user_tables(conn)
+            self._cookie = cookie
+        return DataPolicy(conn, self._tables)
+
+    def forget(self) -> None:
+        """Read the tables again next time, whatever the cookie says."""
+        self._cookie = None
+
+
+def schema_cookie(conn: apsw.Connection) -> int:
+    for (cookie,) in conn.execute("PRAGMA schema_version"):
+        return int(cookie)
+    raise apsw.SQLError("PRAGMA schema_version returned nothing")  # not reached
