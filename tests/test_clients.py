@@ -580,7 +580,8 @@ def test_a_large_answer_is_not_kept_with_its_transaction_id(leader: Node) -> Non
     assert s == 200 and rows_of(first["results"][0]) == [(big,)]
     s, again = post(url, body)
     assert again["duplicate"] and again["cid"] == first["cid"]
-    assert rows_of(again["results"][0]) == []  # too big to keep: an empty result
+    not_kept = again["results"][0]  # too big to keep: said so, the cid is the outcome
+    assert not_kept["type"] == "error" and not_kept["error"]["code"] == "HCT_NOT_KEPT"
     with apsw.Connection(leader.db.path) as c:
         (n,) = c.execute("SELECT length(outcome) FROM hct_txid WHERE id='big'").fetchone()
     assert n <= 65536
@@ -857,3 +858,162 @@ def test_a_kept_alive_connection_the_node_dropped_is_replaced_before_a_request(
         for c in crowd:
             c.close()
         s.close()
+
+
+# --- what a second review found --------------------------------------------------------
+
+
+def test_no_trigger_on_hctservers_tables_and_no_user_code_inside_its_statements(
+    tmp_path: Path,
+) -> None:
+    db, svc = _service(tmp_path)
+    try:
+        for table in ("hct_journal", "hct_txid", "hct_local"):
+            trig = f"CREATE TRIGGER evil_{table} AFTER INSERT ON {table} BEGIN SELECT 1; END"
+            _, r = _call(svc, {"requests": [ex(trig), CLOSE]})
+            assert r["results"][0]["type"] == "error", (table, r)
+        # a trigger on a user table fires inside hctserver's own statements only if they
+        # write that table, which they never do: user triggers still work on user writes
+        _call(svc, {"requests": [ex("CREATE TABLE log(v)"), CLOSE]})
+        _, r = _call(svc, {"requests": [
+            ex("CREATE TRIGGER keep AFTER INSERT ON x BEGIN INSERT INTO log VALUES(new.v); END"),
+            ex("INSERT INTO x VALUES(5)"), ex("SELECT v FROM log"), CLOSE]})  # fmt: skip
+        assert rows_of(r["results"][2]) == [(5,)]
+        body = {"txid": "once", "requests": [ex("INSERT INTO x VALUES(6)"), CLOSE]}
+        _call(svc, body)
+        _, again = _call(svc, body)
+        assert again["duplicate"] is True
+    finally:
+        svc.close()
+        db.close()
+
+
+def test_a_write_whose_rows_are_large_still_commits_and_says_so(tmp_path: Path) -> None:
+    db, svc = _service(tmp_path, max_answer=1000)
+    try:
+        big = {"requests": [ex("INSERT INTO x VALUES(zeroblob(5000)) RETURNING length(v)"), CLOSE]}
+        _, r = _call(svc, big)  # the bound is for what a read asks: a write's rows come back
+        assert r["results"][0]["type"] == "ok" and r["cid"] > 0
+        _, r = _call(svc, {"requests": [ex("SELECT v FROM x"), CLOSE]})
+        assert "exceed 1000 bytes" in r["results"][0]["error"]["message"]
+    finally:
+        svc.close()
+        db.close()
+
+
+def test_transaction_ids_are_pruned_whichever_stream_records_them(tmp_path: Path) -> None:
+    from hctserver.journal import txids
+
+    db, svc = _service(tmp_path)
+    try:
+        for i in range(5):  # each on a stream of its own
+            _call(svc, {"txid": f"old-{i}", "requests": [ex(f"INSERT INTO x VALUES({i})"), CLOSE]})
+        conn = db.connect()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.remember("new", "[]", window=-3600)  # everything is older than an hour ahead
+        conn.execute("COMMIT")
+        assert conn.execute(f"SELECT id FROM {txids.TXIDS}").fetchall() == [("new",)]
+        conn.close()
+    finally:
+        svc.close()
+        db.close()
+
+
+def test_a_txid_goes_with_the_pipeline_that_commits_and_ends_there(tmp_path: Path) -> None:
+    db, svc = _service(tmp_path)
+    try:
+        bad = [
+            [ex("BEGIN"), ex("INSERT INTO x VALUES(1)")],  # no COMMIT here
+            [
+                ex("BEGIN"),
+                ex("INSERT INTO x VALUES(1)"),
+                ex("COMMIT"),
+                ex("INSERT INTO x VALUES(2)"),
+            ],
+            [ex("INSERT INTO x VALUES(1)"), ex("COMMIT"), ex("BEGIN"), ex("COMMIT")],
+        ]
+        for reqs in bad:
+            s, r = _call(svc, {"txid": "shape", "requests": reqs})
+            assert s == 400 and "txid" in r["message"], r
+        _, held = _call(svc, {"requests": [ex("BEGIN"), ex("INSERT INTO x VALUES(3)")]})
+        s, r = _call(svc, {"baton": held["baton"], "txid": "late", "requests": [ex("SELECT 1")]})
+        assert s == 400 and "no COMMIT" in r["message"]
+        _, r = _call(svc, {"requests": [ex("SELECT count(*) FROM x"), CLOSE]})
+        assert rows_of(r["results"][0]) == [(0,)]
+    finally:
+        svc.close()
+        db.close()
+
+
+def test_a_lost_connection_is_told_apart_from_what_may_have_run(tmp_path: Path) -> None:
+    """A Stream whose node stops answering: a read says so, a write's outcome
+    is unknown, and the stream never sends its old baton again."""
+    import socket
+    import threading
+
+    from hctserver.errors import CommitUnknownError, TimedOutError
+
+    quiet = socket.create_server(("127.0.0.1", 0))  # accepts, reads, never answers
+    conns: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                c, _ = quiet.accept()
+            except OSError:
+                return
+            conns.append(c)
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        s = Stream(f"http://127.0.0.1:{quiet.getsockname()[1]}", timeout=0.3)
+        with pytest.raises(TimedOutError):
+            s.execute("SELECT 1", None)
+        with pytest.raises(CommitUnknownError, match="whether it committed is unknown"):
+            s.execute("INSERT INTO x VALUES(1)", None)
+        assert not s.in_transaction
+    finally:
+        stop.set()
+        quiet.close()
+        for c in conns:
+            c.close()
+
+
+def test_a_followers_pooled_streams_carry_no_pragma_from_a_transaction(
+    leader: Node, follower: Node
+) -> None:
+    url = str(follower.http_url)
+    _, r = post(url, {"requests": [ex("BEGIN"), ex("PRAGMA recursive_triggers=1")]})
+    _, r = post(
+        url,
+        {"baton": r["baton"], "requests": [ex("INSERT INTO t(b) VALUES(1)"), ex("COMMIT"), CLOSE]},
+    )
+    for _ in range(3):
+        _, r = post(
+            url,
+            {
+                "requests": [
+                    ex("INSERT INTO t(b) VALUES(2)"),
+                    ex("PRAGMA recursive_triggers"),
+                    CLOSE,
+                ]
+            },
+        )
+        assert rows_of(r["results"][1]) == [(0,)]
+
+
+def test_connect_on_a_follower_sends_large_transactions_with_a_clear_limit(
+    leader: Node, follower: Node
+) -> None:
+    conn = hctserver.connect(follower.db.path)
+    try:
+        many = [("INSERT INTO t(b) VALUES(?)", (i,)) for i in range(1200)]
+        with pytest.raises(hctserver.errors.UnsupportedStatementError, match="split it"):
+            conn.transact(many)
+        with conn:  # in BEGIN … COMMIT instead
+            conn.executemany("INSERT INTO t(b) VALUES(?)", [(i,) for i in range(1200)])
+        assert conn.execute("SELECT count(*) FROM t").fetchall() == [(1200,)]
+    finally:
+        conn.close()

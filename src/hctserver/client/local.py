@@ -52,6 +52,15 @@ def raw_connection(jc: JournaledConnection) -> apsw.Connection:
     return conn
 
 
+def row_bytes(row: Any) -> int:
+    """About what a row takes in a JSON answer (integers as strings, blobs
+    in base64, each value in its typed object)."""
+    return sum(
+        len(v) * 4 // 3 + 40 if isinstance(v, bytes) else len(v) + 40 if isinstance(v, str) else 48
+        for v in row
+    )
+
+
 class LocalBackend:
     """A database file opened with ``hctserver.connect(path, **options)``:
     a new file becomes a replication-enabled database."""
@@ -169,7 +178,10 @@ class LocalBackend:
         if describe is not None:
             with contextlib.suppress(apsw.ExecutionCompleteError):
                 columns = [(str(name), decltype) for name, decltype in describe()]
-        rows = [tuple(r) for r in out] if self.max_bytes is None else self._bounded(out)
+        reads = st is not None and st.kind is not Kind.WRITE  # a write's rows: it ran already
+        rows = (
+            self._bounded(out) if self.max_bytes is not None and reads else [tuple(r) for r in out]
+        )
         if not columns:
             columns = self._describe(sql, params) if may_return_rows(st) else []
         return columns, rows
@@ -181,7 +193,7 @@ class LocalBackend:
         assert limit is not None
         rows, size = [], 0
         for r in out:
-            size += sum(len(v) + 16 if isinstance(v, (str, bytes)) else 24 for v in r)
+            size += row_bytes(r)
             if size > limit:
                 raise DataError(
                     f"the result would exceed {limit} bytes: ask for fewer rows (LIMIT/OFFSET,"

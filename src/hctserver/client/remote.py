@@ -25,6 +25,7 @@ from .. import errors
 from ..errors import ConfigError, ConnectError, HctError, ProtocolError
 from ..journal.connection import Rows
 from ..journal.groupcommit import Committed, Statements
+from ..journal.sqltext import Kind, parse
 from ..net.httpclient import HttpClient
 from ..protocol import hrana
 from .backend import Params, Result
@@ -116,7 +117,10 @@ class Stream:
             if self.consistency == "at_least":
                 body["min_cid"] = self.min_cid
         self.used = time.monotonic()
-        status, data = self._http.post(hrana.PIPELINE_PATH, json.dumps(body).encode())
+        try:
+            status, data = self._http.post(hrana.PIPELINE_PATH, json.dumps(body).encode())
+        except HctError as e:
+            raise self._lost(e, body["requests"]) from e
         if status != 200:
             self._baton = None
             self.in_transaction = False
@@ -135,6 +139,25 @@ class Stream:
         self.in_transaction = bool(d.get("in_transaction")) and self._baton is not None
         self.duplicate = bool(d.get("duplicate"))
         return results
+
+    def _lost(self, e: HctError, requests: list[dict[str, Any]]) -> HctError:
+        """The connection failed: the stream (its baton, its transaction) is
+        gone. What the caller is told depends on what may have run."""
+        open_tx = self.in_transaction
+        self._baton = None
+        self.in_transaction = False
+        if not self._http.sent:
+            return e  # nothing went out: nothing ran
+        if _may_write(requests):
+            return errors.CommitUnknownError(
+                f"{self.url}: the request went out and then {e}: whether it committed is"
+                " unknown. Check, or send transactions with a txid and retry"
+            )
+        if open_tx:
+            return errors.StreamLostError(
+                f"{self.url}: {e}; the open transaction is lost (it never committed): run it again"
+            )
+        return e
 
     def _refused(self, status: int, data: bytes) -> Exception:
         try:
@@ -178,6 +201,12 @@ class Stream:
     def transact(self, statements: Statements, txid: str | None = None) -> Committed:
         """The statements as one transaction, in one round trip."""
         items = [(s, None) if isinstance(s, str) else (s[0], s[1]) for s in statements]
+        if len(items) + 3 > hrana.MAX_STEPS:
+            raise errors.UnsupportedStatementError(
+                f"a transaction sent to a node in one round trip takes at most"
+                f" {hrana.MAX_STEPS - 3} statements, not {len(items)}: split it, or run it"
+                " in BEGIN … COMMIT"
+            )
         steps: list[dict[str, Any]] = [{"stmt": {"sql": "BEGIN IMMEDIATE"}}]
         for i, (sql, b) in enumerate(items):
             steps.append({"stmt": hrana.encode_stmt(sql, b), "condition": _ok(i)})
@@ -186,9 +215,9 @@ class Stream:
         steps.append({"stmt": {"sql": "ROLLBACK"}, "condition": {"type": "not", "cond": _ok(n)}})
         before = self.cid
         (r,) = self.pipeline([{"type": "batch", "batch": {"steps": steps}}], txid=txid)
-        res = self.check(r)["result"]
         if self.duplicate:  # committed before (its rows are not kept)
             return Committed(self.answered_cid, [])
+        res = self.check(r)["result"]
         for err in res.get("step_errors") or []:
             if err is not None:
                 raise remote_error(str(err.get("message")), err.get("code"))
@@ -221,6 +250,20 @@ class Stream:
             self._baton = None
         self.in_transaction = False
         self._http.close()
+
+
+def _may_write(requests: list[dict[str, Any]]) -> bool:
+    """Whether any statement of these requests could change the database
+    (anything but a read: a COMMIT too)."""
+    texts: list[str] = []
+    for r in requests:
+        if r.get("type") == "execute":
+            texts.append(str(r["stmt"]["sql"]))
+        elif r.get("type") == "batch":
+            texts += [str(step["stmt"]["sql"]) for step in r["batch"]["steps"]]
+        elif r.get("type") == "sequence":
+            texts.append(str(r["sql"]))
+    return any(st.kind is not Kind.READ for t in texts for st in parse(t))
 
 
 def _ok(step: int) -> dict[str, Any]:
@@ -414,8 +457,6 @@ def _error(message: str, code: str | None) -> Error:
 
 
 def _changes(sql: str) -> bool:
-    from ..journal.sqltext import Kind, parse
-
     stmts = parse(sql)
     return bool(stmts) and stmts[-1].kind is Kind.WRITE
 

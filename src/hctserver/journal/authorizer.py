@@ -61,7 +61,14 @@ class Authorizer:
         self, op: int, p1: str | None, p2: str | None, dbname: str | None, trigger: str | None
     ) -> int:
         if self._internal:
-            return apsw.SQLITE_OK
+            # hctserver's statements; but a user's trigger they fire is user code
+            if trigger is None or trigger.startswith(GUARD_PREFIX):
+                return apsw.SQLITE_OK
+            self.refused = (
+                f"refused on a replicated database: trigger {trigger} acts inside"
+                " hctserver's own statements"
+            )
+            return apsw.SQLITE_DENY
         why = _REFUSED.get(op)
         if why is None and op == apsw.SQLITE_PRAGMA and (p1 or "").lower() == "writable_schema":
             why = "PRAGMA writable_schema: schema edits behind SQLite's back cannot be journaled"
@@ -82,5 +89,8 @@ class Authorizer:
         if op in _TRIGGER_OPS and p1 is not None and p1.startswith(GUARD_PREFIX):
             if op == apsw.SQLITE_DROP_TRIGGER and p2 is not None and p2 == self._dropping:
                 return apsw.SQLITE_OK
+            return apsw.SQLITE_DENY
+        if op in _TRIGGER_OPS and p2 in _OURS:
+            self.refused = f"refused on a replicated database: a trigger on {p2} (hctserver's)"
             return apsw.SQLITE_DENY
         return apsw.SQLITE_OK

@@ -118,7 +118,6 @@ class JournaledConnection:
         self._forward = forward  # where writes go while this file follows
         self._remote: RemoteStream | None = None  # a forwarded transaction, open
         self._remote_rows: Rows | None = None  # the last forwarded statement's
-        self._recorded = 0
         self._owns_db = owns_db
         self._committer = committer
         self._own_committer: GroupCommitter | None = None
@@ -350,8 +349,7 @@ class JournaledConnection:
                     cid=found[0],
                     outcome=found[1],
                 )
-            self._recorded += 1
-            return txids.record(self._conn, txid, outcome, window, self._recorded)
+            return txids.record(self._conn, txid, outcome, window)
 
     def interrupt(self) -> None:
         """Stop the statement running on this connection (from any thread):

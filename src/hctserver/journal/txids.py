@@ -6,7 +6,7 @@ the answer it gave in ``hct_txid``, inside the transaction itself: so the
 record commits exactly when the transaction does, is journaled and
 replicated like any row, and survives a failover (the new leader has it).
 A retry with a known id gets the recorded answer. Records older than the
-window are deleted now and then, in a later recording transaction.
+window are deleted by the next recording transaction.
 
 ``hct_txid(id TEXT PRIMARY KEY, cid INTEGER, at INTEGER, outcome TEXT)``:
 ``at`` is the leader's wall clock (seconds), ``outcome`` the answer (JSON).
@@ -22,7 +22,6 @@ from .sqlutil import fetchone
 from .systables import TXIDS, read_tail
 
 WINDOW = 24 * 3600  # seconds a transaction id is remembered at least
-PRUNE_EVERY = 256  # recordings between deletions of old records
 
 CREATE = (
     f"CREATE TABLE IF NOT EXISTS {TXIDS}(id TEXT PRIMARY KEY, cid INTEGER NOT NULL,"
@@ -43,14 +42,18 @@ def recall(conn: apsw.Connection, txid: str) -> tuple[int, str] | None:
     return None if row is None else (int(row[0]), str(row[1]))
 
 
-def record(conn: apsw.Connection, txid: str, outcome: str, window: float, n: int) -> int:
+def record(conn: apsw.Connection, txid: str, outcome: str, window: float) -> int:
     """In the open write transaction (its writer lock held, the table made):
-    record ``txid``; returns the cid the transaction will commit as."""
+    record ``txid``; returns the cid the transaction will commit as. Records
+    older than ``window`` seconds go in the same transaction (whichever
+    connection records: a lookup in the index on ``at`` says whether any)."""
     cid = read_tail(conn)[0] + 1  # the writer lock is held: nobody else appends
     now = int(time.time())
+    cutoff = now - int(window)
+    oldest = fetchone(conn, f"SELECT min(at) FROM {TXIDS}")  # the index on at: one lookup
+    if oldest is not None and oldest[0] is not None and oldest[0] < cutoff:
+        conn.execute(f"DELETE FROM {TXIDS} WHERE at < ?", (cutoff,))
     conn.execute(
         f"INSERT INTO {TXIDS}(id, cid, at, outcome) VALUES(?, ?, ?, ?)", (txid, cid, now, outcome)
     )
-    if n % PRUNE_EVERY == 0:
-        conn.execute(f"DELETE FROM {TXIDS} WHERE at < ?", (now - int(window),))
     return cid

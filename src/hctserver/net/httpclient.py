@@ -67,6 +67,7 @@ class HttpClient:
             + auth
         )
         self._sock: socket.socket | None = None
+        self.sent = False  # the last post's request (perhaps part of it) went out
         self._buf = bytearray()
         self._used = 0.0
 
@@ -74,6 +75,7 @@ class HttpClient:
         """(status, body). Never sent twice: a connection that fails after the
         request went out may have been answered (a write made), so the caller
         decides (a transaction id makes a retry safe)."""
+        self.sent = False
         try:
             sock = self._connected(timeout or self.timeout)
             head = b"POST %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n" % (
@@ -81,6 +83,7 @@ class HttpClient:
                 self._headers,
                 len(body),
             )
+            self.sent = True  # from here on the server may have run it
             sock.sendall(head + body)
             status, reply, keep = self._reply(sock)
         except TimeoutError:

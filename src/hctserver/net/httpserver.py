@@ -60,7 +60,7 @@ _TICK = 0.2  # seconds between checks of deadlines
 
 SQL_PATH = "/v2/pipeline"
 SQL_BODY_LIMIT = 8 << 20  # bytes of a SQL pipeline request
-SQL_DEADLINE = 70.0  # seconds for a SQL request: its reads may wait up to 60 s
+SQL_DEADLINE = 90.0  # seconds for a SQL request: its SQL may run 60 s, forwarded 75 s
 LINGER = 0.05  # seconds a request's thread waits for the next on a kept-alive connection
 
 _BUSY = b"503 Service Unavailable\r\nRetry-After: 1"
@@ -561,13 +561,14 @@ class _Server(socketserver.TCPServer):
                 h = _Handler(sock, addr, self, head)
                 if not h.keep or self._stop.is_set():
                     break
-                again = h.rest
-                nxt = self._next_head(sock, again)  # a client's next request, often at once
+                nxt = self._next_head(sock, h.rest)  # a client's next request, often at once
                 if nxt is None:
+                    again = h.rest  # nothing more yet: the loop waits for the rest
                     break
-                head, again = nxt, None
+                head = nxt
+                limit = SQL_DEADLINE if head.startswith(b"POST ") else self.deadline
                 with self.active_lock:
-                    self.active[sock] = time.monotonic() + SQL_DEADLINE
+                    self.active[sock] = time.monotonic() + limit
         except OSError as e:  # the client vanished, or was cut off
             log.info("HTTP client %s: %s", addr[0], e)
         except Exception:

@@ -23,6 +23,7 @@ from ..protocol.hrana import Pipeline
 from .sqlstreams import ClientStream, Refused
 
 POOL = 16  # idle streams to the leader kept for forwarding
+APPLY_TIMEOUT = 10.0  # seconds a forwarded commit may take to be applied here
 
 
 def failure_code(e: BaseException) -> str | None:
@@ -111,7 +112,7 @@ class Forwarding:
             self.give_back(remote, reusable)
         cid = remote.answered_cid
         if cid:
-            self.applied(cid, self.timeout)
+            self.applied(cid, APPLY_TIMEOUT)
         return results, cid, remote.duplicate
 
     @staticmethod
@@ -124,7 +125,12 @@ class Forwarding:
         """The leader's newest cid, asked while its lease holds."""
         remote = self.stream()
         try:
-            cid = remote.leader_snapshot()
+            try:
+                cid = remote.leader_snapshot()
+            except StreamLostError:  # a pooled stream the leader forgot: nothing ran
+                remote.drop()
+                remote = self.stream(fresh=True)
+                cid = remote.leader_snapshot()
         except (HctError, apsw.Error) as e:
             remote.drop()
             raise Refused(

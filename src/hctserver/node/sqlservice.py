@@ -23,8 +23,10 @@ from typing import Any
 
 import apsw
 
+from ..client.backend import Result
 from ..client.exceptions import Error as DbError
 from ..client.exceptions import ProgrammingError
+from ..client.local import row_bytes
 from ..errors import DuplicateTransactionError, HctError
 from ..journal.database import Database
 from ..journal.gate import FOLLOWER
@@ -36,6 +38,7 @@ from .sqlstreams import IDLE, MAX_RUN, MAX_STREAMS, TX_IDLE, ClientStream, Refus
 
 log = logging.getLogger("hctserver")
 
+FORWARD_MARGIN = 15.0  # seconds beyond max_run: the leader's write-lock wait, the hops
 KEPT_MAX = 65536  # bytes of an answer kept with its transaction id
 MAX_ANSWER = 16 << 20  # bytes of one pipeline's rows
 _CONTROL = frozenset({Kind.BEGIN, Kind.COMMIT, Kind.ROLLBACK, Kind.SAVEPOINT, Kind.RELEASE})
@@ -93,7 +96,8 @@ class SqlService:
         self.timeout = timeout
         self.max_answer = max_answer
         self.streams = StreamTable(db, max_streams, idle, tx_idle, max_run, max_answer)
-        self.forwarding = Forwarding(db, token, ca, timeout, idle)
+        # a forwarded pipeline may run on the leader as long as its own bounds allow
+        self.forwarding = Forwarding(db, token, ca, max(timeout, max_run + FORWARD_MARGIN), idle)
 
     def run(self, stop: threading.Event) -> None:
         """The reaper thread (``hct-sql-reaper``): see :class:`StreamTable`."""
@@ -103,11 +107,8 @@ class SqlService:
         """One ``POST /v2/pipeline``: (status, JSON body)."""
         try:
             p = hrana.parse_pipeline(body)
-            if p.txid is not None and _has(p, _SAVEPOINTS):
-                raise RequestError(
-                    "a pipeline with a txid ends its transaction with COMMIT (or has none),"
-                    " not with SAVEPOINT/RELEASE"
-                )
+            if p.txid is not None:
+                _check_txid_shape(p)
             s = self.streams.take(p.baton)
         except RequestError as e:
             return 400, error_body(str(e), "HRANA_PROTO_ERROR")
@@ -146,7 +147,10 @@ class SqlService:
             forward = p.txid is not None or not _has(p, frozenset({Kind.READ, Kind.OTHER}), all)
         if forward:
             reqs = [_raw(r) for r in p.requests if r.kind != "close"]
-            results, cid, dup = self.forwarding.forward(s, p, reqs, not _has(p, {Kind.OTHER}))
+            s.tainted = s.tainted or _has(p, {Kind.OTHER})  # state that would outlive it
+            results, cid, dup = self.forwarding.forward(s, p, reqs, not s.tainted)
+            if s.remote is None:
+                s.tainted = False
             if len(results) < len(p.requests):
                 results.append(hrana.ok("close"))
             return results, cid, dup
@@ -155,6 +159,13 @@ class SqlService:
 
     def _here(self, s: ClientStream, p: Pipeline) -> tuple[list[dict[str, Any]], int, bool]:
         local = s.local
+        if p.txid is not None and local.in_transaction and not _has(p, {Kind.COMMIT}):
+            raise Refused(
+                400,
+                "a txid goes with the pipeline that commits: this stream's transaction is"
+                " open and this pipeline has no COMMIT",
+                "HRANA_PROTO_ERROR",
+            )
         if p.txid is not None:
             found = local.connection.recall(p.txid)
             if found is not None:
@@ -253,16 +264,15 @@ class _Run:
                 self.txid = None
         r = self.local.execute(stmt.sql, stmt.params)
         rows = r.rows if stmt.want_rows else []
-        self.size += _size(rows)
+        if r.rowcount >= 0:  # a write's rows: it ran, its answer must say so
+            return _result(r, rows)
+        self.size += sum(row_bytes(x) for x in rows)
         if self.size > self.max_answer:
             raise RequestError(
                 f"the answer would exceed {self.max_answer} bytes: ask for fewer rows"
                 " (LIMIT/OFFSET, or a narrower WHERE)"
             )
-        wrote = r.rowcount > 0  # a rowid is news only after a write (as sqlite3's lastrowid)
-        return hrana.stmt_result(
-            r.columns, rows, max(0, r.rowcount), r.lastrowid if wrote else None
-        )
+        return _result(r, rows)
 
     def _batch(self, req: Request) -> dict[str, Any]:
         outcomes: list[bool | None] = []
@@ -292,17 +302,47 @@ class _Run:
 
 def _padded(kept: Any, p: Pipeline) -> list[dict[str, Any]]:
     """A retried transaction's first answer, one result per request: what was
-    kept (nothing when ``transact()`` recorded it), then empty successes."""
+    kept (nothing when ``transact()`` recorded it, or when it was too big),
+    then "not kept" for the rest: the duplicate answer's cid is its outcome."""
     out = list(kept) if isinstance(kept, list) else []
     for r in p.requests[len(out) :]:
-        if r.kind == "execute":
-            out.append(hrana.ok("execute", result=hrana.stmt_result([], [], 0, None)))
-        elif r.kind == "batch":
-            none: list[Any] = [None] * len(r.steps)
-            out.append(hrana.ok("batch", result={"step_results": none, "step_errors": none}))
+        if r.kind == "close":
+            out.append(hrana.ok("close"))
         else:
-            out.append(hrana.ok(r.kind))
+            out.append(
+                hrana.failed(
+                    "this transaction id was committed before; this result was not kept"
+                    " (its cid is in the answer)",
+                    "HCT_NOT_KEPT",
+                )
+            )
     return out[: len(p.requests)]
+
+
+def _kinds(p: Pipeline) -> list[Kind]:
+    return [st.kind for sql in _statements(p) for st in parse(sql)]
+
+
+def _check_txid_shape(p: Pipeline) -> None:
+    """A pipeline with a txid commits at most one transaction, and ends it:
+    no savepoints, no BEGIN left open, nothing but a ROLLBACK after its
+    COMMIT (so what a retry is answered is all that ran)."""
+    kinds = _kinds(p)
+    if any(k in _SAVEPOINTS for k in kinds):
+        raise RequestError(
+            "a pipeline with a txid ends its transaction with COMMIT (or has none),"
+            " not with SAVEPOINT/RELEASE"
+        )
+    commits = [i for i, k in enumerate(kinds) if k is Kind.COMMIT]
+    begins = [i for i, k in enumerate(kinds) if k is Kind.BEGIN]
+    if begins and (not commits or commits[-1] < begins[-1]):
+        raise RequestError("a pipeline with a txid that begins a transaction must commit it")
+    if len(commits) > 1 or len(begins) > 1:
+        raise RequestError("a pipeline with a txid commits one transaction")
+    if commits and any(k is not Kind.ROLLBACK for k in kinds[commits[0] + 1 :]):
+        raise RequestError(
+            "a pipeline with a txid ends with its COMMIT (a ROLLBACK for when it failed aside)"
+        )
 
 
 def _statements(p: Pipeline) -> list[str]:
@@ -321,9 +361,9 @@ def _has(p: Pipeline, kinds: Any, how: Any = any) -> bool:
     return bool(how(st.kind in kinds for sql in _statements(p) for st in parse(sql)))
 
 
-def _size(rows: list[tuple[Any, ...]]) -> int:
-    """Roughly the bytes ``rows`` take in an answer."""
-    return sum(len(v) + 16 if isinstance(v, (str, bytes)) else 24 for r in rows for v in r)
+def _result(r: Result, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+    wrote = r.rowcount > 0  # a rowid is news only after a write (as sqlite3's lastrowid)
+    return hrana.stmt_result(r.columns, rows, max(0, r.rowcount), r.lastrowid if wrote else None)
 
 
 def _raw(r: Request) -> dict[str, Any]:

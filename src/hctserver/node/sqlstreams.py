@@ -54,6 +54,7 @@ class ClientStream:
     used: float  # when its last pipeline ended (time.monotonic)
     remote: Stream | None = None  # a transaction forwarded to the leader, open
     started: float = 0.0  # when the pipeline running now began (0: none)
+    tainted: bool = False  # its leader stream ran a PRAGMA or the like: never pooled
 
     @property
     def in_transaction(self) -> bool:
