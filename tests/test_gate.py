@@ -334,3 +334,36 @@ def test_a_paused_sync_follower_acknowledges_again_within_2_s(tmp_path) -> None:
         app.wait(30)
         for p in (f, leader):
             assert stop(p) < 30 and p.returncode == 0, procs.stderr(p)
+
+
+def test_a_record_left_half_written_by_a_killed_publisher_is_not_waited_on_forever(
+    tmp_path, monkeypatch
+) -> None:
+    """A node SIGKILLed in the middle of a publish leaves the sequence odd:
+    readers give up on it (no node leads: nothing is admitted), and the next
+    node's publisher starts past its generation instead of hanging."""
+    import struct
+
+    from hctserver.errors import NoNodeError
+    from hctserver.journal import gate as gate_mod
+
+    monkeypatch.setattr(gate_mod, "TORN_AFTER", 0.05)
+    db_path = str(tmp_path / "g.db")
+    pub = gate_mod.GatePublisher(db_path)
+    pub.lead(sync_k=0, sync_timeout=None, valid_until=time.monotonic() + 60)
+    generation = pub.state.generation
+    pub.close()
+    with open(gate_mod.gate_path(db_path), "r+b") as f:  # the killed writer's odd sequence
+        magic, seq = struct.unpack_from("<8sQ", f.read(16))
+        f.seek(0)
+        f.write(struct.pack("<8sQ", magic, seq + 1))
+    reader = gate_mod.Gate(db_path, standalone=False)
+    assert reader.state() is gate_mod.TORN
+    with pytest.raises(NoNodeError):
+        reader.admit()
+    pub = gate_mod.GatePublisher(db_path)  # the restarted node: does not hang
+    pub.lead(sync_k=0, sync_timeout=None, valid_until=time.monotonic() + 60)
+    assert pub.state.generation > generation
+    assert reader.admit() is not None  # leads again
+    pub.close()
+    reader.close()

@@ -100,6 +100,10 @@ class GateState:
 
 
 _EMPTY = GateState(0, 0, NONE, 0, 0, -1, 0, 0, 0, 0, "")
+TORN = GateState(
+    0, 0, NONE, 0, 0, -1, 0, 0, 0, 0, ""
+)  # a record a dead publisher left half written
+TORN_AFTER = 1.0  # seconds a record may stay half written before it is taken for torn
 
 
 def _text(raw: bytes) -> str:
@@ -117,18 +121,37 @@ class Ticket(NamedTuple):
 _OPEN = Ticket(0, True, True)
 
 
+def _decode(m: mmap.mmap) -> tuple[bytes, int, int, GateState]:
+    """(magic, sequence before, sequence after, the record) as they are now."""
+    magic, s1 = _HEAD.unpack_from(m, 0)
+    body = _BODY.unpack_from(m, _HEAD.size)
+    raw = m[_LEADER_AT : _LEADER_AT + _LEADER_MAX]
+    client = m[_CLIENT_AT : _CLIENT_AT + _CLIENT_MAX]
+    _, s2 = _HEAD.unpack_from(m, 0)
+    state = cast(Any, GateState)(*body, _text(raw), _text(client))
+    return magic, s1, s2, state
+
+
 def _read(m: mmap.mmap) -> GateState:
+    """The record, read whole (a seqlock). One that stays half written for
+    :data:`TORN_AFTER` seconds was left by a publisher killed mid-write:
+    :data:`TORN` (no node leads: commits are refused, none acknowledged)
+    until the next node publishes over it."""
+    odd_since = None
     while True:
-        magic, s1 = _HEAD.unpack_from(m, 0)
-        body = _BODY.unpack_from(m, _HEAD.size)
-        raw = m[_LEADER_AT : _LEADER_AT + _LEADER_MAX]
-        client = m[_CLIENT_AT : _CLIENT_AT + _CLIENT_MAX]
-        _, s2 = _HEAD.unpack_from(m, 0)
+        magic, s1, s2, state = _decode(m)
         if magic != MAGIC:
             return _EMPTY
         if s1 == s2 and not s1 & 1:
-            state = cast(Any, GateState)(*body, _text(raw), _text(client))
-            return state  # type: ignore[no-any-return]
+            return state
+        if s1 == s2:  # odd and not moving
+            now = time.monotonic()
+            if odd_since is None:
+                odd_since = now
+            elif now - odd_since > TORN_AFTER:
+                return TORN
+        else:
+            odd_since = None
         time.sleep(0)
 
 
@@ -151,8 +174,8 @@ class _Reader:
         while True:
             st = _read(self.map)
             magic, again = _HEAD.unpack_from(self.map, 0)
-            if again == seq or st is _EMPTY:
-                if not seq & 1 and st is not _EMPTY:
+            if again == seq or st is _EMPTY or st is TORN:
+                if not seq & 1 and st is not _EMPTY and st is not TORN:
                     self._last = (seq, st)
                 return st
             seq = again  # it moved while we read: read the newer one
@@ -255,7 +278,11 @@ class GatePublisher:
         self._map = m
         self._lock = threading.Lock()
         self._waiters = _Local.of(self.path)
-        self._state = replace(_read(m), pid=os.getpid())
+        st = _read(m)
+        if st is TORN:  # its last publisher died mid-write: go on past its generation
+            raw = _decode(m)[3]
+            st = replace(raw, generation=raw.generation + 2, state=NONE, valid_until_ns=0)
+        self._state = replace(st, pid=os.getpid())
 
     @property
     def state(self) -> GateState:
