@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import apsw
 
@@ -22,6 +23,7 @@ from ..journal.database import Database
 from ..protocol.hrana import Pipeline
 from .sqlstreams import ClientStream, Refused
 
+T = TypeVar("T")
 POOL = 16  # idle streams to the leader kept for forwarding
 APPLY_TIMEOUT = 10.0  # seconds a forwarded commit may take to be applied here
 
@@ -92,21 +94,14 @@ class Forwarding:
     ) -> tuple[list[dict[str, Any]], int, bool]:
         """Run ``reqs`` on the leader (the stream's open transaction there, or
         a pooled stream): (results, the cid they committed, duplicate)."""
-        remote = s.remote or self.stream()
+        held, s.remote = s.remote, None  # until it answers: a failure ends the transaction
         self.db.gate.want(self.db.snapshot() + 1)  # what arrives next: apply it at once
-        try:
-            try:
-                results = self._send(remote, reqs, p)
-            except StreamLostError:
-                if s.remote is not None:  # its transaction is gone: the client must know
-                    raise
-                remote.drop()  # refused before it ran anything: safe to send again
-                remote = self.stream(fresh=True)
-                results = self._send(remote, reqs, p)
-        except (HctError, apsw.Error) as e:
-            s.remote = None
-            remote.drop()
-            raise Refused(502, f"forwarding to the leader failed: {e}", failure_code(e)) from None
+        remote, results = self._on_leader(
+            held or self.stream(),
+            held is None,
+            "forwarding to the leader",
+            lambda r: self._send(r, reqs, p),
+        )
         s.remote = remote if remote.in_transaction else None
         if s.remote is None:
             self.give_back(remote, reusable)
@@ -123,21 +118,29 @@ class Forwarding:
 
     def leader_snapshot(self) -> int:
         """The leader's newest cid, asked while its lease holds."""
-        remote = self.stream()
-        try:
-            try:
-                cid = remote.leader_snapshot()
-            except StreamLostError:  # a pooled stream the leader forgot: nothing ran
-                remote.drop()
-                remote = self.stream(fresh=True)
-                cid = remote.leader_snapshot()
-        except (HctError, apsw.Error) as e:
-            remote.drop()
-            raise Refused(
-                502, f"asking the leader for its newest cid failed: {e}", failure_code(e)
-            ) from None
+        remote, cid = self._on_leader(
+            self.stream(), True, "asking the leader for its newest cid", Stream.leader_snapshot
+        )
         self.give_back(remote, True)
         return cid
+
+    def _on_leader(
+        self, remote: Stream, pooled: bool, what: str, call: Callable[[Stream], T]
+    ) -> tuple[Stream, T]:
+        """``call(remote)``; a pooled stream the leader forgot (it refused it
+        before anything ran) is replaced by a new one, once. Any failure: 502."""
+        try:
+            try:
+                return remote, call(remote)
+            except StreamLostError:
+                if not pooled:  # its transaction is gone: the client must know
+                    raise
+                remote.drop()
+                remote = self.stream(fresh=True)
+                return remote, call(remote)
+        except (HctError, apsw.Error) as e:
+            remote.drop()
+            raise Refused(502, f"{what} failed: {e}", failure_code(e)) from None
 
     def applied(
         self,

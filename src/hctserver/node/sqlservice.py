@@ -33,7 +33,7 @@ from ..journal.gate import FOLLOWER
 from ..journal.sqltext import Kind, parse
 from ..protocol import hrana
 from ..protocol.hrana import Consistency, Pipeline, Request, RequestError
-from .sqlforward import Forwarding
+from .sqlforward import Forwarding, failure_code
 from .sqlstreams import IDLE, MAX_RUN, MAX_STREAMS, TX_IDLE, ClientStream, Refused, StreamTable
 
 log = logging.getLogger("hctserver")
@@ -66,7 +66,7 @@ def error_code(e: BaseException) -> str | None:
             return "ARGS_INVALID"  # libSQL's code for bad parameters
         e = e.__cause__ or e
     if isinstance(e, HctError):
-        return "HCT_" + type(e).__name__
+        return failure_code(e)
     if isinstance(e, apsw.Error):
         ext = getattr(e, "extendedresult", None)
         name = apsw.mapping_extended_result_codes.get(ext) if isinstance(ext, int) else None

@@ -117,9 +117,7 @@ class Stmt:
 
     @property
     def params(self) -> Sequence[Value] | Mapping[str, Value] | None:
-        if self.named:
-            if self.args:
-                raise RequestError("a statement takes args or named_args, not both")
+        if self.named:  # not both: the parser refuses that
             return {k.lstrip(":@$"): v for k, v in self.named}
         return self.args or None
 
