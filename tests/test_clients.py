@@ -5,6 +5,7 @@ hostile request gets."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -661,12 +662,19 @@ def test_sql_over_https_with_a_token_through_a_follower(tmp_path: Path) -> None:
 # --- what a review found (each: the way it broke) -----------------------------------------
 
 
-def _service(tmp_path: Path, **options: Any) -> tuple[Database, SqlService]:
+@contextlib.contextmanager
+def _service(tmp_path: Path, **options: Any) -> Iterator[tuple[Database, SqlService]]:
+    """A leader's database with table x(v UNIQUE) and a SQL service on it,
+    both closed when the block ends."""
     db = Database(str(tmp_path / "svc.db"), busy_timeout=0.5)
     db.set_mode("leader")
     svc = SqlService(db, **options)
-    svc.handle(json.dumps({"requests": [ex("CREATE TABLE x(v UNIQUE)"), CLOSE]}).encode())
-    return db, svc
+    try:
+        svc.handle(json.dumps({"requests": [ex("CREATE TABLE x(v UNIQUE)"), CLOSE]}).encode())
+        yield db, svc
+    finally:
+        svc.close()
+        db.close()
 
 
 def _call(svc: SqlService, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -675,32 +683,31 @@ def _call(svc: SqlService, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
 
 
 def test_a_refused_pipeline_ends_its_stream_and_frees_the_write_lock(tmp_path: Path) -> None:
-    db, svc = _service(tmp_path)
-    other = db.connect()
-    try:
-        _, held = _call(svc, {"requests": [ex("BEGIN IMMEDIATE"), ex("INSERT INTO x VALUES(1)")]})
-        s, r = _call(  # refused as a whole: a freshness wait that timed out
-            svc,
-            {"baton": held["baton"], "consistency": "at_least", "min_cid": 10**9,
-             "timeout_ms": 50, "requests": [ex("SELECT 1")]},
-        )  # fmt: skip
-        assert s == 504
-        other.execute("INSERT INTO x VALUES(2)")  # the lock is free: no BusyError
-        assert other.execute("SELECT v FROM x").fetchall() == [(2,)]
-        s, r = _call(svc, {"baton": held["baton"], "requests": [ex("COMMIT")]})
-        assert s == 400 and r["code"] == "BATON_USED"
-    finally:
-        other.close()
-        svc.close()
-        db.close()
+    with _service(tmp_path) as (db, svc):
+        other = db.connect()
+        try:
+            _, held = _call(
+                svc, {"requests": [ex("BEGIN IMMEDIATE"), ex("INSERT INTO x VALUES(1)")]}
+            )
+            s, r = _call(  # refused as a whole: a freshness wait that timed out
+                svc,
+                {"baton": held["baton"], "consistency": "at_least", "min_cid": 10**9,
+                 "timeout_ms": 50, "requests": [ex("SELECT 1")]},
+            )  # fmt: skip
+            assert s == 504
+            other.execute("INSERT INTO x VALUES(2)")  # the lock is free: no BusyError
+            assert other.execute("SELECT v FROM x").fetchall() == [(2,)]
+            s, r = _call(svc, {"baton": held["baton"], "requests": [ex("COMMIT")]})
+            assert s == 400 and r["code"] == "BATON_USED"
+        finally:
+            other.close()
 
 
 def test_two_retries_of_one_transaction_id_at_once_apply_it_once(tmp_path: Path) -> None:
     import threading
 
-    db, svc = _service(tmp_path)
-    db.busy_timeout = 10.0
-    try:
+    with _service(tmp_path) as (db, svc):
+        db.busy_timeout = 10.0
         _, held = _call(svc, {"requests": [ex("BEGIN IMMEDIATE"), ex("INSERT INTO x VALUES(0)")]})
         body = {"txid": "twice", "requests": [ex("INSERT INTO x VALUES(7)"), CLOSE]}
         out: list[tuple[int, dict[str, Any]]] = []
@@ -716,28 +723,20 @@ def test_two_retries_of_one_transaction_id_at_once_apply_it_once(tmp_path: Path)
         assert len({r["cid"] for _, r in out}) == 1
         _, r = _call(svc, {"requests": [ex("SELECT count(*) FROM x WHERE v=7"), CLOSE]})
         assert rows_of(r["results"][0]) == [(1,)]
-    finally:
-        svc.close()
-        db.close()
 
 
 def test_a_transaction_id_with_savepoints_is_refused(tmp_path: Path) -> None:
-    db, svc = _service(tmp_path)
-    try:
+    with _service(tmp_path) as (_db, svc):
         body = {"txid": "sp", "requests": [ex("SAVEPOINT a"), ex("INSERT INTO x VALUES(1)"),
                                            ex("RELEASE a"), CLOSE]}  # fmt: skip
         s, r = _call(svc, body)
         assert s == 400 and "not with SAVEPOINT/RELEASE" in r["message"]
         _, r = _call(svc, {"requests": [ex("SELECT count(*) FROM x"), CLOSE]})
         assert rows_of(r["results"][0]) == [(0,)]
-    finally:
-        svc.close()
-        db.close()
 
 
 def test_a_failed_statement_in_a_transaction_id_pipeline_is_a_result(tmp_path: Path) -> None:
-    db, svc = _service(tmp_path)
-    try:
+    with _service(tmp_path) as (_db, svc):
         _call(svc, {"requests": [ex("INSERT INTO x VALUES(1)"), CLOSE]})
         first = ex("INSERT OR ROLLBACK INTO x VALUES(1)")
         body = {"txid": "or-rollback", "requests": [first, ex("INSERT INTO x VALUES(2)"), CLOSE]}
@@ -751,36 +750,36 @@ def test_a_failed_statement_in_a_transaction_id_pipeline_is_a_result(tmp_path: P
             {"stmt": {"sql": "INSERT INTO x VALUES(1)"}}]}}, CLOSE]})  # fmt: skip
         _, r = _call(svc, {"requests": [ex("SELECT count(*) FROM x"), CLOSE]})
         assert rows_of(r["results"][0]) == [(1,)]  # a failed step fails the whole transaction
-    finally:
-        svc.close()
-        db.close()
 
 
 def test_long_pipelines_are_interrupted_and_large_answers_refused(tmp_path: Path) -> None:
     import threading
 
-    db, svc = _service(tmp_path, max_run=0.3, max_answer=100_000)
-    stop = threading.Event()
-    reaper = threading.Thread(target=svc.run, args=(stop,))
-    reaper.start()
-    try:
-        forever = (
-            "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c) SELECT max(n) FROM c"
-        )
-        s, r = _call(svc, {"requests": [ex(forever), CLOSE]})
-        assert s == 200 and "interrupt" in r["results"][0]["error"]["message"]
-        s, r = _call(
-            svc,
-            {"requests": [ex("SELECT zeroblob(60000) UNION ALL SELECT zeroblob(60001)"), CLOSE]},
-        )
-        assert "exceed 100000 bytes" in r["results"][0]["error"]["message"]
-        s, r = _call(svc, {"requests": [ex("SELECT zeroblob(1000)"), CLOSE]})
-        assert r["results"][0]["type"] == "ok"
-    finally:
-        stop.set()
-        reaper.join()
-        svc.close()
-        db.close()
+    with _service(tmp_path, max_run=0.3, max_answer=100_000) as (_db, svc):
+        stop = threading.Event()
+        reaper = threading.Thread(target=svc.run, args=(stop,))
+        reaper.start()
+        try:
+            forever = (
+                "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c) SELECT max(n) FROM c"
+            )
+            s, r = _call(svc, {"requests": [ex(forever), CLOSE]})
+            assert s == 200 and "interrupt" in r["results"][0]["error"]["message"]
+            s, r = _call(
+                svc,
+                {
+                    "requests": [
+                        ex("SELECT zeroblob(60000) UNION ALL SELECT zeroblob(60001)"),
+                        CLOSE,
+                    ]
+                },
+            )
+            assert "exceed 100000 bytes" in r["results"][0]["error"]["message"]
+            s, r = _call(svc, {"requests": [ex("SELECT zeroblob(1000)"), CLOSE]})
+            assert r["results"][0]["type"] == "ok"
+        finally:
+            stop.set()
+            reaper.join()
 
 
 def test_a_clients_session_state_never_reaches_another_through_a_follower(
@@ -866,8 +865,7 @@ def test_a_kept_alive_connection_the_node_dropped_is_replaced_before_a_request(
 def test_no_trigger_on_hctservers_tables_and_no_user_code_inside_its_statements(
     tmp_path: Path,
 ) -> None:
-    db, svc = _service(tmp_path)
-    try:
+    with _service(tmp_path) as (_db, svc):
         for table in ("hct_journal", "hct_txid", "hct_local"):
             trig = f"CREATE TRIGGER evil_{table} AFTER INSERT ON {table} BEGIN SELECT 1; END"
             _, r = _call(svc, {"requests": [ex(trig), CLOSE]})
@@ -883,29 +881,21 @@ def test_no_trigger_on_hctservers_tables_and_no_user_code_inside_its_statements(
         _call(svc, body)
         _, again = _call(svc, body)
         assert again["duplicate"] is True
-    finally:
-        svc.close()
-        db.close()
 
 
 def test_a_write_whose_rows_are_large_still_commits_and_says_so(tmp_path: Path) -> None:
-    db, svc = _service(tmp_path, max_answer=1000)
-    try:
+    with _service(tmp_path, max_answer=1000) as (_db, svc):
         big = {"requests": [ex("INSERT INTO x VALUES(zeroblob(5000)) RETURNING length(v)"), CLOSE]}
         _, r = _call(svc, big)  # the bound is for what a read asks: a write's rows come back
         assert r["results"][0]["type"] == "ok" and r["cid"] > 0
         _, r = _call(svc, {"requests": [ex("SELECT v FROM x"), CLOSE]})
         assert "exceed 1000 bytes" in r["results"][0]["error"]["message"]
-    finally:
-        svc.close()
-        db.close()
 
 
 def test_transaction_ids_are_pruned_whichever_stream_records_them(tmp_path: Path) -> None:
     from hctserver.journal import txids
 
-    db, svc = _service(tmp_path)
-    try:
+    with _service(tmp_path) as (db, svc):
         for i in range(5):  # each on a stream of its own
             _call(svc, {"txid": f"old-{i}", "requests": [ex(f"INSERT INTO x VALUES({i})"), CLOSE]})
         conn = db.connect()
@@ -914,14 +904,10 @@ def test_transaction_ids_are_pruned_whichever_stream_records_them(tmp_path: Path
         conn.execute("COMMIT")
         assert conn.execute(f"SELECT id FROM {txids.TXIDS}").fetchall() == [("new",)]
         conn.close()
-    finally:
-        svc.close()
-        db.close()
 
 
 def test_a_txid_goes_with_the_pipeline_that_commits_and_ends_there(tmp_path: Path) -> None:
-    db, svc = _service(tmp_path)
-    try:
+    with _service(tmp_path) as (_db, svc):
         bad = [
             [ex("BEGIN"), ex("INSERT INTO x VALUES(1)")],  # no COMMIT here
             [
@@ -940,9 +926,6 @@ def test_a_txid_goes_with_the_pipeline_that_commits_and_ends_there(tmp_path: Pat
         assert s == 400 and "no COMMIT" in r["message"]
         _, r = _call(svc, {"requests": [ex("SELECT count(*) FROM x"), CLOSE]})
         assert rows_of(r["results"][0]) == [(0,)]
-    finally:
-        svc.close()
-        db.close()
 
 
 def test_a_lost_connection_is_told_apart_from_what_may_have_run(tmp_path: Path) -> None:
